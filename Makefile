@@ -1,0 +1,34 @@
+# Quick start: `make demo` (whole pipeline on the bundled digits, local Ray) and `make test`.
+# Both build .venv from constraints.txt on first use; only Python 3.11 is needed.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	@echo "building DeepSpeed's CPU comm op once (first time only, about a minute)..."
+	$(BIN)/python -c 'from raydistill.sharding import prebuild_cpu_ops; prebuild_cpu_ops()'
+	touch $@
+
+setup: $(STAMP)  ## create .venv with every dependency pinned
+
+demo: $(STAMP)  ## the whole pipeline on digits; serves until Ctrl-C
+	$(BIN)/raydistill run --config configs/demo.yaml $(ARGS)
+
+test: $(STAMP)  ## the whole test suite (includes a real `ray job submit` end to end)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)  ## everything but the end-to-end job test
+	$(BIN)/python -m pytest -q -m "not e2e" $(ARGS)
+
+bench: $(STAMP)  ## every benchmark in bench/
+	@set -e; for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b $(ARGS); done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

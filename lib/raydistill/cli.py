@@ -1,0 +1,102 @@
+"""`raydistill`: run the pipeline or one stage, query a deployment, show a run's status.
+
+Exit codes: 0 ok, 1 a stage failed (bad data, a broken artifact, a failed worker),
+2 a bad config or command line, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+STAGE_COMMANDS = {
+    "run": ("sweep", "teacher", "student", "deploy"),
+    "sweep": ("sweep",),
+    "train": ("teacher",),
+    "distill": ("student",),
+    "deploy": ("deploy",),
+}
+HELP = {
+    "run": "all stages: augment -> sweep -> teacher (DeepSpeed ZeRO) -> distill -> serve",
+    "sweep": "Bayesian search + ASHA; writes sweep/summary.json and sweep/best.yaml",
+    "train": "train the sharded teacher; writes teacher/teacher.safetensors",
+    "distill": "distill the teacher into the student; writes student/student.safetensors",
+    "deploy": "serve the run's student with Ray Serve (Open Inference Protocol v2 + /predict)",
+}
+EPILOG = """examples:
+  raydistill run --config configs/demo.yaml
+  raydistill run --config configs/demo.yaml --set teacher.epochs=8 --set sweep.num_trials=8
+  raydistill train --config runs/demo/sweep/best.yaml --name demo
+  raydistill query --url http://127.0.0.1:8000 digit.png more_digits/
+  raydistill status demo
+
+On a cluster: RAY_ADDRESS=... (or `ray job submit ... -- python jobs/pipeline.py ...`)."""
+
+
+def _stage_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help=HELP[name], description=HELP[name],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", help="YAML preset, e.g. configs/demo.yaml (defaults when omitted)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set teacher.epochs=3 (repeatable)")
+    p.add_argument("--storage", default="./runs", help="directory holding runs (default ./runs)")
+    p.add_argument("--name", help="run name; a rerun with the same name resumes (default: preset name)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raydistill", description="Labelled images -> small, fast model served over HTTP, on Ray.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in STAGE_COMMANDS:
+        _stage_parser(sub, name)
+    q = sub.add_parser("query", help="send images to a deployment and print predictions as a table")
+    q.add_argument("--url", default="http://127.0.0.1:8000", help="deployment URL (default %(default)s)")
+    q.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="PNG/JPEG files or folders of them")
+    s = sub.add_parser("status", help="stage table of a run, from its manifest.json")
+    s.add_argument("--storage", default="./runs")
+    s.add_argument("name")
+    return parser
+
+
+def _run_stages(args) -> int:
+    from raydistill.config import load_config
+    from raydistill.pipeline import run_stages
+
+    cfg = load_config(args.config, args.sets)
+    name = args.name or (Path(args.config).stem if args.config else "default")
+    run_stages(cfg, args.storage, name, STAGE_COMMANDS[args.command])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raydistill.artifacts import ArtifactError
+    from raydistill.config import ConfigError
+    from raydistill.data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "query":
+            from raydistill.client import query
+
+            return query(args.url, args.paths)
+        if args.command == "status":
+            from raydistill.client import status
+
+            return status(args.storage, args.name)
+        return _run_stages(args)
+    except ConfigError as err:
+        print(f"raydistill: config error: {err}", file=sys.stderr)
+        return 2
+    except (DataError, ArtifactError, ValueError, RuntimeError) as err:
+        print(f"raydistill: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("raydistill: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

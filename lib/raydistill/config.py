@@ -1,0 +1,246 @@
+"""One typed config per run: YAML preset + repeatable `--set key.path=value` overrides.
+
+Unknown keys and bad values are refused before anything starts, with one line that names
+the key and says what is allowed (the CLI turns `ConfigError` into exit code 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message is one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Section):
+    """Random augmentation applied by Ray Data to every training view, fresh each epoch."""
+
+    rotation_deg: float = Field(12.0, ge=0, le=180, description="max rotation, degrees")
+    shift: float = Field(0.1, ge=0, lt=0.5, description="max translation, fraction of size")
+    scale_min: float = Field(0.9, gt=0, le=1, description="random zoom lower bound")
+    scale_max: float = Field(1.1, ge=1, le=2, description="random zoom upper bound")
+    crop_scale_min: float = Field(
+        0.85, gt=0, le=1, description="random resized crop: min area fraction kept"
+    )
+    noise_std: float = Field(0.05, ge=0, le=1, description="gaussian pixel noise std (0..1 scale)")
+
+
+class DataConfig(_Section):
+    source: str = Field("digits", description="Parquet path/URI, or `digits` (bundled)")
+    image_column: str = "image"
+    label_column: str = "label"
+    on_bad_rows: Literal["fail", "skip"] = "fail"
+    image_size: int = Field(16, ge=8, le=1024, description="model input side, pixels")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    cpus_per_task: float = Field(
+        0.25, gt=0, description="CPUs each augmentation task claims (fractions leave room for trainers)"
+    )
+    augment: AugmentConfig = AugmentConfig()
+
+
+class SweepConfig(_Section):
+    """Bayesian search over the teacher's optimiser settings, with early stopping."""
+
+    num_trials: int = Field(4, ge=1)
+    searcher: Literal["tpe", "gp", "random"] = "tpe"
+    scheduler: Literal["asha", "hyperband", "fifo"] = "asha"
+    epochs: int = Field(2, ge=1, description="max epochs per trial (ASHA's max_t)")
+    lr_min: float = Field(3e-4, gt=0)
+    lr_max: float = Field(1e-2, gt=0)
+    weight_decay_min: float = Field(1e-6, gt=0)
+    weight_decay_max: float = Field(1e-2, gt=0)
+    cpus_per_trial: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SweepConfig":
+        if self.lr_min >= self.lr_max:
+            raise ValueError("sweep.lr_min must be below sweep.lr_max")
+        if self.weight_decay_min >= self.weight_decay_max:
+            raise ValueError("sweep.weight_decay_min must be below sweep.weight_decay_max")
+        return self
+
+
+class TeacherConfig(_Section):
+    arch: str = Field("resnet10t", description="timm model name (built with pretrained=False)")
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1, description="per worker")
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1, description="share of steps with linear LR warmup")
+
+
+class StudentConfig(_Section):
+    arch: str = Field("test_efficientnet", description="timm model name")
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(64, ge=1, description="per worker")
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    temperature: float = Field(4.0, gt=0, description="KD softmax temperature T")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of hard-label CE; (1-alpha) on T^2*KL")
+
+
+class DeployConfig(_Section):
+    host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes it to the network")
+    port: int = Field(8000, ge=1, le=65535)
+    model_name: str = Field("digits", pattern=r"^[A-Za-z0-9_.-]+$")
+    num_replicas: int = Field(1, ge=1)
+    replica_cpus: float = Field(0.5, gt=0)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_request_images: int = Field(256, ge=1, description="largest batch one request may carry")
+    foreground: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="auto: serve in the foreground until Ctrl-C only when this process started Ray",
+    )
+
+
+# What each stage reads: a stage reruns when any of these sections changed.
+STAGE_SECTIONS = {
+    "data": ("seed", "data"),
+    "sweep": ("seed", "data", "sweep", "teacher"),
+    "teacher": ("seed", "data", "teacher"),
+    "student": ("seed", "data", "student"),
+    "deploy": ("deploy",),
+}
+
+
+class Config(_Section):
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    sweep: SweepConfig = SweepConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    deploy: DeployConfig = DeployConfig()
+
+    def digest(self, *sections: str) -> str:
+        """Stable hash of the resolved config, or of some sections of it (a stage hashes only
+        what it reads, so changing deploy.port does not retrain the teacher)."""
+        tree = self.model_dump(mode="json")
+        if sections:
+            tree = {k: tree[k] for k in sections}
+        blob = json.dumps(tree, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def stage_digest(self, stage: str) -> str:
+        return self.digest(*STAGE_SECTIONS[stage])
+
+    def with_values(self, values: dict[str, Any]) -> "Config":
+        """A copy with dotted keys replaced (validated like --set)."""
+        return _build(self.model_dump(mode="json"), [], values)
+
+
+def _allowed(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields)
+
+
+def _section_for(path: list[str]) -> type[BaseModel]:
+    """The pydantic model that owns the last key of a dotted path (raises on unknown keys)."""
+    model: type[BaseModel] = Config
+    for i, key in enumerate(path[:-1]):
+        field = model.model_fields.get(key)
+        sub = field.annotation if field else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            dotted = ".".join(path[: i + 1])
+            raise ConfigError(f"unknown key '{dotted}': allowed here: {_allowed(model)}")
+        model = sub
+    if path[-1] not in model.model_fields:
+        raise ConfigError(f"unknown key '{'.'.join(path)}': allowed here: {_allowed(model)}")
+    return model
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    path = key.split(".")
+    _section_for(path)
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{part}' is a section, not a value")
+    node[path[-1]] = value
+
+
+def _parse_set(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set '{item}': expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if loc:
+        return f"bad value for '{loc}': {msg} (got {first.get('input')!r})"
+    return msg
+
+
+def _check_keys(tree: Any, prefix: list[str]) -> None:
+    """Refuse unknown keys with the list of allowed ones (pydantic alone would not list them)."""
+    if not isinstance(tree, dict):
+        return
+    for key, value in tree.items():
+        path = [*prefix, str(key)]
+        model = _section_for(path)
+        sub = model.model_fields[str(key)].annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            if not isinstance(value, dict):
+                raise ConfigError(f"bad value for '{'.'.join(path)}': expected a section of {_allowed(sub)}")
+            _check_keys(value, path)
+
+
+def _build(tree: dict, sets: list[str], values: dict[str, Any] | None = None) -> Config:
+    for item in sets:
+        _set_dotted(tree, *_parse_set(item))
+    for key, value in (values or {}).items():
+        _set_dotted(tree, key, value)
+    _check_keys(tree, [])
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None, sets: list[str] | None = None) -> Config:
+    """Load a YAML preset (or the defaults when path is None) and apply --set overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"--config {path}:{where} is not valid YAML") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of sections at the top level")
+    return _build(tree, sets or [])
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

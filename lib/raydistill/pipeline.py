@@ -1,0 +1,234 @@
+"""The stages, chained: data -> sweep -> teacher -> student -> deploy.
+
+Each stage writes its folder and summary in the run directory and records its outputs'
+hashes in manifest.json; a rerun with the same name skips every stage whose outputs are
+still intact. A failing stage leaves the outputs of earlier stages as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from raydistill.artifacts import Run, read_json, write_json
+from raydistill.config import Config, dump_yaml
+
+PIPELINE = ("sweep", "teacher", "student", "deploy")
+
+
+def log(msg: str) -> None:
+    print(f"[raydistill] {msg}", flush=True)
+
+
+def connect_ray() -> bool:
+    """Join the cluster named by RAY_ADDRESS (as inside `ray job submit`), else start a local
+    Ray on this machine. Returns True when this process started Ray itself."""
+    import ray
+    import ray.data
+
+    started = False
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            # Dashboard and Jobs API on loopback only: nothing is exposed to the network.
+            ray.init(address="local", dashboard_host="127.0.0.1")
+            started = True
+    # Our per-epoch lines are the progress display; Ray Data's bars would interleave with them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return started
+
+
+def load_data(cfg: Config, run: Run):
+    """Read and check the data; (re)write data/summary.json when the data stage is not done."""
+    from raydistill.data import load_dataset, resolve_source
+
+    data_dir = run.dir("data")
+    digest = cfg.stage_digest("data")
+    done = run.is_done("data", digest)
+    with contextlib.nullcontext([]) if done else run.stage("data", digest) as outputs:
+        data = load_dataset(cfg, resolve_source(cfg, data_dir))
+        if not done:
+            outputs.append(write_json(data_dir / "summary.json", data.summary(cfg.data.augment)))
+    log(f"data: {data.rows_read} rows read, splits train/val/test = "
+        f"{len(data.train)}/{len(data.val)}/{len(data.test)}, skipped {data.rows_skipped or 'none'}")
+    return data
+
+
+def stage_sweep(cfg: Config, data, run: Run) -> Config:
+    """Returns the config the teacher trains with (best values applied)."""
+    from raydistill.sweep import run_sweep
+
+    out = run.dir("sweep")
+    digest = cfg.stage_digest("sweep")
+    if run.is_done("sweep", digest):
+        best = read_json(out / "summary.json")["best_config"]
+        log(f"sweep: done earlier (outputs verified); best {best}")
+        return cfg.with_values(best)
+    with run.stage("sweep", digest) as outputs:
+        summary, best_cfg = run_sweep(cfg, data, out)
+        outputs.append(write_json(out / "summary.json", summary))
+        best_yaml = out / "best.yaml"
+        best_yaml.write_text(dump_yaml(best_cfg))
+        outputs.append(best_yaml)
+    log(f"sweep: best {summary['best_metric']:.4f} {summary['metric']} with {summary['best_config']} "
+        f"({summary['trial_epochs']} trial-epochs over {len(summary['trials'])} trials)")
+    return best_cfg
+
+
+def stage_teacher(cfg: Config, data, run: Run) -> dict:
+    from raydistill.training import run_teacher
+
+    out = run.dir("teacher")
+    digest = cfg.stage_digest("teacher")
+    if run.is_done("teacher", digest):
+        summary = read_json(out / "summary.json")
+        log(f"teacher: done earlier (outputs verified); test accuracy {summary['accuracy']:.4f}")
+        return summary
+    with run.stage("teacher", digest) as outputs:
+        summary = run_teacher(cfg, data, out)
+        outputs += [out / "teacher.safetensors", write_json(out / "summary.json", summary)]
+    log(f"teacher: {summary['arch']} {summary['params_total']:,} params, ZeRO-{summary['zero_stage']} "
+        f"per-rank {summary['params_per_rank']}, test accuracy {summary['accuracy']:.4f}")
+    return summary
+
+
+def stage_student(cfg: Config, data, run: Run) -> dict:
+    from raydistill.distill import run_student
+
+    out = run.dir("student")
+    digest = cfg.stage_digest("student")
+    if run.is_done("student", digest):
+        summary = read_json(out / "summary.json")
+        log(f"student: done earlier (outputs verified); test accuracy {summary['accuracy']:.4f}")
+        return summary
+    teacher_path = run.root / "teacher" / "teacher.safetensors"
+    teacher = read_json(run.root / "teacher" / "summary.json")
+    _verify(run, "teacher", teacher_path)
+    with run.stage("student", digest, inputs=[teacher_path]) as outputs:
+        summary = run_student(cfg, data, teacher_path, teacher["accuracy"], out)
+        outputs += [out / "student.safetensors", write_json(out / "summary.json", summary)]
+    log(f"student: {summary['arch']} {summary['params_total']:,} params ({summary['params_ratio']:.1f}x fewer), "
+        f"test accuracy {summary['accuracy']:.4f}, retention {summary['retention']:.3f}, "
+        f"batch-1 p50 {summary['latency_ms_p50']['student']:.2f} ms vs teacher "
+        f"{summary['latency_ms_p50']['teacher']:.2f} ms")
+    return summary
+
+
+def _verify(run: Run, stage: str, path: Path) -> str:
+    """The recorded sha256 of an earlier stage's output (refuses a missing or changed file)."""
+    from raydistill.artifacts import ArtifactError, sha256
+
+    rel = str(path.relative_to(run.root))
+    recorded = run.output_hash(stage, rel)
+    if recorded is None or not path.exists():
+        raise ArtifactError(f"{path}: not found in this run; run the {stage} stage first")
+    if sha256(path) != recorded:
+        raise ArtifactError(f"{path}: sha256 differs from manifest.json (file changed or truncated)")
+    return recorded
+
+
+def stage_deploy(cfg: Config, run: Run) -> dict:
+    from ray import serve
+
+    from raydistill.serving import build_app
+
+    out = run.dir("deploy")
+    weights = run.root / "student" / "student.safetensors"
+    with run.stage("deploy", cfg.stage_digest("deploy"), inputs=[weights]) as outputs:
+        digest = _verify(run, "student", weights)
+        version = digest[:12]
+        dcfg = cfg.deploy
+        serve.start(http_options={"host": dcfg.host, "port": dcfg.port})
+        serve.run(build_app(str(weights), digest, dcfg, version), name=dcfg.model_name, route_prefix="/")
+        host = "127.0.0.1" if dcfg.host in ("0.0.0.0", "::") else dcfg.host
+        url = f"http://{host}:{dcfg.port}"
+        _wait_ready(url)
+        summary = {"url": url, "model": dcfg.model_name, "version": version, "replicas": dcfg.num_replicas,
+                   "weights": str(weights)}
+        outputs.append(write_json(out / "summary.json", summary))
+        outputs.append(_write_serve_config(out / "serve_config.yaml", weights, digest, cfg, version))
+    return summary
+
+
+def _wait_ready(url: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"deploy: {url}/v2/health/ready did not answer within {timeout_s:.0f}s")
+        time.sleep(0.5)
+
+
+def _write_serve_config(path: Path, weights: Path, digest: str, cfg: Config, version: str) -> Path:
+    """A config for `serve deploy` that serves the same student on a running cluster."""
+    dcfg = cfg.deploy
+    config = {
+        "http_options": {"host": dcfg.host, "port": dcfg.port},
+        "applications": [{
+            "name": dcfg.model_name,
+            "route_prefix": "/",
+            "import_path": "serve.app:build",
+            "args": {"weights": str(weights), "sha256": digest, "version": version,
+                     "deploy": dcfg.model_dump(mode="json")},
+        }],
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def serve_forever(summary: dict) -> None:
+    """Like `serve run`: keep serving in the foreground until Ctrl-C."""
+    url, name = summary["url"], summary["model"]
+    log(f"serving '{name}' version {summary['version']} at {url}  (Ctrl-C to stop)")
+    print(f"  curl {url}/v2/health/ready\n"
+          f"  curl {url}/v2/models/{name}\n"
+          f"  raydistill query --url {url} path/to/digit.png\n"
+          f"  open {url}/docs", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log("stopping")
+
+
+def run_stages(cfg: Config, storage: str, name: str, stages: tuple[str, ...] = PIPELINE) -> dict:
+    """Run the given stages in order on Ray (joined or started here). Returns their summaries."""
+    import ray
+
+    start = time.perf_counter()
+    run = Run(storage, name)
+    run.start(cfg.model_dump(mode="json"), cfg.digest())
+    log(f"run '{name}' in {run.root}")
+    started = connect_ray()
+    summaries: dict = {}
+    try:
+        if {"sweep", "teacher", "student"} & set(stages):
+            data = load_data(cfg, run)
+        if "sweep" in stages:
+            cfg = stage_sweep(cfg, data, run)
+        if "teacher" in stages:
+            summaries["teacher"] = stage_teacher(cfg, data, run)
+        if "student" in stages:
+            summaries["student"] = stage_student(cfg, data, run)
+        if "deploy" in stages:
+            summaries["deploy"] = stage_deploy(cfg, run)
+            log(f"deployment ready at {summaries['deploy']['url']} "
+                f"({time.perf_counter() - start:.0f}s from start)")
+            if cfg.deploy.foreground == "always" or (cfg.deploy.foreground == "auto" and started):
+                serve_forever(summaries["deploy"])
+    finally:
+        if started:
+            ray.shutdown()
+    return summaries
