@@ -4,7 +4,7 @@ for people. Requests are batched across callers with @serve.batch.
 Every client mistake is a 4xx whose body says what was wrong: {"error": "..."}.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI must see real types in the replica.
 
 import io
 import json

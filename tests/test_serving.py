@@ -1,0 +1,112 @@
+"""A real Ray Serve deployment of a student, queried over HTTP on loopback."""
+
+import socket
+
+import numpy as np
+import pytest
+import requests
+
+from raydistill.artifacts import save_weights, sha256
+from raydistill.config import DeployConfig
+from raydistill.models import ModelSpec, build_network
+
+from conftest import png_bytes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from raydistill.serving import build_app
+
+    spec = ModelSpec("test_efficientnet", 10, (1, 8, 8), 16)
+    path = save_weights(tmp_path_factory.mktemp("w") / "student.safetensors", build_network(spec).state_dict(),
+                        spec.to_meta())
+    deploy = DeployConfig(port=free_port(), model_name="digits", replica_cpus=0.5, max_request_images=8)
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": deploy.port})
+        serve.run(build_app(str(path), sha256(path), deploy, "v1"), name="digits", route_prefix="/")
+        yield f"http://127.0.0.1:{deploy.port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def infer_body(data, shape, datatype="FP32", name="pixels"):
+    return {"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]}
+
+
+def test_health_and_metadata(url):
+    assert requests.get(f"{url}/v2/health/live").status_code == 200
+    assert requests.get(f"{url}/v2/health/ready").status_code == 200
+    assert requests.get(f"{url}/v2/models/digits/ready").json()["ready"] is True
+    meta = requests.get(f"{url}/v2/models/digits").json()
+    assert meta["name"] == "digits" and meta["versions"] == ["v1"]
+    assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert {o["name"] for o in meta["outputs"]} == {"probabilities", "label"}
+    assert requests.get(f"{url}/openapi.json").status_code == 200
+    assert requests.get(f"{url}/docs").status_code == 200
+
+
+def test_infer_returns_probabilities_per_image(url):
+    x = np.random.default_rng(0).random((3, 1, 8, 8)).astype(np.float32)
+    resp = requests.post(f"{url}/v2/models/digits/infer", json={"id": "a", **infer_body(x.ravel().tolist(), [3, 1, 8, 8])})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["model_name"] == "digits" and body["model_version"] == "v1" and body["id"] == "a"
+    probs = next(o for o in body["outputs"] if o["name"] == "probabilities")
+    assert probs["shape"] == [3, 10]
+    assert np.allclose(np.asarray(probs["data"]).reshape(3, 10).sum(1), 1.0, atol=1e-4)
+    labels = next(o for o in body["outputs"] if o["name"] == "label")["data"]
+    assert labels == np.asarray(probs["data"]).reshape(3, 10).argmax(1).tolist()
+
+
+def test_predict_json_and_multipart(url):
+    x = np.random.default_rng(1).random((2, 64)).tolist()
+    body = requests.post(f"{url}/predict", json={"instances": x}).json()
+    assert len(body["predictions"]) == 2
+    first = body["predictions"][0]
+    assert 0 <= first["label"] < 10 and len(first["top_k"]) == 3
+    assert first["top_k"][0]["label"] == first["label"]
+    files = [("file", ("a.png", png_bytes(np.full((28, 28), 200)))), ("file", ("b.png", png_bytes(np.zeros((8, 8)))))]
+    resp = requests.post(f"{url}/predict", files=files)
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["predictions"]) == 2
+
+
+@pytest.mark.parametrize(
+    "path, kwargs, status, message",
+    [
+        ("/v2/models/digits/infer", {"json": infer_body([0.1] * 10, [1, 1, 8, 8])}, 400, "holds 10 values"),
+        ("/v2/models/digits/infer", {"json": infer_body([0.1] * 75, [1, 3, 5, 5])}, 400, "does not match"),
+        ("/v2/models/digits/infer", {"json": infer_body([1] * 64, [1, 1, 8, 8], "INT8")}, 400, "FP32"),
+        ("/v2/models/digits/infer", {"json": infer_body([], [0, 1, 8, 8])}, 400, "empty batch"),
+        ("/v2/models/digits/infer", {"json": infer_body([0.1] * 64 * 9, [9, 1, 8, 8])}, 413, "exceeds the limit"),
+        ("/v2/models/digits/infer", {"json": infer_body([2.0] * 64, [1, 1, 8, 8])}, 400, "[0, 1]"),
+        ("/v2/models/digits/infer", {"json": infer_body(["x"] * 64, [1, 1, 8, 8])}, 400, "numbers only"),
+        ("/v2/models/digits/infer", {"json": infer_body([0.1] * 64, [1, 1, 8, 8], name="img")}, 400, "unknown input"),
+        ("/v2/models/digits/infer", {"data": b"{not json"}, 400, "not valid JSON"),
+        ("/v2/models/other/infer", {"json": infer_body([0.1] * 64, [1, 1, 8, 8])}, 404, "unknown model 'other'"),
+        ("/predict", {"files": [("file", ("x.png", b"GIF89a garbage"))]}, 400, "not a decodable PNG or JPEG"),
+        ("/predict", {"json": {"instances": []}}, 400, "non-empty list"),
+        ("/predict", {"json": {"instances": [[0.5] * 10]}}, 400, "64 pixel values"),
+    ],
+)
+def test_client_mistakes_get_4xx_with_a_message(url, path, kwargs, status, message):
+    resp = requests.post(f"{url}{path}", **kwargs)
+    assert resp.status_code == status, resp.text
+    assert message in resp.json()["error"]
+
+
+def test_nan_is_refused(url):
+    body = '{"inputs":[{"name":"pixels","shape":[1,1,8,8],"datatype":"FP32","data":[NaN' + ",0.1" * 63 + "]}]}"
+    resp = requests.post(f"{url}/v2/models/digits/infer", data=body, headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and "NaN" in resp.json()["error"]
