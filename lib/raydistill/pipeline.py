@@ -61,39 +61,43 @@ def load_data(cfg: Config, run: Run):
     return data
 
 
+def _run_or_reuse(run: Run, stage: str, digest: str, produce, inputs: list[Path] = ()) -> dict:
+    """A stage's summary: reused when it finished earlier with the same config sections and
+    untouched inputs and outputs, else produced now. `produce(out_dir)` returns
+    (summary, [files it wrote])."""
+    out = run.dir(stage)
+    if run.is_done(stage, digest):
+        log(f"{stage}: done earlier with this config (outputs verified by sha256); skipped")
+        return read_json(out / "summary.json")
+    with run.stage(stage, digest, inputs) as outputs:
+        summary, files = produce(out)
+        outputs += [*files, write_json(out / "summary.json", summary)]
+    return summary
+
+
 def stage_sweep(cfg: Config, data, run: Run) -> Config:
     """Returns the config the teacher trains with (best values applied)."""
     from raydistill.sweep import run_sweep
 
-    out = run.dir("sweep")
-    digest = cfg.stage_digest("sweep")
-    if run.is_done("sweep", digest):
-        best = read_json(out / "summary.json")["best_config"]
-        log(f"sweep: done earlier (outputs verified); best {best}")
-        return cfg.with_values(best)
-    with run.stage("sweep", digest) as outputs:
+    def produce(out: Path):
         summary, best_cfg = run_sweep(cfg, data, out)
-        outputs.append(write_json(out / "summary.json", summary))
         best_yaml = out / "best.yaml"
         best_yaml.write_text(dump_yaml(best_cfg))
-        outputs.append(best_yaml)
+        return summary, [best_yaml]
+
+    summary = _run_or_reuse(run, "sweep", cfg.stage_digest("sweep"), produce)
     log(f"sweep: best {summary['best_metric']:.4f} {summary['metric']} with {summary['best_config']} "
         f"({summary['trial_epochs']} trial-epochs over {len(summary['trials'])} trials)")
-    return best_cfg
+    return cfg.with_values(summary["best_config"])
 
 
 def stage_teacher(cfg: Config, data, run: Run) -> dict:
     from raydistill.training import run_teacher
 
-    out = run.dir("teacher")
-    digest = cfg.stage_digest("teacher")
-    if run.is_done("teacher", digest):
-        summary = read_json(out / "summary.json")
-        log(f"teacher: done earlier (outputs verified); test accuracy {summary['accuracy']:.4f}")
-        return summary
-    with run.stage("teacher", digest) as outputs:
-        summary = run_teacher(cfg, data, out)
-        outputs += [out / "teacher.safetensors", write_json(out / "summary.json", summary)]
+    summary = _run_or_reuse(
+        run, "teacher", cfg.stage_digest("teacher"),
+        lambda out: (run_teacher(cfg, data, out), [out / "teacher.safetensors"]),
+    )
     log(f"teacher: {summary['arch']} {summary['params_total']:,} params, ZeRO-{summary['zero_stage']} "
         f"per-rank {summary['params_per_rank']}, test accuracy {summary['accuracy']:.4f}")
     return summary
@@ -102,18 +106,14 @@ def stage_teacher(cfg: Config, data, run: Run) -> dict:
 def stage_student(cfg: Config, data, run: Run) -> dict:
     from raydistill.distill import run_student
 
-    out = run.dir("student")
-    digest = cfg.stage_digest("student")
-    if run.is_done("student", digest):
-        summary = read_json(out / "summary.json")
-        log(f"student: done earlier (outputs verified); test accuracy {summary['accuracy']:.4f}")
-        return summary
     teacher_path = run.root / "teacher" / "teacher.safetensors"
-    teacher = read_json(run.root / "teacher" / "summary.json")
     _verify(run, "teacher", teacher_path)
-    with run.stage("student", digest, inputs=[teacher_path]) as outputs:
-        summary = run_student(cfg, data, teacher_path, teacher["accuracy"], out)
-        outputs += [out / "student.safetensors", write_json(out / "summary.json", summary)]
+    teacher_accuracy = read_json(run.root / "teacher" / "summary.json")["accuracy"]
+    summary = _run_or_reuse(
+        run, "student", cfg.stage_digest("student"),
+        lambda out: (run_student(cfg, data, teacher_path, teacher_accuracy, out), [out / "student.safetensors"]),
+        inputs=[teacher_path],
+    )
     log(f"student: {summary['arch']} {summary['params_total']:,} params ({summary['params_ratio']:.1f}x fewer), "
         f"test accuracy {summary['accuracy']:.4f}, retention {summary['retention']:.3f}, "
         f"batch-1 p50 {summary['latency_ms_p50']['student']:.2f} ms vs teacher "
@@ -211,11 +211,16 @@ def run_stages(cfg: Config, storage: str, name: str, stages: tuple[str, ...] = P
     run = Run(storage, name)
     run.start(cfg.model_dump(mode="json"), cfg.digest())
     log(f"run '{name}' in {run.root}")
+    # Bad input fails here, before any cluster work: the data, and what earlier stages left.
+    if {"sweep", "teacher", "student"} & set(stages):
+        data = load_data(cfg, run)
+    for stage, needs, path in (("student", "teacher", "teacher/teacher.safetensors"),
+                               ("deploy", "student", "student/student.safetensors")):
+        if stage in stages and needs not in stages:
+            _verify(run, needs, run.root / path)
     started = connect_ray()
     summaries: dict = {}
     try:
-        if {"sweep", "teacher", "student"} & set(stages):
-            data = load_data(cfg, run)
         if "sweep" in stages:
             cfg = stage_sweep(cfg, data, run)
         if "teacher" in stages:
