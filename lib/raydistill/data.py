@@ -237,8 +237,9 @@ def _block_refs(split: Split, rows_per_block: int = 128) -> list:
     ]
 
 
-def train_stream(cfg: Config, split: Split, epochs: int):
-    """All epochs of augmented views as one Ray Data stream.
+def train_stream(cfg: Config, split: Split, epochs: int, rows_per_epoch: int | None = None):
+    """All epochs of augmented views as one Ray Data stream (`rows_per_epoch` rows each, so
+    every trainer consumes its shard to the end and no work is left running).
 
     One stream instead of one pass per epoch keeps the pipeline running across epoch
     boundaries, so trainers never wait for a new execution to start. Each epoch visits the
@@ -251,8 +252,11 @@ def train_stream(cfg: Config, split: Split, epochs: int):
     parts = []
     for epoch in range(epochs):
         order = np.random.default_rng((cfg.seed, epoch)).permutation(len(refs))
+        epoch_ds = ray.data.from_pandas_refs([refs[i] for i in order])
+        if rows_per_epoch is not None:
+            epoch_ds = epoch_ds.limit(rows_per_epoch)
         parts.append(
-            ray.data.from_pandas_refs([refs[i] for i in order]).map_batches(
+            epoch_ds.map_batches(
                 augment_batch,
                 batch_format="numpy",
                 batch_size=64,

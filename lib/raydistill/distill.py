@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from raydistill.config import Config
-from raydistill.training import EpochLog, StepPlan, copy_from_checkpoint, fit, make_trainer, set_threads, stream_batches
+from raydistill.training import EpochLog, StepPlan, set_threads, stream_batches, train_on_ray
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -95,31 +95,16 @@ def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, 
     import ray
 
     from raydistill.artifacts import load_weights
-    from raydistill.data import train_stream
     from raydistill.models import Classifier, ModelSpec, accuracy, build_network, count_params, latency_ms
 
     scfg = cfg.student
     teacher_state, teacher_meta = load_weights(teacher_path)
     teacher_spec = ModelSpec.from_meta(teacher_meta)
     spec = ModelSpec(scfg.arch, data.num_classes, data.input_shape, cfg.data.image_size)
-    count_params(build_network(spec))  # fail fast on an unknown arch
-    plan = StepPlan.of(len(data.train), scfg.num_workers, scfg.batch_size, scfg.epochs)
-    trainer = make_trainer(
-        student_worker,
-        {"cfg": cfg.model_dump(mode="json"), "spec": spec.__dict__, "teacher_spec": teacher_spec.__dict__,
-         "plan": plan.__dict__, "eval": ray.put(((data.val.images, data.val.labels), data.train.images)),
-         "teacher_weights": ray.put(Path(teacher_path).read_bytes())},
-        num_workers=scfg.num_workers, cpus=scfg.cpus_per_worker, use_gpu=scfg.use_gpu,
-        datasets={"train": train_stream(cfg, data.train, scfg.epochs)},
-        storage=out_dir / "ray", name="student",
+    metrics, student, elapsed = train_on_ray(
+        "student", student_worker, cfg, data, spec, out_dir,
+        extra={"teacher_spec": teacher_spec.__dict__, "teacher_weights": ray.put(Path(teacher_path).read_bytes())},
     )
-    start = time.perf_counter()
-    result = fit(trainer, "student")
-    elapsed = time.perf_counter() - start
-    path = copy_from_checkpoint(result, "student.safetensors", out_dir / "student.safetensors")
-    state, _ = load_weights(path)
-    student = build_network(spec)
-    student.load_state_dict(state)
     teacher = build_network(teacher_spec)
     teacher.load_state_dict(teacher_state)
     acc = accuracy(student, data.test.images, data.test.labels, spec.image_size)
@@ -135,8 +120,8 @@ def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, 
         "latency_ms_p50": {"teacher": teacher_latency["p50"], "student": student_latency["p50"]},
         "latency_ms_p99": {"teacher": teacher_latency["p99"], "student": student_latency["p99"]},
         "kd": {"T": scfg.temperature, "alpha": scfg.alpha, "mode": "online"},
-        "steps": int(result.metrics["steps"]),
+        "steps": int(metrics["steps"]),
         "epochs": scfg.epochs,
-        "samples_per_s": float(result.metrics["samples_per_s"]),
+        "samples_per_s": float(metrics["samples_per_s"]),
         "train_time_s": round(elapsed, 2),
     }

@@ -190,6 +190,10 @@ def _write_serve_config(path: Path, weights: Path, digest: str, cfg: Config, ver
 
 def serve_forever(summary: dict) -> None:
     """Like `serve run`: keep serving in the foreground until Ctrl-C."""
+    import signal
+
+    # Ray Train leaves its own SIGINT handler installed after fit(); Ctrl-C must stop us here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     url, name = summary["url"], summary["model"]
     log(f"serving '{name}' version {summary['version']} at {url}  (Ctrl-C to stop)")
     print(f"  curl {url}/v2/health/ready\n"

@@ -7,6 +7,7 @@ trainer factory) live here too.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ class StepPlan:
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
+
+    def rows_per_epoch(self, world_size: int, batch_size: int) -> int:
+        """Rows one epoch streams: exactly the full batches all workers consume."""
+        return self.steps_per_epoch * world_size * batch_size
 
 
 def stream_batches(shard, batch_size: int, total_steps: int, device):
@@ -65,11 +70,12 @@ class EpochLog:
         elapsed = time.perf_counter() - self.start
         eta = elapsed / step * (self.plan.total_steps - step)
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        print(
+        # Not print(): Train V2 patches it in workers to print *and* log, doubling each line.
+        sys.stdout.write(
             f"[{self.stage}] epoch {epoch}/{self.plan.epochs} step {step}/{self.plan.total_steps} "
-            f"{shown} samples/s {self.samples_per_s(step):.0f} eta {eta:.0f}s",
-            flush=True,
+            f"{shown} samples/s {self.samples_per_s(step):.0f} eta {eta:.0f}s\n"
         )
+        sys.stdout.flush()
 
 
 def set_threads(cpus: float) -> None:
@@ -78,8 +84,7 @@ def set_threads(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
-def make_trainer(loop, loop_config: dict, *, num_workers: int, cpus: float, use_gpu: bool,
-                 datasets: dict, storage: Path, name: str):
+def _trainer(loop, loop_config: dict, stage_cfg, datasets: dict, storage: Path, name: str):
     """A TorchTrainer (Train V2): gloo on CPU, NCCL on GPU."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -87,16 +92,17 @@ def make_trainer(loop, loop_config: dict, *, num_workers: int, cpus: float, use_
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if stage_cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
+            num_workers=stage_cfg.num_workers, use_gpu=stage_cfg.use_gpu,
+            resources_per_worker={"CPU": stage_cfg.cpus_per_worker},
         ),
         datasets=datasets,
         run_config=RunConfig(name=name, storage_path=str(storage)),
     )
 
 
-def fit(trainer, stage: str):
+def _fit(trainer, stage: str):
     """trainer.fit() with a clear error naming the stage when a worker fails."""
     from ray.train import TrainingFailedError
 
@@ -109,7 +115,39 @@ def fit(trainer, stage: str):
     return result
 
 
-def copy_from_checkpoint(result, filename: str, dest: Path) -> Path:
+def train_on_ray(stage: str, worker, cfg: Config, data, spec, out_dir: Path, extra: dict | None = None):
+    """Run `worker` on Ray Train over the stage's stream of augmented views.
+
+    The worker saves `<stage>.safetensors` into its final checkpoint; this copies it to
+    out_dir and returns (final metrics of rank 0, the trained plain network, seconds).
+    """
+    import ray
+
+    from raydistill.artifacts import load_weights
+    from raydistill.data import train_stream
+    from raydistill.models import build_network
+
+    stage_cfg = getattr(cfg, stage)
+    build_network(spec)  # fail fast on an unknown arch, before any worker starts
+    plan = StepPlan.of(len(data.train), stage_cfg.num_workers, stage_cfg.batch_size, stage_cfg.epochs)
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"), "spec": spec.__dict__, "plan": plan.__dict__,
+        "eval": ray.put(((data.val.images, data.val.labels), data.train.images)), **(extra or {}),
+    }
+    stream = train_stream(cfg, data.train, stage_cfg.epochs,
+                          plan.rows_per_epoch(stage_cfg.num_workers, stage_cfg.batch_size))
+    trainer = _trainer(worker, loop_config, stage_cfg, {"train": stream}, out_dir / "ray", stage)
+    start = time.perf_counter()
+    result = _fit(trainer, stage)
+    elapsed = time.perf_counter() - start
+    path = _copy_from_checkpoint(result, f"{stage}.safetensors", out_dir / f"{stage}.safetensors")
+    state, _ = load_weights(path)
+    net = build_network(spec)
+    net.load_state_dict(state)
+    return result.metrics, net, elapsed
+
+
+def _copy_from_checkpoint(result, filename: str, dest: Path) -> Path:
     import shutil
 
     if result.checkpoint is None:
@@ -126,6 +164,7 @@ def teacher_worker(loop_config: dict) -> None:
     """One Ray Train worker: ZeRO engine, streamed batches, per-epoch val accuracy."""
     import ray
     import ray.train
+    import ray.train.torch
     import torch
     import torch.nn.functional as F
 
@@ -192,32 +231,11 @@ class _EvalAdapter:
 
 def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
     """Train the teacher on the cluster; write teacher.safetensors and return its summary."""
-    import ray
-
-    from raydistill.artifacts import load_weights
-    from raydistill.data import train_stream
-    from raydistill.models import ModelSpec, accuracy, build_network, count_params
+    from raydistill.models import ModelSpec, accuracy
 
     tcfg = cfg.teacher
     spec = ModelSpec(tcfg.arch, data.num_classes, data.input_shape, cfg.data.image_size)
-    count_params(build_network(spec))  # fail fast on an unknown arch, before workers start
-    plan = StepPlan.of(len(data.train), tcfg.num_workers, tcfg.batch_size, tcfg.epochs)
-    trainer = make_trainer(
-        teacher_worker,
-        {"cfg": cfg.model_dump(mode="json"), "spec": spec.__dict__, "plan": plan.__dict__,
-         "eval": ray.put(((data.val.images, data.val.labels), data.train.images))},
-        num_workers=tcfg.num_workers, cpus=tcfg.cpus_per_worker, use_gpu=tcfg.use_gpu,
-        datasets={"train": train_stream(cfg, data.train, tcfg.epochs)},
-        storage=out_dir / "ray", name="teacher",
-    )
-    start = time.perf_counter()
-    result = fit(trainer, "teacher")
-    elapsed = time.perf_counter() - start
-    path = copy_from_checkpoint(result, "teacher.safetensors", out_dir / "teacher.safetensors")
-    state, _ = load_weights(path)
-    net = build_network(spec)
-    net.load_state_dict(state)
-    metrics = result.metrics
+    metrics, net, elapsed = train_on_ray("teacher", teacher_worker, cfg, data, spec, out_dir)
     return {
         "arch": tcfg.arch,
         "params_total": int(metrics["params_total"]),
@@ -233,4 +251,3 @@ def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
         "weight_decay": tcfg.weight_decay,
         "train_time_s": round(elapsed, 2),
     }
-
