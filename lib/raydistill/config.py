@@ -193,9 +193,9 @@ def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
-    if loc:
-        return f"bad value for '{loc}': {msg} (got {first.get('input')!r})"
-    return msg
+    if isinstance(first.get("input"), dict):  # a cross-field rule: the message names the keys
+        return f"bad values in '{loc}': {msg}" if loc else msg
+    return f"bad value for '{loc}': {msg} (got {first.get('input')!r})"
 
 
 def _check_keys(tree: Any, prefix: list[str]) -> None:

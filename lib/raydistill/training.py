@@ -179,7 +179,7 @@ def teacher_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(cfg.teacher.cpus_per_worker)
-    device = torch.device("cuda", ray.train.torch.get_device().index or 0) if cfg.teacher.use_gpu else "cpu"
+    device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # identical init on every rank before ZeRO partitions it
 
     engine = sharding.wrap(build_network(spec), sharding.deepspeed_config(cfg.teacher, world, plan.total_steps))
