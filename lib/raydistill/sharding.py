@@ -5,6 +5,9 @@ The model code knows nothing of DeepSpeed; this module is the only place that do
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -46,8 +49,19 @@ def deepspeed_config(tcfg: TeacherConfig, world_size: int, total_steps: int) -> 
     }
 
 
+def _use_venv_extension_cache() -> None:
+    """Keep DeepSpeed's JIT-built ops inside this environment (sys.prefix/torch_extensions).
+
+    torch's default cache (~/.cache/torch_extensions) is shared by every environment on the
+    machine, and a build from another checkout's sources forces a rebuild (~1 minute) in the
+    middle of a training run.
+    """
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
 def wrap(model: nn.Module, ds_config: dict):
     """deepspeed.initialize on an already-initialised process group (Ray Train set it up)."""
+    _use_venv_extension_cache()
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
@@ -89,6 +103,7 @@ def consolidated_state_dict(engine) -> dict | None:
 def prebuild_cpu_ops() -> None:
     """JIT-build DeepSpeed's shared-memory comm op once (about a minute), at setup time rather
     than inside the first training run. A no-op where the accelerator is not the CPU."""
+    _use_venv_extension_cache()
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() != "cpu":
