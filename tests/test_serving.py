@@ -92,7 +92,7 @@ def test_predict_json_and_multipart(url):
         ("/v2/models/digits/infer", {"json": infer_body([0.1] * 64 * 9, [9, 1, 8, 8])}, 413, "exceeds the limit"),
         ("/v2/models/digits/infer", {"json": infer_body([2.0] * 64, [1, 1, 8, 8])}, 400, "[0, 1]"),
         ("/v2/models/digits/infer", {"json": infer_body(["x"] * 64, [1, 1, 8, 8])}, 400, "numbers only"),
-        ("/v2/models/digits/infer", {"json": infer_body([0.1] * 64, [1, 1, 8, 8], name="img")}, 400, "unknown input"),
+        ("/v2/models/digits/infer", {"json": infer_body([0.1] * 64, [1, 1, 8, 8], name="img")}, 400, "expected one input named"),
         ("/v2/models/digits/infer", {"data": b"{not json"}, 400, "not valid JSON"),
         ("/v2/models/other/infer", {"json": infer_body([0.1] * 64, [1, 1, 8, 8])}, 404, "unknown model 'other'"),
         ("/predict", {"files": [("file", ("x.png", b"GIF89a garbage"))]}, 400, "not a decodable PNG or JPEG"),
@@ -110,3 +110,33 @@ def test_nan_is_refused(url):
     body = '{"inputs":[{"name":"pixels","shape":[1,1,8,8],"datatype":"FP32","data":[NaN' + ",0.1" * 63 + "]}]}"
     resp = requests.post(f"{url}/v2/models/digits/infer", data=body, headers={"content-type": "application/json"})
     assert resp.status_code == 400 and "NaN" in resp.json()["error"]
+
+
+def test_stock_tritonclient_http_client(url):
+    """tritonclient's HTTP client, as shipped: binary tensors by default, JSON on request."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("digits")
+    meta = client.get_model_metadata("digits")
+    assert meta["inputs"][0]["shape"] == [-1, 1, 8, 8]
+
+    x = np.random.default_rng(2).random((4, 1, 8, 8)).astype(np.float32)
+    pixels = httpclient.InferInput("pixels", list(x.shape), "FP32")
+    pixels.set_data_from_numpy(x)  # binary tensor extension
+    result = client.infer("digits", [pixels])  # outputs come back binary too
+    probs, labels = result.as_numpy("probabilities"), result.as_numpy("label")
+    assert probs.shape == (4, 10) and np.allclose(probs.sum(1), 1.0, atol=1e-4)
+    assert labels.tolist() == probs.argmax(1).tolist()
+
+    pixels.set_data_from_numpy(x, binary_data=False)
+    wanted = [httpclient.InferRequestedOutput("label", binary_data=False)]
+    again = client.infer("digits", [pixels], outputs=wanted, model_version="v1")
+    assert again.as_numpy("label").tolist() == labels.tolist()
+    assert again.as_numpy("probabilities") is None
+
+    wrong = httpclient.InferInput("pixels", [1, 1, 5, 5], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 1, 5, 5), np.float32))
+    with pytest.raises(InferenceServerException, match="does not match"):
+        client.infer("digits", [wrong])

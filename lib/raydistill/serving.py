@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from raydistill.config import DeployConfig
+from raydistill.inference_protocol import HEADER_LENGTH, ProtocolError, decode_request, encode_response, requested_outputs
 
 INPUT_NAME, PROBS_NAME, LABEL_NAME = "pixels", "probabilities", "label"
 TOP_K = 3
@@ -37,23 +38,15 @@ async def _bad_request(_: Request, err: BadRequest) -> JSONResponse:
     return JSONResponse({"error": str(err)}, status_code=err.status)
 
 
-def parse_pixels(data, shape, expected: tuple[int, int, int], max_images: int) -> np.ndarray:
-    """A v2 tensor (flat or nested data + shape) -> float32 (B, C, H, W) on 0..1, or BadRequest."""
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise BadRequest("'shape' must be a list of integers")
-    if len(shape) != 4 or tuple(shape[1:]) != expected:
-        raise BadRequest(f"input shape {shape} does not match [batch, {', '.join(map(str, expected))}]")
-    if shape[0] < 1:
+def check_pixels(arr: np.ndarray, expected: tuple[int, int, int], max_images: int) -> np.ndarray:
+    """A batch of images as float32 (B, C, H, W) on 0..1, or BadRequest saying what is wrong."""
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != expected:
+        raise BadRequest(f"input shape {list(arr.shape)} does not match [batch, {', '.join(map(str, expected))}]")
+    if arr.shape[0] < 1:
         raise BadRequest("empty batch: the first dimension must be at least 1")
-    if shape[0] > max_images:
-        raise BadRequest(f"batch of {shape[0]} images exceeds the limit of {max_images}", status=413)
-    try:
-        arr = np.asarray(data, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise BadRequest("'data' must hold numbers only") from None
-    if arr.size != int(np.prod(shape)):
-        raise BadRequest(f"'data' holds {arr.size} values; shape {shape} needs {int(np.prod(shape))}")
-    arr = arr.reshape(shape)
+    if arr.shape[0] > max_images:
+        raise BadRequest(f"batch of {arr.shape[0]} images exceeds the limit of {max_images}", status=413)
+    arr = arr.astype(np.float32, copy=False)
     if not np.isfinite(arr).all():
         raise BadRequest("'data' holds NaN or infinite values")
     if arr.min() < 0.0 or arr.max() > 1.0:
@@ -125,11 +118,18 @@ class StudentServer:
         if version is not None and version != self.version:
             raise BadRequest(f"model '{name}' has no version '{version}'; serving '{self.version}'", status=404)
 
-    async def _read_json(self, request: Request) -> dict:
-        body = await request.body()
+    async def _read_body(self, request: Request) -> bytes:
         limit = self._max_body_bytes()
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BadRequest(f"request body of {declared} bytes exceeds the limit of {limit}", status=413)
+        body = await request.body()
         if len(body) > limit:
             raise BadRequest(f"request body of {len(body)} bytes exceeds the limit of {limit}", status=413)
+        return body
+
+    async def _read_json(self, request: Request) -> dict:
+        body = await self._read_body(request)
         try:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -180,37 +180,38 @@ class StudentServer:
         self._check_model(name)
         return {"name": name, "ready": True}
 
+    @api.get("/v2/models/{name}/versions/{version}/ready")
+    def model_version_ready(self, name: str, version: str) -> dict:
+        self._check_model(name, version)
+        return {"name": name, "ready": True}
+
     @api.post("/v2/models/{name}/infer")
-    async def infer(self, name: str, request: Request) -> dict:
-        self._check_model(name)
-        payload = await self._read_json(request)
-        inputs = payload.get("inputs")
-        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-            raise BadRequest(f"'inputs' must be a list with one tensor named '{INPUT_NAME}'")
-        tensor = inputs[0]
-        if tensor.get("name") != INPUT_NAME:
-            raise BadRequest(f"unknown input '{tensor.get('name')}'; expected '{INPUT_NAME}'")
-        if tensor.get("datatype") != "FP32":
-            raise BadRequest(f"input datatype must be FP32, got {tensor.get('datatype')!r}")
-        if "data" not in tensor:
-            raise BadRequest("input has no 'data' (binary tensor data is not supported; send JSON data)")
-        pixels = parse_pixels(tensor["data"], tensor.get("shape"), self.spec.input_shape, self.cfg.max_request_images)
-        probs = await self._forward(pixels)
-        wanted = [o.get("name") for o in payload.get("outputs") or [] if isinstance(o, dict)] or [PROBS_NAME, LABEL_NAME]
-        unknown = set(wanted) - {PROBS_NAME, LABEL_NAME}
-        if unknown:
-            raise BadRequest(f"unknown output(s) {sorted(unknown)}; available: {PROBS_NAME}, {LABEL_NAME}")
-        tensors = {
-            PROBS_NAME: {"name": PROBS_NAME, "datatype": "FP32", "shape": list(probs.shape),
-                         "data": probs.ravel().tolist()},
-            LABEL_NAME: {"name": LABEL_NAME, "datatype": "INT64", "shape": [len(probs)],
-                         "data": probs.argmax(1).tolist()},
-        }
-        response = {"model_name": self.cfg.model_name, "model_version": self.version,
-                    "outputs": [tensors[n] for n in wanted]}
+    async def infer(self, name: str, request: Request) -> Response:
+        return await self._infer(name, None, request)
+
+    @api.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer_version(self, name: str, version: str, request: Request) -> Response:
+        return await self._infer(name, version, request)
+
+    async def _infer(self, name: str, version: str | None, request: Request) -> Response:
+        self._check_model(name, version)
+        body = await self._read_body(request)
+        try:
+            payload, arrays = decode_request(body, request.headers.get(HEADER_LENGTH))
+            if set(arrays) != {INPUT_NAME}:
+                raise ProtocolError(f"expected one input named '{INPUT_NAME}', got {sorted(arrays)}")
+            if payload["inputs"][0]["datatype"] != "FP32":
+                raise ProtocolError(f"input datatype must be FP32, got {payload['inputs'][0]['datatype']!r}")
+            wanted = requested_outputs(payload, [PROBS_NAME, LABEL_NAME])
+        except ProtocolError as err:
+            raise BadRequest(str(err)) from None
+        probs = await self._forward(check_pixels(arrays[INPUT_NAME], self.spec.input_shape, self.cfg.max_request_images))
+        tensors = {PROBS_NAME: probs.astype(np.float32), LABEL_NAME: probs.argmax(1).astype(np.int64)}
+        header = {"model_name": self.cfg.model_name, "model_version": self.version}
         if "id" in payload:
-            response["id"] = payload["id"]
-        return response
+            header["id"] = payload["id"]
+        content, headers = encode_response(header, [(n, tensors[n], binary) for n, binary in wanted])
+        return Response(content=content, headers=headers)
 
     # ---- for people -----------------------------------------------------------------------
 
@@ -231,7 +232,6 @@ class StudentServer:
             instances = payload.get("instances")
             if not isinstance(instances, list) or not instances:
                 raise BadRequest("JSON body needs a non-empty list 'instances' of pixel arrays")
-            shape = [len(instances), *self.spec.input_shape]
             try:
                 flat = [np.asarray(i, dtype=np.float32).ravel() for i in instances]
             except (TypeError, ValueError):
@@ -239,7 +239,8 @@ class StudentServer:
             per = int(np.prod(self.spec.input_shape))
             if any(f.size != per for f in flat):
                 raise BadRequest(f"each instance must hold {per} pixel values ({'x'.join(map(str, self.spec.input_shape))})")
-            pixels = parse_pixels(np.concatenate(flat), shape, self.spec.input_shape, self.cfg.max_request_images)
+            pixels = np.stack(flat).reshape(len(flat), *self.spec.input_shape)
+        pixels = check_pixels(pixels, self.spec.input_shape, self.cfg.max_request_images)
         return {"model_name": self.cfg.model_name, "model_version": self.version,
                 "predictions": top_k(await self._forward(pixels))}
 
