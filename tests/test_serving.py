@@ -34,6 +34,10 @@ def url(tmp_path_factory):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": deploy.port})
         serve.run(build_app(str(path), sha256(path), deploy, "v1"), name="digits", route_prefix="/")
+        key_file = path.parent / "api_key"
+        key_file.write_text("s3cret\n")
+        secure = deploy.model_copy(update={"api_key_file": str(key_file)})
+        serve.run(build_app(str(path), sha256(path), secure, "v1"), name="secure", route_prefix="/secure")
         yield f"http://127.0.0.1:{deploy.port}"
     finally:
         serve.shutdown()
@@ -140,3 +144,26 @@ def test_stock_tritonclient_http_client(url):
     wrong.set_data_from_numpy(np.zeros((1, 1, 5, 5), np.float32))
     with pytest.raises(InferenceServerException, match="does not match"):
         client.infer("digits", [wrong])
+
+
+def test_api_key_guards_everything_but_health(url):
+    infer = f"{url}/secure/v2/models/digits/infer"
+    body = infer_body([0.5] * 64, [1, 1, 8, 8])
+    assert requests.get(f"{url}/secure/v2/health/ready").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        resp = requests.post(infer, json=body, headers=headers)
+        assert resp.status_code == 401 and "API key" in resp.json()["error"]
+    assert requests.get(f"{url}/secure/v2/models/digits").status_code == 401
+    ok = requests.post(infer, json=body, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200, ok.text
+
+
+def test_deploy_config_refuses_inconsistent_settings():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="max_ongoing_requests must be at least"):
+        DeployConfig(max_batch_size=64, max_ongoing_requests=8)
+    with pytest.raises(ValidationError, match="not both"):
+        DeployConfig(api_key_env="K", api_key_file="/k")
+    assert DeployConfig(autoscale=True, min_replicas=1, max_replicas=3).autoscaling_config()["max_replicas"] == 3
+    assert DeployConfig().autoscaling_config() is None

@@ -102,15 +102,49 @@ class DeployConfig(_Section):
     host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes it to the network")
     port: int = Field(8000, ge=1, le=65535)
     model_name: str = Field("digits", pattern=r"^[A-Za-z0-9_.-]+$")
-    num_replicas: int = Field(1, ge=1)
-    replica_cpus: float = Field(0.5, gt=0)
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    num_replicas: int = Field(1, ge=1, description="replicas when autoscaling is off")
+    autoscale: bool = Field(False, description="let Serve scale between min_replicas and max_replicas")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(
+        32.0, gt=0, description="autoscaling target of in-flight requests per replica"
+    )
+    replica_cpus: float = Field(0.5, gt=0, description="CPUs per replica; torch uses as many threads")
+    use_gpu: bool = Field(False, description="one GPU per replica")
+    max_batch_size: int = Field(32, ge=1, description="@serve.batch: most requests per forward pass")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch: longest wait to fill a batch")
+    max_ongoing_requests: int = Field(64, ge=1, description="per replica; at least max_batch_size")
     max_request_images: int = Field(256, ge=1, description="largest batch one request may carry")
+    api_key_env: str | None = Field(
+        None, description="name of an env var holding an API key; requests then need 'Authorization: Bearer KEY'"
+    )
+    api_key_file: str | None = Field(None, description="file holding the API key (instead of api_key_env)")
     foreground: Literal["auto", "always", "never"] = Field(
         "auto",
         description="auto: serve in the foreground until Ctrl-C only when this process started Ray",
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DeployConfig":
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                "deploy.max_ongoing_requests must be at least deploy.max_batch_size, "
+                "or batches can never fill"
+            )
+        if self.autoscale and self.min_replicas > self.max_replicas:
+            raise ValueError("deploy.min_replicas must not exceed deploy.max_replicas")
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("set one of deploy.api_key_env and deploy.api_key_file, not both")
+        return self
+
+    def autoscaling_config(self) -> dict | None:
+        if not self.autoscale:
+            return None
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+        }
 
 
 # What each stage reads: a stage reruns when any of these sections changed.

@@ -137,7 +137,7 @@ def _verify(run: Run, stage: str, path: Path) -> str:
 def stage_deploy(cfg: Config, run: Run) -> dict:
     from ray import serve
 
-    from raydistill.serving import build_app
+    from raydistill.serving import build_app, read_api_key
 
     out = run.dir("deploy")
     weights = run.root / "student" / "student.safetensors"
@@ -145,6 +145,7 @@ def stage_deploy(cfg: Config, run: Run) -> dict:
         digest = _verify(run, "student", weights)
         version = digest[:12]
         dcfg = cfg.deploy
+        read_api_key(dcfg)  # a configured but unreadable key fails here, not in every replica
         serve.start(http_options={"host": dcfg.host, "port": dcfg.port})
         serve.run(build_app(str(weights), digest, dcfg, version), name=dcfg.model_name, route_prefix="/")
         host = "127.0.0.1" if dcfg.host in ("0.0.0.0", "::") else dcfg.host

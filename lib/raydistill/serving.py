@@ -6,8 +6,10 @@ Every client mistake is a 4xx whose body says what was wrong: {"error": "..."}.
 
 # No `from __future__ import annotations`: FastAPI must see real types in the replica.
 
+import hmac
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +82,24 @@ def top_k(probs: np.ndarray, k: int = TOP_K) -> list[dict]:
     return out
 
 
+def read_api_key(deploy: DeployConfig) -> str | None:
+    """The configured API key, or None when the API is open. Raises if it is configured but empty."""
+    if deploy.api_key_env:
+        key = os.environ.get(deploy.api_key_env, "").strip()
+        source = f"env var {deploy.api_key_env}"
+    elif deploy.api_key_file:
+        try:
+            key = Path(deploy.api_key_file).expanduser().read_text().strip()
+        except OSError as err:
+            raise ValueError(f"deploy.api_key_file: cannot read {deploy.api_key_file} ({err.strerror})") from None
+        source = deploy.api_key_file
+    else:
+        return None
+    if not key:
+        raise ValueError(f"deploy: the API key in {source} is empty")
+    return key
+
+
 @serve.deployment
 @serve.ingress(api)
 class StudentServer:
@@ -92,6 +112,7 @@ class StudentServer:
         from raydistill.models import Classifier, ModelSpec, build_network
 
         self.cfg = DeployConfig.model_validate(deploy)
+        self.api_key = read_api_key(self.cfg)
         torch.set_num_threads(max(1, int(self.cfg.replica_cpus)))
         state, meta = load_weights(Path(weights), sha256)
         self.spec = ModelSpec.from_meta(meta)
@@ -111,6 +132,14 @@ class StudentServer:
         with torch.inference_mode():
             probs = torch.softmax(self.model(torch.from_numpy(np.concatenate(requests))), dim=-1).numpy()
         return np.split(probs, np.cumsum(sizes)[:-1])
+
+    def _authorize(self, request: Request) -> None:
+        """With an API key configured, every route but health and docs needs it as a bearer token."""
+        if self.api_key is None:
+            return
+        sent = request.headers.get("authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {self.api_key}".encode()):
+            raise BadRequest("missing or wrong API key (send 'Authorization: Bearer KEY')", status=401)
 
     def _check_model(self, name: str, version: str | None = None) -> None:
         if name != self.cfg.model_name:
@@ -153,11 +182,13 @@ class StudentServer:
         return {"ready": True}
 
     @api.get("/v2")
-    def server_metadata(self) -> dict:
+    def server_metadata(self, request: Request) -> dict:
+        self._authorize(request)
         return {"name": "raydistill", "version": "2", "extensions": []}
 
     @api.get("/v2/models/{name}")
-    def model_metadata(self, name: str) -> dict:
+    def model_metadata(self, name: str, request: Request) -> dict:
+        self._authorize(request)
         self._check_model(name)
         return {
             "name": self.cfg.model_name,
@@ -171,17 +202,19 @@ class StudentServer:
         }
 
     @api.get("/v2/models/{name}/versions/{version}")
-    def model_version_metadata(self, name: str, version: str) -> dict:
+    def model_version_metadata(self, name: str, version: str, request: Request) -> dict:
         self._check_model(name, version)
-        return self.model_metadata(name)
+        return self.model_metadata(name, request)
 
     @api.get("/v2/models/{name}/ready")
-    def model_ready(self, name: str) -> dict:
+    def model_ready(self, name: str, request: Request) -> dict:
+        self._authorize(request)
         self._check_model(name)
         return {"name": name, "ready": True}
 
     @api.get("/v2/models/{name}/versions/{version}/ready")
-    def model_version_ready(self, name: str, version: str) -> dict:
+    def model_version_ready(self, name: str, version: str, request: Request) -> dict:
+        self._authorize(request)
         self._check_model(name, version)
         return {"name": name, "ready": True}
 
@@ -194,6 +227,7 @@ class StudentServer:
         return await self._infer(name, version, request)
 
     async def _infer(self, name: str, version: str | None, request: Request) -> Response:
+        self._authorize(request)
         self._check_model(name, version)
         body = await self._read_body(request)
         try:
@@ -218,6 +252,7 @@ class StudentServer:
     @api.post("/predict")
     async def predict(self, request: Request) -> dict:
         """Multipart image file(s) in form field `file`, or JSON {"instances": [[pixels on 0..1]]}."""
+        self._authorize(request)
         kind = request.headers.get("content-type", "")
         if kind.startswith("multipart/form-data"):
             form = await request.form()
@@ -247,9 +282,14 @@ class StudentServer:
 
 def build_app(weights: str, sha256: str | None, deploy: DeployConfig, version: str):
     """The bound Serve application for a student's weights."""
-    return StudentServer.options(
-        name=deploy.model_name,
-        num_replicas=deploy.num_replicas,
-        ray_actor_options={"num_cpus": deploy.replica_cpus},
-        max_ongoing_requests=max(2 * deploy.max_batch_size, 16),
-    ).bind(weights, sha256, deploy.model_dump(mode="json"), version)
+    options = {
+        "name": deploy.model_name,
+        "ray_actor_options": {"num_cpus": deploy.replica_cpus, "num_gpus": 1 if deploy.use_gpu else 0},
+        "max_ongoing_requests": deploy.max_ongoing_requests,
+    }
+    autoscaling = deploy.autoscaling_config()
+    if autoscaling:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = deploy.num_replicas
+    return StudentServer.options(**options).bind(weights, sha256, deploy.model_dump(mode="json"), version)
