@@ -112,7 +112,11 @@ class DeployConfig(_Section):
     replica_cpus: float = Field(0.5, gt=0, description="CPUs per replica; torch uses as many threads")
     use_gpu: bool = Field(False, description="one GPU per replica")
     max_batch_size: int = Field(32, ge=1, description="@serve.batch: most requests per forward pass")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch: longest wait to fill a batch")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0,
+        description="@serve.batch: longest wait to fill a batch; 0 takes what queued during the last "
+        "forward pass, so a lone request never waits",
+    )
     max_ongoing_requests: int = Field(64, ge=1, description="per replica; at least max_batch_size")
     max_request_images: int = Field(256, ge=1, description="largest batch one request may carry")
     api_key_env: str | None = Field(

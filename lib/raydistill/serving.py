@@ -23,6 +23,31 @@ from raydistill.inference_protocol import HEADER_LENGTH, ProtocolError, decode_r
 INPUT_NAME, PROBS_NAME, LABEL_NAME = "pixels", "probabilities", "label"
 TOP_K = 3
 
+# Request bodies are read by hand (binary tensor extension, multipart); document them for
+# /docs, for client generators and for schemathesis.
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string", "example": "pixels"},
+        "shape": {"type": "array", "items": {"type": "integer"}, "example": [1, 1, 8, 8]},
+        "datatype": {"type": "string", "example": "FP32"},
+        "data": {"type": "array", "items": {"type": "number"}},
+        "parameters": {"type": "object"},
+    },
+}
+INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["inputs"],
+    "properties": {"id": {"type": "string"}, "inputs": {"type": "array", "items": _TENSOR},
+                   "outputs": {"type": "array", "items": {"type": "object"}}, "parameters": {"type": "object"}},
+}}}}}
+PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["instances"], "properties": {
+        "instances": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+}}}
+
 api = FastAPI(
     title="raydistill",
     description="A distilled image classifier. Open Inference Protocol v2 under /v2; POST /predict for people.",
@@ -118,19 +143,21 @@ class StudentServer:
         self.spec = ModelSpec.from_meta(meta)
         net = build_network(self.spec)
         net.load_state_dict(state)
-        self.model = Classifier(net, self.spec).eval()
+        self.device = torch.device("cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = Classifier(net, self.spec).eval().to(self.device)
         self.version = version
         self._forward.set_max_batch_size(self.cfg.max_batch_size)
         self._forward.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # both set from config in __init__
     async def _forward(self, requests: list[np.ndarray]) -> list[np.ndarray]:
         """Many requests' (B_i, C, H, W) arrays -> one forward pass -> per-request probabilities."""
         import torch
 
         sizes = [len(r) for r in requests]
         with torch.inference_mode():
-            probs = torch.softmax(self.model(torch.from_numpy(np.concatenate(requests))), dim=-1).numpy()
+            pixels = torch.from_numpy(np.concatenate(requests)).to(self.device)
+            probs = torch.softmax(self.model(pixels), dim=-1).float().cpu().numpy()
         return np.split(probs, np.cumsum(sizes)[:-1])
 
     def _authorize(self, request: Request) -> None:
@@ -218,11 +245,11 @@ class StudentServer:
         self._check_model(name, version)
         return {"name": name, "ready": True}
 
-    @api.post("/v2/models/{name}/infer")
+    @api.post("/v2/models/{name}/infer", openapi_extra=INFER_BODY)
     async def infer(self, name: str, request: Request) -> Response:
         return await self._infer(name, None, request)
 
-    @api.post("/v2/models/{name}/versions/{version}/infer")
+    @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY)
     async def infer_version(self, name: str, version: str, request: Request) -> Response:
         return await self._infer(name, version, request)
 
@@ -249,7 +276,7 @@ class StudentServer:
 
     # ---- for people -----------------------------------------------------------------------
 
-    @api.post("/predict")
+    @api.post("/predict", openapi_extra=PREDICT_BODY)
     async def predict(self, request: Request) -> dict:
         """Multipart image file(s) in form field `file`, or JSON {"instances": [[pixels on 0..1]]}."""
         self._authorize(request)
