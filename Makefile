@@ -12,8 +12,6 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
-	@echo "building DeepSpeed's CPU comm op once (first time only, about a minute)..."
-	$(BIN)/python -c 'from raydistill.sharding import prebuild_cpu_ops; prebuild_cpu_ops()'
 	touch $@
 
 setup: $(STAMP)  ## create .venv with every dependency pinned

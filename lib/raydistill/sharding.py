@@ -5,9 +5,6 @@ The model code knows nothing of DeepSpeed; this module is the only place that do
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -49,19 +46,22 @@ def deepspeed_config(tcfg: TeacherConfig, world_size: int, total_steps: int) -> 
     }
 
 
-def _use_venv_extension_cache() -> None:
-    """Keep DeepSpeed's JIT-built ops inside this environment (sys.prefix/torch_extensions).
+def _skip_inference_only_ops() -> None:
+    """Never JIT-build DeepSpeed's shared-memory comm op.
 
-    torch's default cache (~/.cache/torch_extensions) is shared by every environment on the
-    machine, and a build from another checkout's sources forces a rebuild (~1 minute) in the
-    middle of a training run.
+    DeepSpeed's CPU backend compiles it with gcc on every new environment (30-60 s here, and
+    again whenever torch's extension cache looks stale), yet only its inference_all_reduce uses
+    it: ZeRO training talks to the process group (gloo) directly. Marking it incompatible is the
+    switch DeepSpeed itself consults before building (deepspeed.comm.torch.build_shm_op).
     """
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def wrap(model: nn.Module, ds_config: dict):
     """deepspeed.initialize on an already-initialised process group (Ray Train set it up)."""
-    _use_venv_extension_cache()
+    _skip_inference_only_ops()
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
@@ -99,15 +99,3 @@ def consolidated_state_dict(engine) -> dict | None:
         return state if dist.get_rank() == 0 else None
     return engine.module.state_dict() if dist.get_rank() == 0 else None
 
-
-def prebuild_cpu_ops() -> None:
-    """JIT-build DeepSpeed's shared-memory comm op once (about a minute), at setup time rather
-    than inside the first training run. A no-op where the accelerator is not the CPU."""
-    _use_venv_extension_cache()
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu":
-        return
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None:
-        builder.load()
