@@ -7,7 +7,6 @@ augmented batch the student sees, so soft targets always match the student's vie
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import torch
