@@ -73,16 +73,91 @@ class SweepConfig(_Section):
 
 
 class TeacherConfig(_Section):
+    """The large model, trained with DeepSpeed ZeRO on Ray Train workers.
+
+    The DeepSpeed JSON config is built from these keys (sharding.deepspeed_config); rules
+    DeepSpeed would only enforce inside the workers are checked here, before any start.
+    """
+
     arch: str = Field("resnet10t", description="timm model name (built with pretrained=False)")
+    init_from: str | None = Field(
+        None, description="local safetensors file to initialise the teacher from (fine-tuning)"
+    )
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 3
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU"
+    )
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="ZeRO-Offload of optimizer state (GPU runs, ZeRO stage >= 1)"
+    )
+    offload_param: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="ZeRO-Infinity offload of parameters (GPU runs, ZeRO stage 3)"
+    )
+    nvme_path: str | None = Field(None, description="local NVMe folder for offload = nvme")
+    activation_checkpointing: bool = Field(
+        False, description="recompute activations in backward (timm's set_grad_checkpointing)"
+    )
     epochs: int = Field(5, ge=1)
-    batch_size: int = Field(64, ge=1, description="per worker")
+    batch_size: int = Field(64, ge=1, description="per worker, per micro-step")
+    global_batch_size: int | None = Field(
+        None, ge=1,
+        description="if set: batch_size x num_workers x grad_accum_steps must equal it "
+        "(batch_size is derived when not given)",
+    )
+    grad_accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 turns clipping off")
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="after warmup: cosine or linear decay, or constant"
+    )
     warmup_fraction: float = Field(0.1, ge=0, lt=1, description="share of steps with linear LR warmup")
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="save every rank's shard every N optimizer steps; 0: once per epoch"
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="keep the latest K checkpoints")
+    max_failures: int = Field(
+        3, ge=-1, description="worker failures to recover from (restart from the latest checkpoint); -1: no limit"
+    )
+
+    @model_validator(mode="after")
+    def _deepspeed_rules(self) -> "TeacherConfig":
+        if self.precision in ("bf16", "fp16") and not self.use_gpu:
+            raise ValueError(f"teacher.precision={self.precision} needs teacher.use_gpu; CPU workers train in fp32")
+        for key in ("offload_optimizer", "offload_param"):
+            if getattr(self, key) != "none" and not self.use_gpu:
+                raise ValueError(f"teacher.{key} moves state off the GPU: it needs teacher.use_gpu")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError("teacher.offload_param needs teacher.zero_stage=3 (only ZeRO-3 partitions parameters)")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("teacher.offload_optimizer needs teacher.zero_stage >= 1")
+        if "nvme" in (self.offload_optimizer, self.offload_param) and not self.nvme_path:
+            raise ValueError("offload to nvme needs teacher.nvme_path")
+        if self.global_batch_size is not None:
+            per_step = self.num_workers * self.grad_accum_steps
+            if self.global_batch_size % per_step:
+                raise ValueError(
+                    f"teacher.global_batch_size={self.global_batch_size} does not divide into "
+                    f"num_workers ({self.num_workers}) x grad_accum_steps ({self.grad_accum_steps})"
+                )
+            micro = self.global_batch_size // per_step
+            if "batch_size" not in self.model_fields_set:
+                object.__setattr__(self, "batch_size", micro)  # bypass validate_assignment recursion
+            elif self.batch_size != micro:
+                raise ValueError(
+                    f"teacher.batch_size={self.batch_size} x num_workers x grad_accum_steps is "
+                    f"{self.batch_size * per_step}, not teacher.global_batch_size={self.global_batch_size}"
+                )
+        return self
+
+    @property
+    def dtype_name(self) -> str:
+        if self.precision == "auto":
+            return "bf16" if self.use_gpu else "fp32"
+        return self.precision
 
 
 class StudentConfig(_Section):

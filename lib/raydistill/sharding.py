@@ -12,38 +12,77 @@ from torch import nn
 from raydistill.config import TeacherConfig
 
 
+_SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
+
+
+def _scheduler(tcfg: TeacherConfig, total_steps: int) -> dict:
+    warmup = max(1, int(total_steps * tcfg.warmup_fraction))  # DeepSpeed refuses 0
+    if tcfg.lr_schedule == "cosine":
+        params = {"total_num_steps": max(1, total_steps), "warmup_num_steps": warmup,
+                  "warmup_min_ratio": 0.01, "cos_min_ratio": 0.01}
+    else:
+        params = {"warmup_min_lr": 0.0, "warmup_max_lr": tcfg.lr, "warmup_num_steps": warmup,
+                  "warmup_type": "linear"}
+        if tcfg.lr_schedule == "linear":
+            params["total_num_steps"] = max(1, total_steps)
+    return {"type": _SCHEDULERS[tcfg.lr_schedule], "params": params}
+
+
+def _offload(device: str, nvme_path: str | None) -> dict:
+    out: dict = {"device": device, "pin_memory": True}
+    if device == "nvme":
+        out["nvme_path"] = nvme_path
+    return out
+
+
 def deepspeed_config(tcfg: TeacherConfig, world_size: int, total_steps: int) -> dict:
-    """The DeepSpeed JSON config for one teacher run (fp32 on CPU, bf16 on GPU)."""
-    warmup = int(total_steps * tcfg.warmup_fraction)
+    """The DeepSpeed JSON config for one teacher run (fp32 on CPU, bf16/fp16 on GPU)."""
     zero: dict = {"stage": tcfg.zero_stage}
     if tcfg.zero_stage == 3:
         # Partition every tensor: the default keeps tensors under 1e5 elements whole on each
         # rank, which for small conv nets would mean hardly anything is sharded.
         zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+    if tcfg.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(tcfg.offload_optimizer, tcfg.nvme_path)
+    if tcfg.offload_param != "none":
+        zero["offload_param"] = _offload(tcfg.offload_param, tcfg.nvme_path)
+    dtype = tcfg.dtype_name
     return {
         "train_micro_batch_size_per_gpu": tcfg.batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": tcfg.batch_size * world_size,
-        # torch's AdamW: no JIT-built fused op is needed on CPU.
+        "gradient_accumulation_steps": tcfg.grad_accum_steps,
+        "train_batch_size": tcfg.batch_size * tcfg.grad_accum_steps * world_size,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay, "torch_adam": True},
+            # torch's AdamW needs no JIT-built op; offloaded state uses DeepSpeed's CPU Adam,
+            # which is several times faster on the host than torch's.
+            "params": {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay,
+                       "torch_adam": tcfg.offload_optimizer == "none"},
         },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": max(1, total_steps),
-                "warmup_num_steps": warmup,
-                "warmup_min_ratio": 0.01,
-                "cos_min_ratio": 0.01,
-            },
-        },
-        "gradient_clipping": 1.0,
+        "scheduler": _scheduler(tcfg, total_steps),
+        "gradient_clipping": tcfg.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": tcfg.use_gpu},
+        "bf16": {"enabled": dtype == "bf16"},
+        # Dynamic loss scaling (loss_scale 0) keeps fp16 gradients from underflowing.
+        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def validate(ds_config: dict) -> None:
+    """Check our DeepSpeed config with DeepSpeed's own schema for the ZeRO section, in the
+    driver: a key DeepSpeed would reject fails here rather than in every worker."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**ds_config["zero_optimization"])
+    except ValidationError as err:
+        raise ValueError(f"DeepSpeed rejects the ZeRO config: {err.errors()[0]['msg']}") from None
+
+
+def torch_dtype(tcfg: TeacherConfig) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.dtype_name]
 
 
 def _skip_inference_only_ops() -> None:

@@ -1,0 +1,170 @@
+"""Resumable teacher checkpoints in safetensors: every ZeRO-3 rank writes its own shard.
+
+DeepSpeed's own save_checkpoint writes pickles (torch.save) and reads them back with
+weights_only=False, and our contract is that nothing is ever loaded with pickle. So each rank
+writes the tensors it owns through DeepSpeed's tensor-fragment API (the documented way to read
+and write ZeRO-partitioned parameters and optimizer state), and rank 0 writes the counters as
+JSON. Ray Train gathers every rank's files into one checkpoint folder.
+
+Layout of one checkpoint folder:
+    state.json                    step, restarts, world size, ZeRO stage, LR-scheduler state
+    shard-rank00000.safetensors   fp32 master weights, Adam moments and buffers of rank 0
+    shard-rank00001.safetensors   ... of rank 1 (ZeRO-3 only: below stage 3 rank 0 holds all)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "state.json"
+ADAM_STATE = ("exp_avg", "exp_avg_sq")
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint written by a differently sharded run: it cannot be loaded here."""
+
+
+def shard_file(rank: int) -> str:
+    return f"shard-rank{rank:05d}.safetensors"
+
+
+def _writes_shard(engine, rank: int) -> bool:
+    return engine.zero_optimization_stage() == 3 or rank == 0
+
+
+def _inner_optimizer(engine):
+    """The torch (or DeepSpeed CPU) Adam that owns the step counters."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _param_tensors(engine) -> dict[str, torch.Tensor]:
+    """fp32 master weights and Adam moments this rank must save (a collective below ZeRO-3)."""
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_full_optimizer_state,
+        safe_get_local_fp32_param,
+        safe_get_local_optimizer_state,
+    )
+
+    stage = engine.zero_optimization_stage()
+    out: dict[str, torch.Tensor] = {}
+    for name, p in engine.module.named_parameters():
+        if stage == 3:
+            get_param, get_state = safe_get_local_fp32_param, safe_get_local_optimizer_state
+        elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2, or bf16 without ZeRO: fragments of a flat buffer
+            get_param, get_state = safe_get_full_fp32_param, safe_get_full_optimizer_state
+        else:  # fp32 without ZeRO: the plain torch optimizer owns the parameter
+            state = _inner_optimizer(engine).state.get(p, {})
+            get_param = lambda q: q.detach()  # noqa: E731
+            get_state = lambda q, key: state.get(key)  # noqa: E731
+        out[f"param/{name}"] = get_param(p)
+        for key in ADAM_STATE:
+            out[f"{key}/{name}"] = get_state(p, key)
+    return {k: v.detach().float().cpu().contiguous() for k, v in out.items() if v is not None}
+
+
+def _optimizer_step(engine) -> int:
+    for state in _inner_optimizer(engine).state.values():
+        step = state.get("step")
+        if step is not None:
+            return int(step.item() if torch.is_tensor(step) else step)
+    return 0
+
+
+def save(engine, directory: Path, *, rank: int, world_size: int, step: int, counters: dict) -> None:
+    """Write this rank's part of a checkpoint into `directory` (every rank must call this)."""
+    tensors = _param_tensors(engine)
+    # Buffers (BatchNorm statistics) are replicated, not partitioned: each shard carries them.
+    tensors.update({f"buffer/{n}": b.detach().cpu().contiguous() for n, b in engine.module.named_buffers()})
+    if rank == 0:
+        scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+        state = {"step": step, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
+                 "optimizer_step": _optimizer_step(engine), "lr_scheduler": scheduler,
+                 "lr": [group["lr"] for group in engine.optimizer.param_groups], **counters}
+        (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
+    if _writes_shard(engine, rank):
+        save_file(tensors, str(directory / shard_file(rank)))
+
+
+def read_state(directory: Path) -> dict:
+    return json.loads((directory / STATE_FILE).read_text())
+
+
+def load(engine, directory: Path, *, rank: int, world_size: int) -> dict:
+    """Restore weights, Adam moments, step counters and LR schedule; returns state.json."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    state = read_state(directory)
+    stage = engine.zero_optimization_stage()
+    _ensure_optimizer_state(engine)
+    if state["zero_stage"] != stage or (stage == 3 and state["world_size"] != world_size):
+        raise CheckpointMismatch(
+            f"checkpoint {directory} was written by {state['world_size']} ranks with ZeRO-{state['zero_stage']}; "
+            f"this run has {world_size} ranks with ZeRO-{stage}: start a new run name to train from scratch"
+        )
+    tensors = load_file(str(directory / shard_file(rank if stage == 3 else 0)))
+    for name, p in engine.module.named_parameters():
+        saved = {key: tensors.get(f"{key}/{name}") for key in ("param", *ADAM_STATE)}
+        if stage == 3:
+            _set_local(engine, p, saved)
+        elif hasattr(p, "_hp_mapping"):
+            safe_set_full_fp32_param(p, saved["param"].to(p.device))
+            for key in ADAM_STATE:
+                if saved[key] is not None:
+                    safe_set_full_optimizer_state(p, saved[key].to(p.device), key)
+        else:
+            p.data.copy_(saved["param"])
+            for key in ADAM_STATE:
+                _inner_optimizer(engine).state[p][key].copy_(saved[key])
+    if stage != 3 and hasattr(engine.optimizer, "update_lp_params"):
+        engine.optimizer.update_lp_params()  # the 16-bit working copies follow the fp32 masters
+    for name, buf in engine.module.named_buffers():
+        buf.data.copy_(tensors[f"buffer/{name}"])
+    _restore_counters(engine, state)
+    return state
+
+
+def _ensure_optimizer_state(engine) -> None:
+    """Adam creates its moments on the first step; a restore needs somewhere to put them."""
+    inner = _inner_optimizer(engine)
+    torch_adam = isinstance(inner, torch.optim.Adam | torch.optim.AdamW)
+    # ZeRO-3 hands its flat fp32 partitions to the optimizer only for the length of a step.
+    owners = [p for group in inner.param_groups for p in group["params"]]
+    owners += getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])
+    for p in owners:
+        if not inner.state.get(p):
+            inner.state[p] = {"step": torch.tensor(0.0) if torch_adam else 0,  # CPU Adam counts in ints
+                              "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    # ZeRO-1/2 and bf16 link each parameter's view of the moments only once they exist.
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
+
+
+def _set_local(engine, p, saved: dict) -> None:
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    safe_set_local_fp32_param(p, saved["param"].to(p.ds_tensor.device))
+    # The working partition (what forward gathers) is a separate copy of the fp32 master.
+    p.ds_tensor.data.copy_(saved["param"].to(p.ds_tensor.dtype))
+    for key in ADAM_STATE:
+        if saved[key] is not None:
+            safe_set_local_optimizer_state(p, saved[key].to(p.ds_tensor.device), key)
+
+
+def _restore_counters(engine, state: dict) -> None:
+    for opt_state in _inner_optimizer(engine).state.values():
+        if "step" in opt_state:
+            step = opt_state["step"]
+            opt_state["step"] = torch.full_like(step, state["optimizer_step"]) if torch.is_tensor(step) \
+                else state["optimizer_step"]
+    if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    # A scheduler's state sets the *next* learning rate; the one the next step uses is restored here.
+    for group, lr in zip(engine.optimizer.param_groups, state["lr"]):
+        group["lr"] = lr
+    engine.global_steps = state["step"]
