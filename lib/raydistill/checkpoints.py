@@ -18,14 +18,15 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "state.json"
 ADAM_STATE = ("exp_avg", "exp_avg_sq")
 
 
-class CheckpointMismatch(RuntimeError):
-    """A checkpoint written by a differently sharded run: it cannot be loaded here."""
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded here: unreadable, or written by a differently sharded run."""
 
 
 def shard_file(rank: int) -> str:
@@ -91,7 +92,10 @@ def save(engine, directory: Path, *, rank: int, world_size: int, step: int, coun
 
 
 def read_state(directory: Path) -> dict:
-    return json.loads((directory / STATE_FILE).read_text())
+    try:
+        return json.loads((directory / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {directory} has no readable {STATE_FILE} ({err})") from None
 
 
 def load(engine, directory: Path, *, rank: int, world_size: int) -> dict:
@@ -100,13 +104,17 @@ def load(engine, directory: Path, *, rank: int, world_size: int) -> dict:
 
     state = read_state(directory)
     stage = engine.zero_optimization_stage()
-    _ensure_optimizer_state(engine)
     if state["zero_stage"] != stage or (stage == 3 and state["world_size"] != world_size):
-        raise CheckpointMismatch(
+        raise CheckpointError(
             f"checkpoint {directory} was written by {state['world_size']} ranks with ZeRO-{state['zero_stage']}; "
             f"this run has {world_size} ranks with ZeRO-{stage}: start a new run name to train from scratch"
         )
-    tensors = load_file(str(directory / shard_file(rank if stage == 3 else 0)))
+    path = directory / shard_file(rank if stage == 3 else 0)
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"checkpoint shard {path} is unreadable ({err})") from None
+    _ensure_optimizer_state(engine)
     for name, p in engine.module.named_parameters():
         saved = {key: tensors.get(f"{key}/{name}") for key in ("param", *ADAM_STATE)}
         if stage == 3:

@@ -80,9 +80,6 @@ class TeacherConfig(_Section):
     """
 
     arch: str = Field("resnet10t", description="timm model name (built with pretrained=False)")
-    init_from: str | None = Field(
-        None, description="local safetensors file to initialise the teacher from (fine-tuning)"
-    )
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
@@ -99,6 +96,9 @@ class TeacherConfig(_Section):
     nvme_path: str | None = Field(None, description="local NVMe folder for offload = nvme")
     activation_checkpointing: bool = Field(
         False, description="recompute activations in backward (timm's set_grad_checkpointing)"
+    )
+    init_from: str | None = Field(
+        None, description="local safetensors file to initialise the teacher from (fine-tuning)"
     )
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1, description="per worker, per micro-step")

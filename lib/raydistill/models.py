@@ -41,14 +41,65 @@ def build_network(spec: ModelSpec) -> nn.Module:
     """A timm model with random init (pretrained=False: nothing is downloaded)."""
     import timm
 
+    kwargs = dict(pretrained=False, num_classes=spec.num_classes, in_chans=spec.input_shape[0])
     try:
-        return timm.create_model(
-            spec.arch, pretrained=False, num_classes=spec.num_classes, in_chans=spec.input_shape[0]
-        )
+        try:  # transformers are built for the input size; convnets take any size and refuse the kwarg
+            return timm.create_model(spec.arch, img_size=spec.image_size, **kwargs)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+            return timm.create_model(spec.arch, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ValueError(f"unknown timm architecture '{spec.arch}' (see timm.list_models())") from None
         raise
+
+
+def describe_network(spec: ModelSpec) -> dict:
+    """Parameter count and parameter shapes, from a model built on the meta device: checks a
+    teacher of any size in the driver without allocating its weights."""
+    with torch.device("meta"):
+        net = build_network(spec)
+    shapes = {name: tuple(p.shape) for name, p in net.state_dict().items()}
+    return {"params": count_params(net), "shapes": shapes,
+            "grad_checkpointing": _supports_grad_checkpointing(net)}
+
+
+def _supports_grad_checkpointing(net: nn.Module) -> bool:
+    try:
+        net.set_grad_checkpointing(True)
+    except (AttributeError, AssertionError, NotImplementedError):
+        return False
+    return True
+
+
+def init_file_matches(path: str, shapes: dict[str, tuple]) -> set[str]:
+    """Names in a local safetensors file whose shapes match the model's (header only: cheap
+    for a file of any size). Refuses an unreadable file or one that matches nothing."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            given = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"teacher.init_from {path}: not a readable safetensors file ({err})") from None
+    matching = {k for k, shape in given.items() if shapes.get(k) == shape}
+    if not matching:
+        raise ValueError(f"teacher.init_from {path}: no tensor matches the model's names and shapes")
+    return matching
+
+
+def load_matching(net: nn.Module, path: str) -> list[str]:
+    """Initialise from a local safetensors file (a model the user brings): every tensor whose
+    name and shape match is loaded; the rest (typically a classifier head for another number
+    of classes) keeps its fresh init and is returned. Nothing is pickled."""
+    from safetensors.torch import load_file
+
+    own = net.state_dict()
+    matching = init_file_matches(path, {k: tuple(v.shape) for k, v in own.items()})
+    given = load_file(path)
+    net.load_state_dict({k: given[k] for k in matching}, strict=False)
+    return sorted(set(own) - matching)
 
 
 def count_params(model: nn.Module) -> int:
@@ -85,14 +136,20 @@ class Classifier(nn.Module):
 
 
 @torch.no_grad()
+def predict_logits(net: nn.Module, images: np.ndarray, image_size: int, batch: int = 256) -> torch.Tensor:
+    """Logits of a network on uint8 (N, C, H, W) images, in eval mode."""
+    net.eval()
+    out = [net(to_model_input(torch.from_numpy(images[i : i + batch]).float() / 255.0, image_size))
+           for i in range(0, len(images), batch)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
 def accuracy(net: nn.Module, images: np.ndarray, labels: np.ndarray, image_size: int, batch: int = 256) -> float:
     """Top-1 accuracy of a network on uint8 (N, C, H, W) images."""
-    net.eval()
-    correct = 0
-    for i in range(0, len(labels), batch):
-        x = to_model_input(torch.from_numpy(images[i : i + batch]).float() / 255.0, image_size)
-        correct += int((net(x).argmax(1).numpy() == labels[i : i + batch]).sum())
-    return correct / max(1, len(labels))
+    if len(labels) == 0:
+        return 0.0
+    predicted = predict_logits(net, images, image_size, batch).argmax(1).numpy()
+    return float((predicted == labels).mean())
 
 
 @torch.no_grad()

@@ -223,6 +223,10 @@ def run_stages(cfg: Config, storage: str, name: str, stages: tuple[str, ...] = P
                                ("deploy", "student", "student/student.safetensors")):
         if stage in stages and needs not in stages:
             _verify(run, needs, run.root / path)
+    if "teacher" in stages:
+        from raydistill.training import check_teacher, teacher_spec
+
+        check_teacher(cfg, teacher_spec(cfg, data), len(data.train))
     started = connect_ray()
     summaries: dict = {}
     try:

@@ -13,7 +13,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 from raydistill.config import Config
+from raydistill.models import predict_logits
 
 
 @dataclass(frozen=True)
@@ -22,16 +26,17 @@ class StepPlan:
 
     epochs: int
     steps_per_epoch: int
+    accum: int = 1  # micro-batches per optimizer step
 
     @classmethod
-    def of(cls, n_train: int, world_size: int, batch_size: int, epochs: int) -> "StepPlan":
-        per_epoch = n_train // (world_size * batch_size)
+    def of(cls, n_train: int, world_size: int, batch_size: int, epochs: int, accum: int = 1) -> "StepPlan":
+        per_epoch = n_train // (world_size * batch_size * accum)
         if per_epoch < 1:
             raise ValueError(
-                f"{n_train} training rows cannot fill one batch of {batch_size} on each of "
-                f"{world_size} workers: lower batch_size or num_workers"
+                f"{n_train} training rows cannot fill one step of {batch_size} x {accum} micro-batches "
+                f"on each of {world_size} workers: lower batch_size, grad_accum_steps or num_workers"
             )
-        return cls(epochs=epochs, steps_per_epoch=per_epoch)
+        return cls(epochs=epochs, steps_per_epoch=per_epoch, accum=accum)
 
     @property
     def total_steps(self) -> int:
@@ -39,43 +44,71 @@ class StepPlan:
 
     def rows_per_epoch(self, world_size: int, batch_size: int) -> int:
         """Rows one epoch streams: exactly the full batches all workers consume."""
-        return self.steps_per_epoch * world_size * batch_size
+        return self.steps_per_epoch * self.accum * world_size * batch_size
 
 
-def stream_batches(shard, batch_size: int, total_steps: int, device):
-    """(step, images, labels) from a Ray Data shard, stopping at exactly total_steps."""
+def stream_batches(shard, batch_size: int, total_steps: int, device, skip: int = 0):
+    """(step, images, labels) from a Ray Data shard, stopping at exactly total_steps.
+
+    `skip` batches are drawn and dropped first: a run resumed from a checkpoint at step k
+    consumes the same stream (augmentation is seeded per epoch and row) and continues at k+1.
+    """
     step = 0
     batches = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2)
     for batch in batches:
         if step >= total_steps:
             break
         step += 1
-        yield step, batch["image"].to(device), batch["label"].to(device)
+        if step > skip:
+            yield step, batch["image"].to(device), batch["label"].to(device)
 
 
 class EpochLog:
-    """Per-epoch progress line on rank 0: loss, accuracy, samples/s, ETA."""
+    """Progress on rank 0: a line per epoch (loss, accuracy, samples/s, ETA) on stdout, the
+    same scalars in TensorBoard (when given a log dir) and as Ray metrics for the dashboard."""
 
-    def __init__(self, stage: str, plan: StepPlan, global_batch: int, rank: int):
+    def __init__(self, stage: str, plan: StepPlan, global_batch: int, rank: int,
+                 start_step: int = 0, tb_dir: str | None = None):
         self.stage, self.plan, self.global_batch, self.rank = stage, plan, global_batch, rank
+        self.start_step = start_step
         self.start = time.perf_counter()
+        self.tb = self.gauges = None
+        if rank == 0 and tb_dir:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(tb_dir)
+        if rank == 0:
+            from ray.util.metrics import Gauge
+
+            self.gauges = {}
+            self._gauge = lambda name: self.gauges.setdefault(name, Gauge(
+                f"raydistill_{stage}_{name}", description=f"{stage} {name} (rank 0)"))
 
     def samples_per_s(self, step: int) -> float:
-        return step * self.global_batch / max(1e-9, time.perf_counter() - self.start)
+        return (step - self.start_step) * self.global_batch / max(1e-9, time.perf_counter() - self.start)
+
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            # Not print(): Train V2 patches it in workers to print *and* log, doubling each line.
+            sys.stdout.write(f"[{self.stage}] {text}\n")
+            sys.stdout.flush()
 
     def line(self, step: int, metrics: dict) -> None:
         if self.rank != 0:
             return
-        epoch = step // self.plan.steps_per_epoch
+        epoch = -(-step // self.plan.steps_per_epoch)
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / step * (self.plan.total_steps - step)
+        eta = elapsed / max(1, step - self.start_step) * (self.plan.total_steps - step)
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        # Not print(): Train V2 patches it in workers to print *and* log, doubling each line.
-        sys.stdout.write(
-            f"[{self.stage}] epoch {epoch}/{self.plan.epochs} step {step}/{self.plan.total_steps} "
-            f"{shown} samples/s {self.samples_per_s(step):.0f} eta {eta:.0f}s\n"
-        )
-        sys.stdout.flush()
+        speed = self.samples_per_s(step)
+        self.say(f"epoch {epoch}/{self.plan.epochs} step {step}/{self.plan.total_steps} "
+                 f"{shown} samples/s {speed:.0f} eta {eta:.0f}s")
+        for name, value in {**metrics, "samples_per_s": speed}.items():
+            self._gauge(name).set(float(value))
+            if self.tb is not None:
+                self.tb.add_scalar(f"{self.stage}/{name}", float(value), step)
+        if self.tb is not None:
+            self.tb.flush()
 
 
 def set_threads(cpus: float) -> None:
@@ -84,9 +117,9 @@ def set_threads(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
-def _trainer(loop, loop_config: dict, stage_cfg, datasets: dict, storage: Path, name: str):
+def _trainer(loop, loop_config: dict, stage_cfg, datasets: dict, run_config):
     """A TorchTrainer (Train V2): gloo on CPU, NCCL on GPU."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
@@ -98,7 +131,7 @@ def _trainer(loop, loop_config: dict, stage_cfg, datasets: dict, storage: Path, 
             resources_per_worker={"CPU": stage_cfg.cpus_per_worker},
         ),
         datasets=datasets,
-        run_config=RunConfig(name=name, storage_path=str(storage)),
+        run_config=run_config,
     )
 
 
@@ -115,33 +148,44 @@ def _fit(trainer, stage: str):
     return result
 
 
-def train_on_ray(stage: str, worker, cfg: Config, data, spec, out_dir: Path, extra: dict | None = None):
+def train_on_ray(stage: str, worker, cfg: Config, data, spec, out_dir: Path, extra: dict | None = None,
+                 *, max_failures: int = 0, keep_checkpoints: int = 1, files: tuple[str, ...] = ()):
     """Run `worker` on Ray Train over the stage's stream of augmented views.
 
-    The worker saves `<stage>.safetensors` into its final checkpoint; this copies it to
-    out_dir and returns (final metrics of rank 0, the trained plain network, seconds).
+    Ray Train keeps the run under out_dir/ray/<stage>-<config hash>: rerunning the same config
+    finds its checkpoints (Train V2 restores a run with the same name and storage), a changed
+    config starts afresh. The worker saves `<stage>.safetensors` (and any `files`) into its
+    final checkpoint; they are copied to out_dir. Returns (final metrics of rank 0, the trained
+    plain network, seconds).
     """
     import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     from raydistill.artifacts import load_weights
     from raydistill.data import train_stream
-    from raydistill.models import build_network
+    from raydistill.models import build_network, describe_network
 
     stage_cfg = getattr(cfg, stage)
-    build_network(spec)  # fail fast on an unknown arch, before any worker starts
-    plan = StepPlan.of(len(data.train), stage_cfg.num_workers, stage_cfg.batch_size, stage_cfg.epochs)
+    describe_network(spec)  # an unknown arch fails here, before any worker starts
+    plan = StepPlan.of(len(data.train), stage_cfg.num_workers, stage_cfg.batch_size, stage_cfg.epochs,
+                       getattr(stage_cfg, "grad_accum_steps", 1))
     loop_config = {
         "cfg": cfg.model_dump(mode="json"), "spec": spec.__dict__, "plan": plan.__dict__,
         "eval": ray.put(((data.val.images, data.val.labels), data.train.images)), **(extra or {}),
     }
-    stream = train_stream(cfg, data.train, stage_cfg.epochs,
-                          plan.rows_per_epoch(stage_cfg.num_workers, stage_cfg.batch_size))
-    trainer = _trainer(worker, loop_config, stage_cfg, {"train": stream}, out_dir / "ray", stage)
+    stream = train_stream(cfg, data.train, stage_cfg.epochs, plan.rows_per_epoch(stage_cfg.num_workers, stage_cfg.batch_size))
+    run_config = RunConfig(
+        name=f"{stage}-{cfg.stage_digest(stage)}", storage_path=str((out_dir / "ray").resolve()),
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+    )
+    trainer = _trainer(worker, loop_config, stage_cfg, {"train": stream}, run_config)
     start = time.perf_counter()
     result = _fit(trainer, stage)
     elapsed = time.perf_counter() - start
-    path = _copy_from_checkpoint(result, f"{stage}.safetensors", out_dir / f"{stage}.safetensors")
-    state, _ = load_weights(path)
+    for name in (f"{stage}.safetensors", *files):
+        _copy_from_checkpoint(result, name, out_dir / name)
+    state, _ = load_weights(out_dir / f"{stage}.safetensors")
     net = build_network(spec)
     net.load_state_dict(state)
     return result.metrics, net, elapsed
@@ -159,61 +203,140 @@ def _copy_from_checkpoint(result, filename: str, dest: Path) -> Path:
 
 # ---- teacher --------------------------------------------------------------------------
 
+PROBE_FILE = "export_probe.safetensors"
+
+
+def _teacher_network(cfg: Config, spec):
+    from raydistill.models import build_network, load_matching
+
+    torch.manual_seed(cfg.seed)  # identical init on every rank before ZeRO partitions it
+    net = build_network(spec)
+    if cfg.teacher.init_from:
+        load_matching(net, cfg.teacher.init_from)
+    if cfg.teacher.activation_checkpointing:
+        net.set_grad_checkpointing(True)
+    return net
+
+
+def _restore(engine, log: EpochLog, counters: dict, rank: int, world: int) -> int:
+    """Continue from the latest checkpoint, if any: returns the step it was taken at.
+
+    A checkpoint written under this same fit() means a worker died and Ray Train restarted the
+    group (a restart); one from an earlier fit() means the driver was stopped and rerun."""
+    import ray.train
+
+    from raydistill import checkpoints
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        state = checkpoints.load(engine, Path(directory), rank=rank, world_size=world)
+    same_fit = state["fit_id"] == counters["fit_id"]
+    counters.update(restarts=state["restarts"] + same_fit, resumes=state["resumes"] + (not same_fit))
+    log.say(f"{'restarted after a worker failure' if same_fit else 'resumed'} from the checkpoint at "
+            f"step {state['step']}/{log.plan.total_steps}")
+    return state["step"]
+
+
+def _report(metrics: dict, engine=None, step: int = 0, counters: dict | None = None, rank_files=None) -> None:
+    """ray.train.report from every rank; with an engine, each rank adds its checkpoint shard
+    (and rank 0 any `rank_files(dir)` it writes) to one Ray Train checkpoint."""
+    import ray.train
+
+    from raydistill import checkpoints
+
+    if engine is None:
+        ray.train.report(metrics)
+        return
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoints.save(engine, Path(tmp), rank=rank, world_size=world, step=step, counters=counters)
+        if rank == 0 and rank_files is not None:
+            rank_files(Path(tmp))
+        has_files = any(Path(tmp).iterdir())
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
+
 
 def teacher_worker(loop_config: dict) -> None:
-    """One Ray Train worker: ZeRO engine, streamed batches, per-epoch val accuracy."""
+    """One Ray Train worker: ZeRO engine, streamed batches, per-epoch val accuracy, sharded
+    checkpoints every N steps, and a consolidated export at the end."""
     import ray
     import ray.train
     import ray.train.torch
-    import torch
     import torch.nn.functional as F
 
     from raydistill import sharding
     from raydistill.artifacts import save_weights
-    from raydistill.models import ModelSpec, accuracy, build_network, recalibrate_batchnorm
+    from raydistill.models import ModelSpec, accuracy, recalibrate_batchnorm
 
     cfg = Config.model_validate(loop_config["cfg"])
+    tcfg = cfg.teacher
     spec = ModelSpec(**loop_config["spec"])
     plan = StepPlan(**loop_config["plan"])
     (val_images, val_labels), train_images = ray.get(loop_config["eval"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    set_threads(cfg.teacher.cpus_per_worker)
+    set_threads(tcfg.cpus_per_worker)
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)  # identical init on every rank before ZeRO partitions it
+    dtype = sharding.torch_dtype(tcfg)
 
-    engine = sharding.wrap(build_network(spec), sharding.deepspeed_config(cfg.teacher, world, plan.total_steps))
+    engine = sharding.wrap(_teacher_network(cfg, spec), sharding.deepspeed_config(tcfg, world, plan.total_steps))
     per_rank = sharding.gather_counts(sharding.local_param_count(engine))
-    log = EpochLog("teacher", plan, cfg.teacher.batch_size * world, rank)
+    counters = {"fit_id": loop_config["fit_id"], "restarts": 0, "resumes": 0}
+    log = EpochLog("teacher", plan, tcfg.batch_size * tcfg.grad_accum_steps * world, rank,
+                   tb_dir=loop_config.get("tb_dir"))
+    start_step = _restore(engine, log, counters, rank, world)
+    log.start_step = start_step
+    every = tcfg.checkpoint_every_steps
+    adapter = _EvalAdapter(engine, dtype, device)
+
     shard = ray.train.get_dataset_shard("train")
-    loss_sum, seen, step = 0.0, 0, 0
-    dtype = torch.bfloat16 if cfg.teacher.use_gpu else torch.float32
-    for step, x, y in stream_batches(shard, cfg.teacher.batch_size, plan.total_steps, device):
+    loss_sum, seen = 0.0, 0
+    micro_steps = stream_batches(shard, tcfg.batch_size, plan.total_steps * plan.accum, device,
+                                 skip=start_step * plan.accum)
+    for micro, x, y in micro_steps:
         engine.train()
         loss = F.cross_entropy(engine(x.to(dtype)).float(), y)
         engine.backward(loss)
-        engine.step()
+        engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
         loss_sum, seen = loss_sum + loss.item(), seen + 1
-        if step % plan.steps_per_epoch == 0 or step == plan.total_steps:
+        if micro % plan.accum:
+            continue
+        step = micro // plan.accum
+        epoch_end = step % plan.steps_per_epoch == 0 or step == plan.total_steps
+        # The final step's checkpoint is the export below; between, every N steps (or epoch).
+        save = step < plan.total_steps and (step % every == 0 if every else epoch_end)
+        metrics = {"step": step, "epoch": -(-step // plan.steps_per_epoch)}
+        if epoch_end:
             # Every rank runs the same forwards here: ZeRO-3 gathers parameters collectively.
-            adapter = _EvalAdapter(engine, dtype, device)
             recalibrate_batchnorm(engine.module, train_images, spec.image_size, forward=adapter)
-            val_acc = accuracy(adapter, val_images, val_labels, spec.image_size)
-            metrics = {"loss": loss_sum / seen, "val_accuracy": val_acc}
-            log.line(step, metrics)
-            ray.train.report({**metrics, "epoch": step // plan.steps_per_epoch, "step": step,
-                              "samples_per_s": log.samples_per_s(step)})
+            shown = {"loss": loss_sum / seen, "val_accuracy": accuracy(adapter, val_images, val_labels, spec.image_size)}
+            log.line(step, shown)
+            metrics.update(shown, samples_per_s=log.samples_per_s(step))
             loss_sum, seen = 0.0, 0
+        if save:
+            _report(metrics, engine, step, counters)
+            log.say(f"checkpoint at step {step} (every rank's shard; latest {tcfg.keep_checkpoints} kept)")
+        elif epoch_end:
+            _report(metrics)
 
+    # Export: gathered full weights, and the engine's own logits on a probe batch so the
+    # driver can check that the plain model reproduces the sharded one.
     state = sharding.consolidated_state_dict(engine)
-    final = {"steps": step, "samples_per_s": log.samples_per_s(max(step, 1)), "params_per_rank": per_rank,
-             "params_total": sharding.full_param_count(engine)}
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            save_weights(Path(tmp) / "teacher.safetensors", state, spec.to_meta())
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(final, checkpoint=checkpoint)
+    recalibrate_batchnorm(engine.module, train_images, spec.image_size, forward=adapter)
+    probe_images = val_images[:64]
+    probe_logits = predict_logits(adapter, probe_images, spec.image_size)
+
+    def export(directory: Path) -> None:
+        save_weights(directory / "teacher.safetensors", state, spec.to_meta())
+        save_file({"images": torch.from_numpy(probe_images), "logits": probe_logits}, str(directory / PROBE_FILE))
+
+    final = {"steps": plan.total_steps, "samples_per_s": log.samples_per_s(plan.total_steps),
+             "params_per_rank": per_rank, "params_total": sharding.full_param_count(engine),
+             "restarts": counters["restarts"], "resumes": counters["resumes"], "resumed_from_step": start_step}
+    _report(final, engine, plan.total_steps, counters, rank_files=export)
 
 
 class _EvalAdapter:
@@ -229,23 +352,75 @@ class _EvalAdapter:
         return self.engine(x.to(self.device, self.dtype)).float().cpu()
 
 
-def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
-    """Train the teacher on the cluster; write teacher.safetensors and return its summary."""
-    from raydistill.models import ModelSpec, accuracy
+def teacher_spec(cfg: Config, data):
+    from raydistill.models import ModelSpec
+
+    return ModelSpec(cfg.teacher.arch, data.num_classes, data.input_shape, cfg.data.image_size)
+
+
+def check_teacher(cfg: Config, spec, n_train: int) -> dict:
+    """Everything about a teacher run that can be refused before a worker starts."""
+    from raydistill import sharding
+    from raydistill.models import describe_network, init_file_matches
 
     tcfg = cfg.teacher
-    spec = ModelSpec(tcfg.arch, data.num_classes, data.input_shape, cfg.data.image_size)
-    metrics, net, elapsed = train_on_ray("teacher", teacher_worker, cfg, data, spec, out_dir)
+    info = describe_network(spec)  # meta device: a 1B-parameter teacher costs no memory here
+    if tcfg.activation_checkpointing and not info["grad_checkpointing"]:
+        raise ValueError(f"teacher.activation_checkpointing: timm's {tcfg.arch} does not support it")
+    if tcfg.init_from:
+        if not Path(tcfg.init_from).is_file():
+            raise ValueError(f"teacher.init_from {tcfg.init_from}: no such file")
+        init_file_matches(tcfg.init_from, info["shapes"])
+    plan = StepPlan.of(n_train, tcfg.num_workers, tcfg.batch_size, tcfg.epochs, tcfg.grad_accum_steps)
+    sharding.validate(sharding.deepspeed_config(tcfg, tcfg.num_workers, plan.total_steps))
+    return info
+
+
+def export_check(net, probe_path: Path, image_size: int, dtype_name: str) -> dict:
+    """The consolidated weights in a plain torch model against the sharded engine's logits."""
+    from safetensors.torch import load_file
+
+    probe = load_file(str(probe_path))
+    logits = predict_logits(net, probe["images"].numpy(), image_size)
+    diff = float((logits - probe["logits"]).abs().max())
+    # fp32 matches to rounding; 16-bit engines compute in bf16/fp16, the plain model in fp32.
+    tolerance = 1e-4 if dtype_name == "fp32" else 0.05 * max(1.0, float(probe["logits"].abs().max()))
+    if diff > tolerance:
+        raise RuntimeError(
+            f"the consolidated teacher does not reproduce the sharded engine: logits differ by {diff:.3g} "
+            f"(tolerance {tolerance:.3g})"
+        )
+    return {"max_abs_logit_diff": diff, "tolerance": tolerance, "probe_images": int(len(logits))}
+
+
+def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
+    """Train the teacher on the cluster; write teacher.safetensors and return its summary."""
+    import uuid
+
+    from raydistill.models import accuracy
+
+    tcfg = cfg.teacher
+    spec = teacher_spec(cfg, data)
+    check_teacher(cfg, spec, len(data.train))
+    extra = {"fit_id": uuid.uuid4().hex, "tb_dir": str((out_dir / "tensorboard").resolve())}
+    metrics, net, elapsed = train_on_ray(
+        "teacher", teacher_worker, cfg, data, spec, out_dir, extra,
+        max_failures=tcfg.max_failures, keep_checkpoints=tcfg.keep_checkpoints, files=(PROBE_FILE,),
+    )
     return {
         "arch": tcfg.arch,
         "params_total": int(metrics["params_total"]),
         "params_per_rank": [int(v) for v in metrics["params_per_rank"]],
         "zero_stage": tcfg.zero_stage,
         "world_size": tcfg.num_workers,
+        "precision": tcfg.dtype_name,
         "steps": int(metrics["steps"]),
         "epochs": tcfg.epochs,
-        "restarts": 0,
+        "restarts": int(metrics["restarts"]),
+        "resumes": int(metrics["resumes"]),
+        "resumed_from_step": int(metrics["resumed_from_step"]),
         "accuracy": accuracy(net, data.test.images, data.test.labels, spec.image_size),
+        "export_check": export_check(net, out_dir / PROBE_FILE, spec.image_size, tcfg.dtype_name),
         "samples_per_s": float(metrics["samples_per_s"]),
         "lr": tcfg.lr,
         "weight_decay": tcfg.weight_decay,
