@@ -1,0 +1,151 @@
+"""The sharded teacher on a real local Ray: ZeRO-3 over 2 gloo workers, a worker SIGKILLed
+mid-run, a driver stopped and rerun, the consolidated export, and refusals before any start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from raydistill import pipeline
+from raydistill.config import load_config
+from raydistill.models import ModelSpec, build_network, load_matching
+from raydistill.training import StepPlan
+
+from conftest import BIN, REPO
+
+# 2 epochs of 9 steps on the digits' 1,258 training rows; a checkpoint every 3 steps.
+QUICK = ["teacher.epochs=2", "teacher.checkpoint_every_steps=3", "teacher.keep_checkpoints=2"]
+TOTAL_STEPS = StepPlan.of(1258, 2, 64, 2).total_steps
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("teacher/ray/teacher-*/checkpoint_*") if p.is_dir())
+
+
+def _train_workers() -> list[int]:
+    """Pids of the Ray Train workers of the Ray this test process started (its descendants)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()[:1]).startswith("ray::RayTrainWorker"):
+                found.append(proc.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
+    # Two checkpoint folders: the first one is then surely registered with Ray Train (a folder
+    # appears while its files upload, before the report that registers it).
+    deadline = time.time() + 300
+    while time.time() < deadline and len(_checkpoints(run_dir)) < 2:
+        time.sleep(0.2)
+    workers = _train_workers()
+    if workers:
+        os.kill(workers[-1], signal.SIGKILL)
+        killed.append(workers[-1])
+
+
+def test_worker_killed_mid_run_recovers_from_its_checkpoint(tmp_path):
+    cfg = load_config(REPO / "configs" / "demo.yaml", QUICK)
+    killed: list = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(tmp_path / "kill", killed))
+    killer.start()
+    summary = pipeline.run_stages(cfg, str(tmp_path), "kill", ("teacher",))["teacher"]
+    killer.join()
+
+    assert killed, "no Ray Train worker was found to kill"
+    assert summary["restarts"] >= 1
+    assert summary["steps"] == TOTAL_STEPS  # the same count as an uninterrupted run
+    # ZeRO-3 over 2 ranks: each holds about half of the parameters.
+    per_rank, total = summary["params_per_rank"], summary["params_total"]
+    assert len(per_rank) == 2 and sum(per_rank) >= total
+    assert all(abs(n - total / 2) <= 0.01 * total for n in per_rank)
+    # The plain torch model built from teacher.safetensors gives the sharded engine's logits.
+    assert summary["export_check"]["max_abs_logit_diff"] <= 1e-4
+    assert summary["accuracy"] > 0.8
+    # The latest K are kept, plus at most the folder that was being written when the worker
+    # died: Ray Train never registered it, so it is not one of the K it manages.
+    assert len(_checkpoints(tmp_path / "kill")) <= cfg.teacher.keep_checkpoints + 1
+    assert list((tmp_path / "kill" / "teacher" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _train_cmd(storage: Path, *sets: str) -> list[str]:
+    cmd = [str(BIN / "raydistill"), "train", "--config", str(REPO / "configs" / "demo.yaml"),
+           "--storage", str(storage), "--name", "resume"]
+    for item in (*QUICK, *sets):
+        cmd += ["--set", item]
+    return cmd
+
+
+def test_stopped_driver_resumes_from_latest_checkpoint(tmp_path):
+    run_dir = tmp_path / "resume"
+    proc = subprocess.Popen(_train_cmd(tmp_path), cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and len(_checkpoints(run_dir)) < 2 and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the driver and the Ray it started
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["teacher"]["status"] in ("interrupted", "failed")
+    assert not (run_dir / "teacher" / "teacher.safetensors").exists()
+
+    rerun = subprocess.run(_train_cmd(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    summary = json.loads((run_dir / "teacher" / "summary.json").read_text())
+    assert summary["resumes"] >= 1 and summary["resumed_from_step"] >= 3, rerun.stdout[-3000:]
+    assert summary["steps"] == TOTAL_STEPS
+    assert "resumed from the checkpoint at step" in rerun.stdout + rerun.stderr
+
+
+@pytest.mark.parametrize("sets, exit_code, message", [
+    (["teacher.precision=fp16"], 2, "teacher.precision=fp16 needs teacher.use_gpu"),
+    (["teacher.offload_optimizer=cpu"], 2, "teacher.offload_optimizer moves state off the GPU"),
+    (["teacher.use_gpu=true", "teacher.zero_stage=2", "teacher.offload_param=cpu"], 2,
+     "offload_param needs teacher.zero_stage=3"),
+    (["teacher.use_gpu=true", "teacher.offload_param=nvme"], 2, "needs teacher.nvme_path"),
+    (["teacher.global_batch_size=100", "teacher.num_workers=3"], 2, "does not divide"),
+    (["teacher.global_batch_size=256", "teacher.batch_size=64"], 2, "not teacher.global_batch_size=256"),
+    (["teacher.arch=vgg11", "teacher.activation_checkpointing=true"], 1, "vgg11 does not support it"),
+    (["teacher.arch=no_such_net"], 1, "unknown timm architecture 'no_such_net'"),
+    (["teacher.batch_size=1024"], 1, "cannot fill one step"),
+    (["teacher.init_from=missing.safetensors"], 1, "missing.safetensors: no such file"),
+])
+def test_bad_teacher_settings_are_refused_before_ray_starts(tmp_path, sets, exit_code, message):
+    out = subprocess.run(_train_cmd(tmp_path, *sets), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == exit_code, out.stderr
+    assert message in out.stderr
+    assert "Started a local Ray instance" not in out.stdout + out.stderr
+
+
+def test_init_from_loads_matching_tensors_and_keeps_a_new_head(tmp_path):
+    brought = build_network(ModelSpec("resnet10t", 5, (1, 8, 8), 16))  # another task's classes
+    path = tmp_path / "brought.safetensors"
+    save_file({k: v.contiguous() for k, v in brought.state_dict().items()}, str(path))
+    torch.manual_seed(1)
+    net = build_network(ModelSpec("resnet10t", 10, (1, 8, 8), 16))
+    fresh = load_matching(net, str(path))
+    assert fresh == ["fc.bias", "fc.weight"]
+    assert torch.equal(net.state_dict()["conv1.0.weight"], brought.state_dict()["conv1.0.weight"])
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors: not a readable safetensors file"):
+        load_matching(net, str(tmp_path / "junk.safetensors"))
