@@ -149,3 +149,23 @@ def test_init_from_loads_matching_tensors_and_keeps_a_new_head(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="junk.safetensors: not a readable safetensors file"):
         load_matching(net, str(tmp_path / "junk.safetensors"))
+
+
+@pytest.mark.parametrize("preset, min_params", [("gpu-single.yaml", 1_000_000_000), ("gpu-cluster.yaml", 1_000_000_000)])
+def test_gpu_presets_validate_and_build_deepspeed_configs(preset, min_params):
+    from raydistill import sharding
+    from raydistill.training import check_teacher
+
+    cfg = load_config(REPO / "configs" / preset)
+    tcfg = cfg.teacher
+    assert tcfg.use_gpu and tcfg.zero_stage == 3 and tcfg.dtype_name == "bf16"
+    spec = ModelSpec(tcfg.arch, 10, (1, 8, 8), cfg.data.image_size)
+    info = check_teacher(cfg, spec, n_train=200_000)  # meta device: no weights are allocated
+    assert info["params"] >= min_params
+    ds = sharding.deepspeed_config(tcfg, tcfg.num_workers, total_steps=1000)
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["train_batch_size"] == tcfg.batch_size * tcfg.grad_accum_steps * tcfg.num_workers
+    if preset == "gpu-single.yaml":
+        assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+        assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        assert ds["optimizer"]["params"]["torch_adam"] is False  # DeepSpeed's CPU Adam on offloaded state

@@ -55,16 +55,16 @@ def _param_tensors(engine) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, p in engine.module.named_parameters():
         if stage == 3:
-            get_param, get_state = safe_get_local_fp32_param, safe_get_local_optimizer_state
+            param = safe_get_local_fp32_param(p)
+            moments = {key: safe_get_local_optimizer_state(p, key) for key in ADAM_STATE}
         elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2, or bf16 without ZeRO: fragments of a flat buffer
-            get_param, get_state = safe_get_full_fp32_param, safe_get_full_optimizer_state
+            param = safe_get_full_fp32_param(p)
+            moments = {key: safe_get_full_optimizer_state(p, key) for key in ADAM_STATE}
         else:  # fp32 without ZeRO: the plain torch optimizer owns the parameter
             state = _inner_optimizer(engine).state.get(p, {})
-            get_param = lambda q: q.detach()  # noqa: E731
-            get_state = lambda q, key: state.get(key)  # noqa: E731
-        out[f"param/{name}"] = get_param(p)
-        for key in ADAM_STATE:
-            out[f"{key}/{name}"] = get_state(p, key)
+            param, moments = p.detach(), {key: state.get(key) for key in ADAM_STATE}
+        out[f"param/{name}"] = param
+        out.update({f"{key}/{name}": value for key, value in moments.items()})
     return {k: v.detach().float().cpu().contiguous() for k, v in out.items() if v is not None}
 
 
@@ -173,6 +173,6 @@ def _restore_counters(engine, state: dict) -> None:
     if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
     # A scheduler's state sets the *next* learning rate; the one the next step uses is restored here.
-    for group, lr in zip(engine.optimizer.param_groups, state["lr"]):
+    for group, lr in zip(engine.optimizer.param_groups, state["lr"], strict=True):
         group["lr"] = lr
     engine.global_steps = state["step"]

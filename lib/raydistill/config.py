@@ -53,7 +53,7 @@ class DataConfig(_Section):
 class SweepConfig(_Section):
     """Bayesian search over the teacher's optimiser settings, with early stopping."""
 
-    num_trials: int = Field(4, ge=1)
+    num_trials: int = Field(4, ge=0, description="0 skips the sweep: the teacher trains with its own settings")
     searcher: Literal["tpe", "gp", "random"] = "tpe"
     scheduler: Literal["asha", "hyperband", "fifo"] = "asha"
     epochs: int = Field(2, ge=1, description="max epochs per trial (ASHA's max_t)")

@@ -79,6 +79,10 @@ def stage_sweep(cfg: Config, data, run: Run) -> Config:
     """Returns the config the teacher trains with (best values applied)."""
     from raydistill.sweep import run_sweep
 
+    if cfg.sweep.num_trials == 0:
+        log("sweep: skipped (sweep.num_trials=0); the teacher trains with its configured settings")
+        return cfg
+
     def produce(out: Path):
         summary, best_cfg = run_sweep(cfg, data, out)
         best_yaml = out / "best.yaml"

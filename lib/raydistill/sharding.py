@@ -118,6 +118,22 @@ def local_param_count(engine) -> int:
     return total
 
 
+def state_bytes(engine) -> int:
+    """Bytes of parameters and optimizer state this rank holds: its ZeRO partitions of the
+    working weights, of the fp32 master weights and of the Adam moments (each tensor once)."""
+    tensors = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    optimizer = engine.optimizer
+    tensors += getattr(optimizer, "fp32_partitioned_groups_flat", [])  # ZeRO-3 masters
+    tensors += getattr(optimizer, "single_partition_of_fp32_groups", [])  # ZeRO-1/2 masters
+    inner = getattr(optimizer, "optimizer", optimizer)
+    tensors += [t for state in inner.state.values() for t in state.values() if torch.is_tensor(t)]
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t.numel():
+            seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
+    return sum(seen.values())
+
+
 def full_param_count(engine) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
 

@@ -259,13 +259,23 @@ def _report(metrics: dict, engine=None, step: int = 0, counters: dict | None = N
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
 
 
+def teacher_step(engine, x, y, dtype) -> float:
+    """One micro-step of the teacher; DeepSpeed steps the optimizer at accumulation boundaries."""
+    import torch.nn.functional as F
+
+    engine.train()
+    loss = F.cross_entropy(engine(x.to(dtype)).float(), y)
+    engine.backward(loss)
+    engine.step()
+    return loss.item()
+
+
 def teacher_worker(loop_config: dict) -> None:
     """One Ray Train worker: ZeRO engine, streamed batches, per-epoch val accuracy, sharded
     checkpoints every N steps, and a consolidated export at the end."""
     import ray
     import ray.train
     import ray.train.torch
-    import torch.nn.functional as F
 
     from raydistill import sharding
     from raydistill.artifacts import save_weights
@@ -297,11 +307,7 @@ def teacher_worker(loop_config: dict) -> None:
     micro_steps = stream_batches(shard, tcfg.batch_size, plan.total_steps * plan.accum, device,
                                  skip=start_step * plan.accum)
     for micro, x, y in micro_steps:
-        engine.train()
-        loss = F.cross_entropy(engine(x.to(dtype)).float(), y)
-        engine.backward(loss)
-        engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
-        loss_sum, seen = loss_sum + loss.item(), seen + 1
+        loss_sum, seen = loss_sum + teacher_step(engine, x, y, dtype), seen + 1
         if micro % plan.accum:
             continue
         step = micro // plan.accum
