@@ -112,9 +112,17 @@ class EpochLog:
 
 
 def set_threads(cpus: float) -> None:
-    import torch
+    """Per-worker setup: torch threads for the worker's CPUs, and quieter Ray Train logs."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
 
     torch.set_num_threads(max(1, int(cpus)))
+    # Train V2 logs two INFO lines per report from every rank ("Reporting training result",
+    # "Checkpoint successfully created"); our progress lines say the same once, on rank 0.
+    # The first comes from a logger named after its file, outside the "ray.train" tree.
+    for name in ("ray.train", context.__file__):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _trainer(loop, loop_config: dict, stage_cfg, datasets: dict, run_config):
