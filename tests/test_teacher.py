@@ -169,3 +169,22 @@ def test_gpu_presets_validate_and_build_deepspeed_configs(preset, min_params):
         assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
         assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
         assert ds["optimizer"]["params"]["torch_adam"] is False  # DeepSpeed's CPU Adam on offloaded state
+
+
+def test_deepspeed_config_follows_the_typed_config():
+    from raydistill import sharding
+    from raydistill.config import TeacherConfig
+
+    gpu = TeacherConfig(use_gpu=True, num_workers=4, batch_size=8, grad_accum_steps=4, precision="fp16",
+                        lr_schedule="linear", grad_clip=0, zero_stage=2, offload_optimizer="nvme", nvme_path="/nvme")
+    ds = sharding.deepspeed_config(gpu, 4, total_steps=100)
+    assert ds["train_batch_size"] == 8 * 4 * 4 and ds["gradient_accumulation_steps"] == 4
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16} and not ds["bf16"]["enabled"]
+    assert ds["scheduler"]["type"] == "WarmupDecayLR" and ds["gradient_clipping"] == 0
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "nvme", "pin_memory": True, "nvme_path": "/nvme"}
+    sharding.validate(ds)  # DeepSpeed's own ZeRO schema accepts it
+    cpu = sharding.deepspeed_config(TeacherConfig(lr_schedule="constant"), 2, total_steps=10)
+    assert cpu["scheduler"]["type"] == "WarmupLR" and not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]
+    assert cpu["optimizer"]["params"]["torch_adam"] is True  # no JIT-built op on CPU
+    with pytest.raises(ValueError, match="DeepSpeed rejects the ZeRO config"):
+        sharding.validate({"zero_optimization": {"stage": 3, "no_such_key": 1}})
