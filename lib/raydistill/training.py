@@ -311,7 +311,7 @@ def teacher_worker(loop_config: dict) -> None:
     adapter = _EvalAdapter(engine, dtype, device)
 
     shard = ray.train.get_dataset_shard("train")
-    loss_sum, seen = 0.0, 0
+    loss_sum, seen, shown = 0.0, 0, {}
     micro_steps = stream_batches(shard, tcfg.batch_size, plan.total_steps * plan.accum, device,
                                  skip=start_step * plan.accum)
     for micro, x, y in micro_steps:
@@ -347,7 +347,9 @@ def teacher_worker(loop_config: dict) -> None:
         save_weights(directory / "teacher.safetensors", state, spec.to_meta())
         save_file({"images": torch.from_numpy(probe_images), "logits": probe_logits}, str(directory / PROBE_FILE))
 
-    final = {"steps": plan.total_steps, "samples_per_s": log.samples_per_s(plan.total_steps),
+    # The last epoch's figures ride along, so every report with a checkpoint carries the metric
+    # (a Tune scheduler reading these reports needs it in each).
+    final = {**shown, "epoch": plan.epochs, "steps": plan.total_steps, "samples_per_s": log.samples_per_s(plan.total_steps),
              "params_per_rank": per_rank, "params_total": sharding.full_param_count(engine),
              "restarts": counters["restarts"], "resumes": counters["resumes"], "resumed_from_step": start_step}
     _report(final, engine, plan.total_steps, counters, rank_files=export)
