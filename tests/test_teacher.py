@@ -46,11 +46,22 @@ def _train_workers() -> list[int]:
     return found
 
 
+def _registered_checkpoint(run_dir: Path) -> bool:
+    """Whether Ray Train has registered a checkpoint: a folder in storage is not enough, the
+    controller registers it only when it next polls the workers. Ray Train persists what it has
+    registered in checkpoint_manager_snapshot.json (a Ray internal file, read only here)."""
+    for snapshot in run_dir.glob("teacher/ray/teacher-*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except ValueError:  # caught mid-write
+            pass
+    return False
+
+
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
-    # Two checkpoint folders: the first one is then surely registered with Ray Train (a folder
-    # appears while its files upload, before the report that registers it).
     deadline = time.time() + 300
-    while time.time() < deadline and len(_checkpoints(run_dir)) < 2:
+    while time.time() < deadline and not _registered_checkpoint(run_dir):
         time.sleep(0.2)
     workers = _train_workers()
     if workers:
@@ -68,6 +79,7 @@ def test_worker_killed_mid_run_recovers_from_its_checkpoint(tmp_path):
 
     assert killed, "no Ray Train worker was found to kill"
     assert summary["restarts"] >= 1
+    assert summary["resumed_from_step"] >= 3  # the restart continued from a checkpoint
     assert summary["steps"] == TOTAL_STEPS  # the same count as an uninterrupted run
     # ZeRO-3 over 2 ranks: each holds about half of the parameters.
     per_rank, total = summary["params_per_rank"], summary["params_total"]

@@ -226,25 +226,53 @@ def _teacher_network(cfg: Config, spec):
     return net
 
 
-def _restore(engine, log: EpochLog, counters: dict, rank: int, world: int) -> int:
+class _Attempts:
+    """Counts how many times Ray Train started the worker group of one fit(): a restart is
+    counted even when the worker died before the first checkpoint was registered."""
+
+    def __init__(self):
+        self.started = 0
+
+    def begin(self) -> int:
+        self.started += 1
+        return self.started
+
+
+def attempt_counter():
+    """An attempt counter for one fit(), pinned to the driver's node so that losing a worker
+    node does not lose the count."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(_Attempts).remote()
+
+
+def _restore(engine, log: EpochLog, counters: dict, attempt: int, rank: int, world: int) -> int:
     """Continue from the latest checkpoint, if any: returns the step it was taken at.
 
-    A checkpoint written under this same fit() means a worker died and Ray Train restarted the
-    group (a restart); one from an earlier fit() means the driver was stopped and rerun."""
+    Attempt n > 1 of this fit() means workers died and Ray Train restarted the group; a
+    checkpoint from an earlier fit() means the driver was stopped and rerun (a resume)."""
     import ray.train
 
     from raydistill import checkpoints
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as directory:
-        state = checkpoints.load(engine, Path(directory), rank=rank, world_size=world)
-    same_fit = state["fit_id"] == counters["fit_id"]
-    counters.update(restarts=state["restarts"] + same_fit, resumes=state["resumes"] + (not same_fit))
-    log.say(f"{'restarted after a worker failure' if same_fit else 'resumed'} from the checkpoint at "
-            f"step {state['step']}/{log.plan.total_steps}")
-    return state["step"]
+    state = {}
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = checkpoints.load(engine, Path(directory), rank=rank, world_size=world)
+    same_fit = state.get("fit_id") == counters["fit_id"]
+    # Restarts of earlier fits carry over; this fit's are its attempts after the first.
+    before = state.get("restarts_before", 0) if same_fit else state.get("restarts", 0)
+    resumes = state.get("resumes", 0) + (bool(state) and not same_fit)
+    counters.update(restarts_before=before, restarts=before + attempt - 1, resumes=resumes)
+    where = f"from the checkpoint at step {state['step']}/{log.plan.total_steps}" if state else "from step 0 (no checkpoint yet)"
+    if attempt > 1:
+        log.say(f"restarted after a worker failure (attempt {attempt}) {where}")
+    elif state:
+        log.say(f"resumed {where}")
+    return state.get("step", 0)
 
 
 def _report(metrics: dict, engine=None, step: int = 0, counters: dict | None = None, rank_files=None) -> None:
@@ -302,10 +330,12 @@ def teacher_worker(loop_config: dict) -> None:
 
     engine = sharding.wrap(_teacher_network(cfg, spec), sharding.deepspeed_config(tcfg, world, plan.total_steps))
     per_rank = sharding.gather_counts(sharding.local_param_count(engine))
-    counters = {"fit_id": loop_config["fit_id"], "restarts": 0, "resumes": 0}
+    counters = {"fit_id": loop_config["fit_id"]}
+    # Rank 0 counts the attempt: only its counters reach state.json and the final metrics.
+    attempt = ray.get(loop_config["attempts"].begin.remote()) if rank == 0 else 1
     log = EpochLog("teacher", plan, tcfg.batch_size * tcfg.grad_accum_steps * world, rank,
                    tb_dir=loop_config.get("tb_dir"))
-    start_step = _restore(engine, log, counters, rank, world)
+    start_step = _restore(engine, log, counters, attempt, rank, world)
     log.start_step = start_step
     every = tcfg.checkpoint_every_steps
     adapter = _EvalAdapter(engine, dtype, device)
@@ -418,7 +448,8 @@ def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
     tcfg = cfg.teacher
     spec = teacher_spec(cfg, data)
     check_teacher(cfg, spec, len(data.train))
-    extra = {"fit_id": uuid.uuid4().hex, "tb_dir": str((out_dir / "tensorboard").resolve())}
+    extra = {"fit_id": uuid.uuid4().hex, "attempts": attempt_counter(),
+             "tb_dir": str((out_dir / "tensorboard").resolve())}
     metrics, net, elapsed = train_on_ray(
         "teacher", teacher_worker, cfg, data, spec, out_dir, extra,
         max_failures=tcfg.max_failures, keep_checkpoints=tcfg.keep_checkpoints, files=(PROBE_FILE,),
