@@ -95,9 +95,13 @@ def test_version_swap_under_load_loses_no_request(cluster):
 
 
 def _replica_pid() -> int:
+    import ray
     from ray.util.state import list_actors
 
-    alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    # This test's own Ray, named: with no address the state API refuses when it finds more
+    # than one Ray on the machine.
+    mine = ray.get_runtime_context().gcs_address
+    alive = [a for a in list_actors(address=mine, filters=[("state", "=", "ALIVE")], limit=1000)
              if a.class_name.startswith("ServeReplica:digits")]
     assert len(alive) == 1
     return alive[0].pid
