@@ -68,6 +68,7 @@ def test_teacher_spans_two_nodes_and_survives_losing_one(cluster, tmp_path):
     assert len(_checkpoints(run_dir)) >= 2, cluster.ray("job", "logs", "mn-teacher").stdout[-3000:]
     assert seen == {"head": 1, second.name: 1}, seen
 
+    print("DEBUG kill at", time.strftime("%T"), seen)
     second.kill_raylet()
     replacement = cluster.add_node(num_cpus=1, wait=False)  # as the autoscaler replaces a lost node
 
@@ -81,6 +82,7 @@ def test_teacher_spans_two_nodes_and_survives_losing_one(cluster, tmp_path):
             after[name] = max(after.get(name, 0), count)
         time.sleep(0.5)
     logs = follow.stdout.read()
+    print(logs)  # DEBUG
     assert cluster.job_status("mn-teacher") == "SUCCEEDED", logs[-4000:]
 
     assert not second.alive()
