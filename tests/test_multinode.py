@@ -68,21 +68,25 @@ def test_teacher_spans_two_nodes_and_survives_losing_one(cluster, tmp_path):
     assert len(_checkpoints(run_dir)) >= 2, cluster.ray("job", "logs", "mn-teacher").stdout[-3000:]
     assert seen == {"head": 1, second.name: 1}, seen
 
-    print("DEBUG kill at", time.strftime("%T"), seen)
     second.kill_raylet()
-    replacement = cluster.add_node(num_cpus=1, wait=False)  # as the autoscaler replaces a lost node
+    cluster.wait_for_nodes(1)  # the head has noticed the loss
+    replacement = cluster.add_node(num_cpus=1)  # as an autoscaler replaces a lost node
 
     # `ray job logs --follow` returns when the job ends; meanwhile, watch where workers run.
-    follow = subprocess.Popen([str(BIN / "ray"), "job", "logs", "--follow", "--address", cluster.address,
-                               "mn-teacher"], env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
-    after: dict[str, int] = {}
-    while follow.poll() is None:
-        for name, count in _where_workers_run(cluster).items():
-            after[name] = max(after.get(name, 0), count)
-        time.sleep(0.5)
-    logs = follow.stdout.read()
-    print(logs)  # DEBUG
+    log_path = tmp_path / "job.log"  # a file, not a pipe: a full pipe would stall the follower
+    with open(log_path, "w") as log:
+        follow = subprocess.Popen([str(BIN / "ray"), "job", "logs", "--follow", "--address", cluster.address,
+                                   "mn-teacher"], env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
+        after: dict[str, int] = {}
+        deadline = time.monotonic() + 600
+        while follow.poll() is None and time.monotonic() < deadline:
+            for name, count in _where_workers_run(cluster).items():
+                after[name] = max(after.get(name, 0), count)
+            time.sleep(0.5)
+        if follow.poll() is None:
+            follow.kill()
+        follow.wait()
+    logs = log_path.read_text()
     assert cluster.job_status("mn-teacher") == "SUCCEEDED", logs[-4000:]
 
     assert not second.alive()
