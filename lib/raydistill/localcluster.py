@@ -212,7 +212,11 @@ class LocalCluster:
             for node in (self.head, starting):
                 if node is not None and not node.alive():
                     raise RuntimeError(f"ray node {node.name} exited: {node.tail()}")
-            nodes = self.alive_nodes()
+            try:
+                nodes = self.alive_nodes()
+            except (subprocess.TimeoutExpired, RuntimeError):  # the state API is slow to answer
+                time.sleep(1)
+                continue
             if len(nodes) == count:
                 return nodes
             time.sleep(1)
@@ -223,8 +227,11 @@ class LocalCluster:
         while time.monotonic() < deadline:
             if not self.head.alive():
                 raise RuntimeError(f"ray head exited: {self.head.tail()}")
-            if self.ray("job", "list", check=False, timeout=60).returncode == 0:
-                return
+            try:
+                if self.ray("job", "list", check=False, timeout=60).returncode == 0:
+                    return
+            except subprocess.TimeoutExpired:  # a loaded machine: the dashboard is still starting
+                pass
             time.sleep(2)
         raise RuntimeError("the ray head's Jobs API did not come up")
 
