@@ -82,6 +82,25 @@ class Node:
                 pass
         return found
 
+    def workers_named(self, prefix: str) -> list[int]:
+        """Pids of the Ray workers (the raylet's own children) named `prefix`, e.g.
+        `ray::RayTrainWorker`. Processes a worker forks carry its title too: they are not counted."""
+        import psutil
+
+        try:
+            raylet = psutil.Process(self.raylet_pid())
+            children = raylet.children()
+        except (psutil.Error, RuntimeError):
+            return []
+        found = []
+        for proc in children:
+            try:
+                if " ".join(proc.cmdline()[:1]).startswith(prefix):
+                    found.append(proc.pid)
+            except psutil.Error:
+                pass
+        return found
+
     def raylet_pid(self) -> int:
         pids = self.pids_named("raylet")
         if len(pids) != 1:
