@@ -221,6 +221,8 @@ class LocalCluster:
     def alive_nodes(self) -> list[dict]:
         """The cluster's live nodes, as the state API lists them."""
         out = self.ray("list", "nodes", "--format", "json", "--filter", "state=ALIVE", timeout=120)
+        if out.stdout.strip().startswith("No resource"):  # how `ray list` says "none yet"
+            return []
         return json.loads(out.stdout)
 
     def wait_for_nodes(self, count: int, starting: Node | None = None, timeout_s: float = 180) -> list[dict]:
