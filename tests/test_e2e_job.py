@@ -55,6 +55,11 @@ def test_job_without_token_is_refused(head):
     env["HOME"] = str(head.root)  # no ~/.ray/auth_token to fall back on
     out = head.ray("job", "list", env=env, check=False, timeout=120)
     assert out.returncode != 0
+    # A submission without the token never becomes a job (nothing runs on the cluster).
+    out = head.ray("job", "submit", "--submission-id", "no-token", "--no-wait", "--", "echo", "pwned",
+                   env=env, check=False, timeout=120)
+    assert out.returncode != 0
+    assert "no-token" not in head.ray("job", "list", timeout=120).stdout
 
 
 def test_pipeline_job_writes_every_stage(submitted):
