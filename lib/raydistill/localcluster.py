@@ -218,9 +218,18 @@ class LocalCluster:
             raise RuntimeError(f"unexpected `ray job status` output: {out[-500:]}")
         return (match.group(1) or match.group(2)).upper()
 
-    def alive_nodes(self) -> list[dict]:
-        """The cluster's live nodes, as the state API lists them."""
-        out = self.ray("list", "nodes", "--format", "json", "--filter", "state=ALIVE", timeout=120)
+    def alive_nodes(self, retry_s: float = 90) -> list[dict]:
+        """The cluster's live nodes, as the state API lists them. The API comes up a little after
+        the Jobs API and answers slowly on a loaded machine: failures are retried for `retry_s`."""
+        deadline = time.monotonic() + retry_s
+        while True:
+            try:
+                out = self.ray("list", "nodes", "--format", "json", "--filter", "state=ALIVE", timeout=120)
+                break
+            except (RuntimeError, subprocess.TimeoutExpired):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
         if out.stdout.strip().startswith("No resource"):  # how `ray list` says "none yet"
             return []
         return json.loads(out.stdout)
@@ -233,11 +242,7 @@ class LocalCluster:
             for node in (self.head, starting):
                 if node is not None and not node.alive():
                     raise RuntimeError(f"ray node {node.name} exited: {node.tail()}")
-            try:
-                nodes = self.alive_nodes()
-            except (subprocess.TimeoutExpired, RuntimeError):  # the state API is slow to answer
-                time.sleep(1)
-                continue
+            nodes = self.alive_nodes()
             if len(nodes) == count:
                 return nodes
             time.sleep(1)
