@@ -29,8 +29,6 @@ NODE_ENV = {"RAY_num_workers_soft_limit": "4"}
 # after ~5 failed probes (~5 s, not ~15 s). The probe timeout stays at Ray's default: a node
 # that is merely slow on a loaded machine must not be declared dead.
 FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000"}
-
-
 # Per node: the digits and a few checkpoints need little, and /dev/shm is shared with others.
 OBJECT_STORE_BYTES = 512 * 1024**2
 
