@@ -53,12 +53,13 @@ def submitted(head, tmp_path_factory):
 def test_job_without_token_is_refused(head):
     env = {k: v for k, v in head.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     env["HOME"] = str(head.root)  # no ~/.ray/auth_token to fall back on
+    # Refused for want of the token (not for any other reason, such as an unreachable head).
     out = head.ray("job", "list", env=env, check=False, timeout=120)
-    assert out.returncode != 0
+    assert out.returncode != 0 and "Missing authentication token" in out.stdout + out.stderr
     # A submission without the token never becomes a job (nothing runs on the cluster).
     out = head.ray("job", "submit", "--submission-id", "no-token", "--no-wait", "--", "echo", "pwned",
                    env=env, check=False, timeout=120)
-    assert out.returncode != 0
+    assert out.returncode != 0 and "Missing authentication token" in out.stdout + out.stderr
     assert "no-token" not in head.ray("job", "list", timeout=120).stdout
 
 

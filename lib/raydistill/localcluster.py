@@ -197,7 +197,8 @@ class LocalCluster:
         out = subprocess.run([str(BIN / "ray"), group, command, "--address", self.address, *rest],
                              env=env or self.env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
         if check and out.returncode != 0:
-            raise RuntimeError(f"ray {group} {command} failed:\n{out.stdout[-4000:]}{out.stderr[-4000:]}")
+            head = "" if self.head.alive() else f"\nthe head has exited:\n{self.head.tail()}"
+            raise RuntimeError(f"ray {group} {command} failed:\n{out.stdout[-4000:]}{out.stderr[-4000:]}{head}")
         return out
 
     def submit(self, job_id: str, entrypoint: list[str], cwd: Path, wait: bool = False) -> subprocess.CompletedProcess:
