@@ -247,7 +247,7 @@ class LocalCluster:
             time.sleep(1)
         raise RuntimeError(f"not {count} live nodes after {timeout_s:.0f}s")
 
-    def _wait_jobs_api(self, timeout_s: float = 120) -> None:
+    def _wait_jobs_api(self, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.head.alive():
@@ -258,7 +258,10 @@ class LocalCluster:
             except subprocess.TimeoutExpired:  # a loaded machine: the dashboard is still starting
                 pass
             time.sleep(2)
-        raise RuntimeError("the ray head's Jobs API did not come up")
+        logs = self.root / "head" / "session_latest" / "logs" / "dashboard.log"
+        dashboard = logs.read_text()[-3000:] if logs.exists() else "(no dashboard.log)"
+        raise RuntimeError(f"the ray head's Jobs API did not come up in {timeout_s:.0f}s:\n{self.head.tail()}\n"
+                           f"dashboard.log:\n{dashboard}")
 
     def stop(self) -> None:
         """Worker nodes first, then the head: each through its own process, never `ray stop`."""
