@@ -6,14 +6,9 @@ HTTP, then bad input against the same run. The test stops only the head it start
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +16,7 @@ import pytest
 import requests
 
 from raydistill.artifacts import sha256
+from raydistill.localcluster import LocalCluster
 
 from conftest import BIN, REPO, png_bytes
 
@@ -30,78 +26,15 @@ pytestmark = pytest.mark.e2e
 QUICK = ["sweep.num_trials=2", "sweep.epochs=1", "teacher.epochs=3", "student.epochs=3"]
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-class Head:
-    def __init__(self, root: Path):
-        self.root = root
-        (gcs, self.dashboard, agent, agent_grpc, metrics, runtime_env, client, self.serve_port) = free_ports(8)
-        token = root / "auth_token"
-        token.write_text(secrets.token_hex(32))
-        self.env = {
-            **os.environ,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(token),
-            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this venv's
-        }
-        self.env.pop("RAY_ADDRESS", None)
-        self.address = f"http://127.0.0.1:{self.dashboard}"
-        self.gcs_address = f"127.0.0.1:{gcs}"
-        self.log = open(root / "head.log", "w")
-        self.proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}",
-             f"--dashboard-port={self.dashboard}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-             f"--ray-client-server-port={client}", f"--temp-dir={root / 'ray'}", "--include-dashboard=true"],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        self._wait_jobs_api()
-
-    def _wait_jobs_api(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray head exited: {(self.root / 'head.log').read_text()[-2000:]}")
-            if self.ray("job", "list", check=False, timeout=60).returncode == 0:
-                return
-            time.sleep(2)
-        raise RuntimeError("ray head's Jobs API did not come up")
-
-    def ray(self, group, command, *args, env=None, check=True, timeout=900):
-        """`ray job <command> --address <this head> args...`"""
-        out = subprocess.run([str(BIN / "ray"), group, command, "--address", self.address, *args], env=env or self.env,
-                             capture_output=True, text=True, timeout=timeout, cwd=REPO)
-        if check:
-            assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-        return out
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)  # `ray start --block` then stops this head only
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def head():
+    """A real Ray head of 2 CPUs, token auth on (raydistill.localcluster)."""
     root = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))  # short: Ray's socket paths are bounded
-    h = Head(root)
+    cluster = LocalCluster(root, head_cpus=2)
     try:
-        yield h
+        yield cluster
     finally:
-        h.stop()
+        cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -110,19 +43,24 @@ def submitted(head, tmp_path_factory):
     """The pipeline, submitted as a job; returns (run dir, serve URL, job output)."""
     storage = tmp_path_factory.mktemp("runs")
     sets = [*QUICK, f"deploy.port={head.serve_port}"]
-    out = head.ray(
-        "job", "submit", "--working-dir", ".", "--runtime-env", "runtime_env.yaml", "--",
+    out = head.submit("e2e-pipeline", [
         "python", "jobs/pipeline.py", "--config", "configs/demo.yaml", "--storage", str(storage),
         "--name", "e2e", *[a for s in sets for a in ("--set", s)],
-    )
+    ], cwd=REPO, wait=True)
     return storage / "e2e", f"http://127.0.0.1:{head.serve_port}", out.stdout
 
 
 def test_job_without_token_is_refused(head):
     env = {k: v for k, v in head.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     env["HOME"] = str(head.root)  # no ~/.ray/auth_token to fall back on
+    # Refused for want of the token (not for any other reason, such as an unreachable head).
     out = head.ray("job", "list", env=env, check=False, timeout=120)
-    assert out.returncode != 0
+    assert out.returncode != 0 and "Missing authentication token" in out.stdout + out.stderr
+    # A submission without the token never becomes a job (nothing runs on the cluster).
+    out = head.ray("job", "submit", "--submission-id", "no-token", "--no-wait", "--", "echo", "pwned",
+                   env=env, check=False, timeout=120)
+    assert out.returncode != 0 and "Missing authentication token" in out.stdout + out.stderr
+    assert "no-token" not in head.ray("job", "list", timeout=120).stdout
 
 
 def test_pipeline_job_writes_every_stage(submitted):

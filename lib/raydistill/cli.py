@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return query(args.url, args.paths)
         if args.command == "status":
-            from raydistill.client import status
+            from raydistill.status import status
 
             return status(args.storage, args.name)
         return _run_stages(args)

@@ -1,11 +1,8 @@
-"""Commands for people at a terminal: `raydistill query` and `raydistill status`."""
+"""`raydistill query`: send images to a deployment, print predictions as a table."""
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
-
-from raydistill.artifacts import STAGES, Run, read_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 CHUNK = 64  # files per request
@@ -54,41 +51,4 @@ def query(url: str, paths: list[str]) -> int:
     for path, pred in rows:
         top = ", ".join(f"{t['label']}:{t['probability']:.2f}" for t in pred["top_k"])
         print(f"{str(path):<{width}}  {pred['label']:>5}  {pred['probability']:.3f}  {top}")
-    return 0
-
-
-def _when(ts) -> str:
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
-
-
-def _figures(run: Run, stage: str) -> str:
-    path = run.root / stage / "summary.json"
-    if not path.exists():
-        return ""
-    s = read_json(path)
-    if stage == "data":
-        return f"rows {s['rows_read']}, skipped {sum(s['rows_skipped'].values())}, splits {s['splits']}"
-    if stage == "sweep":
-        return f"best {s['metric']} {s['best_metric']:.4f}, {len(s['trials'])} trials"
-    if stage == "teacher":
-        return f"{s['arch']} acc {s['accuracy']:.4f}, params/rank {s['params_per_rank']}"
-    if stage == "student":
-        return f"{s['arch']} acc {s['accuracy']:.4f}, retention {s['retention']:.3f}, {s['params_ratio']:.1f}x smaller"
-    if stage == "deploy":
-        return f"{s['url']} model {s['model']} v{s['version']}"
-    return ""
-
-
-def status(storage: str, name: str) -> int:
-    run = Run(storage, name)
-    if not run.manifest_path.exists():
-        raise ValueError(f"no run '{name}' under {Path(storage).resolve()}")
-    stages = run.manifest().get("stages", {})
-    print(f"run {name}  ({run.root})")
-    print(f"{'stage':<8} {'status':<12} {'started':<19} {'took':>7}  figures")
-    for stage in STAGES:
-        rec = stages.get(stage, {})
-        took = f"{rec['end'] - rec['start']:.0f}s" if rec.get("end") and rec.get("start") else "-"
-        figures = rec.get("error") if rec.get("status") == "failed" else _figures(run, stage)
-        print(f"{stage:<8} {rec.get('status', 'pending'):<12} {_when(rec.get('start')):<19} {took:>7}  {figures or ''}")
     return 0

@@ -1,0 +1,173 @@
+"""Teacher training across Ray nodes: 2 one-CPU nodes against one 2-CPU node, in one run.
+
+Both layouts are real Ray clusters of `ray start` processes on this machine
+(raydistill.localcluster: token auth, own ports and temp dirs), given the same 2 CPUs:
+  - baseline: one node with 2 CPUs (both Ray Train workers and the Ray Data tasks share one
+    raylet and one object store),
+  - ours:     a 1-CPU head + a 1-CPU worker node; the 2 workers (0.75 CPU each) cannot share a
+    node, so each rank is on its own node: augmented batches cross object stores and the ZeRO-3
+    collectives cross raylets, as on a real multi-node cluster (minus the network).
+The teacher stage of configs/demo.yaml (resnet10t, ZeRO-3 over gloo, digits) goes in through
+`ray job submit` each time; figures come from teacher/summary.json and the job's wall time.
+Layouts alternate (A B A B ...) so the load of a shared machine hits both alike.
+
+Then, unless --no-loss: the 2-node layout again, with the worker node's raylet SIGKILLed after
+the second checkpoint and a new node started once the head has noticed (recovery times).
+
+Target: 2 one-CPU nodes reach >= 0.8x the samples/s of one 2-CPU node (what crossing nodes
+costs on one machine; across real machines the network adds to it, see docs/scaling.md).
+
+    python bench/multinode.py [--quick] [--repeats N] [--out runs/bench/multinode.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from raydistill.localcluster import LocalCluster
+
+REPO = Path(__file__).resolve().parents[1]
+LAYOUTS = {
+    "one node, 2 CPUs (baseline)": (2, []),
+    "2 nodes, 1 CPU each (ours)": (1, [1]),
+}
+TARGET = 0.8
+
+
+def run_layout(name: str, epochs: int, index: int) -> dict:
+    head_cpus, workers = LAYOUTS[name]
+    root = Path(tempfile.mkdtemp(prefix="rd-b", dir="/tmp"))  # short: Ray's socket paths are bounded
+    try:
+        started = time.perf_counter()
+        with LocalCluster(root, head_cpus=head_cpus) as cluster:
+            for cpus in workers:
+                cluster.add_node(cpus)
+            nodes = len(cluster.alive_nodes())
+            up_s = time.perf_counter() - started
+            storage = root / "storage"
+            sets = [f"teacher.epochs={epochs}", "teacher.cpus_per_worker=0.75", "data.cpus_per_task=0.25"]
+            job_start = time.perf_counter()
+            cluster.submit(f"bench-{index}", [
+                "python", "jobs/train.py", "--config", "configs/demo.yaml", "--storage", str(storage),
+                "--name", "bench", *[a for s in sets for a in ("--set", s)]], cwd=REPO, wait=True)
+            job_s = time.perf_counter() - job_start
+            summary = json.loads((storage / "bench" / "teacher" / "summary.json").read_text())
+        return {"layout": name, "nodes": nodes, "cluster_up_s": round(up_s, 1), "job_s": round(job_s, 1),
+                "train_time_s": summary["train_time_s"], "samples_per_s": round(summary["samples_per_s"], 1),
+                "steps": summary["steps"], "accuracy": summary["accuracy"],
+                "params_per_rank": summary["params_per_rank"]}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("teacher/ray/teacher-*/checkpoint_*") if p.is_dir())
+
+
+def run_with_node_loss(epochs: int, index: int) -> dict:
+    """2 one-CPU nodes; after 2 checkpoints the worker node's raylet is SIGKILLed, and a new node
+    joins once the head has noticed. Times the recovery as a user sees it."""
+    root = Path(tempfile.mkdtemp(prefix="rd-b", dir="/tmp"))
+    try:
+        with LocalCluster(root, head_cpus=1) as cluster:
+            second = cluster.add_node(1)
+            storage = root / "storage"
+            run_dir = storage / "bench"
+            sets = [f"teacher.epochs={epochs}", "teacher.cpus_per_worker=0.75", "data.cpus_per_task=0.25",
+                    "teacher.checkpoint_every_steps=3", "teacher.keep_checkpoints=2"]
+            job_id = f"bench-loss-{index}"
+            job_start = time.perf_counter()
+            cluster.submit(job_id, ["python", "jobs/train.py", "--config", "configs/demo.yaml", "--storage",
+                                    str(storage), "--name", "bench", *[a for s in sets for a in ("--set", s)]], cwd=REPO)
+            while len(_checkpoints(run_dir)) < 2:
+                if time.perf_counter() - job_start > 900:
+                    raise RuntimeError("no checkpoint after 15 minutes")
+                time.sleep(0.5)
+            killed_at = time.perf_counter()
+            second.kill_raylet()
+            cluster.wait_for_nodes(1)
+            noticed_s = time.perf_counter() - killed_at
+            cluster.add_node(1)
+            replaced_s = time.perf_counter() - killed_at
+            while (state := cluster.job_status(job_id)) in ("PENDING", "RUNNING"):
+                time.sleep(2)
+            done_s = time.perf_counter() - killed_at
+            if state != "SUCCEEDED":
+                raise RuntimeError(f"the job {state} after the node loss")
+            summary = json.loads((run_dir / "teacher" / "summary.json").read_text())
+        return {"layout": "2 nodes, one lost mid-run", "job_s": round(time.perf_counter() - job_start, 1),
+                "loss_noticed_s": round(noticed_s, 1), "node_replaced_s": round(replaced_s, 1),
+                "kill_to_end_s": round(done_s, 1), "restarts": summary["restarts"], "steps": summary["steps"],
+                "train_time_s": summary["train_time_s"], "samples_per_s": round(summary["samples_per_s"], 1),
+                "accuracy": summary["accuracy"]}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 epochs, one run per layout: a few minutes on 2 cores")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per layout, alternating")
+    parser.add_argument("--no-loss", action="store_true", help="skip the run that loses a node mid-way")
+    parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "multinode.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.repeats = 2, 1
+
+    runs = []
+    for r in range(args.repeats):
+        for name in LAYOUTS:
+            row = run_layout(name, args.epochs, len(runs))
+            print(f"[multinode] {name}: {row['samples_per_s']} samples/s, train {row['train_time_s']} s, "
+                  f"job {row['job_s']} s", flush=True)
+            runs.append(row)
+
+    loss = None if args.no_loss else run_with_node_loss(args.epochs, len(runs))
+    if loss:
+        print(f"[multinode] node loss: noticed in {loss['loss_noticed_s']} s, job done {loss['kill_to_end_s']} s "
+              f"after the kill, restarts {loss['restarts']}", flush=True)
+
+    med = {name: {k: statistics.median(r[k] for r in runs if r["layout"] == name)
+                  for k in ("samples_per_s", "train_time_s", "job_s", "cluster_up_s", "accuracy")}
+           for name in LAYOUTS}
+    base, ours = (med[n]["samples_per_s"] for n in LAYOUTS)
+    ratio = ours / base
+    print(f"\nteacher resnet10t, ZeRO-3, 2 Ray Train workers x 0.75 CPU, digits, {args.epochs} epochs, "
+          f"median of {args.repeats}\n")
+    print(f"{'layout':30} {'samples/s':>10} {'vs base':>8} {'train s':>8} {'job s':>7} {'cluster up s':>13} {'test acc':>9}")
+    for name, m in med.items():
+        print(f"{name:30} {m['samples_per_s']:10.1f} {m['samples_per_s'] / base:7.2f}x {m['train_time_s']:8.1f} "
+              f"{m['job_s']:7.1f} {m['cluster_up_s']:13.1f} {m['accuracy']:9.4f}")
+
+    two_nodes = med["2 nodes, 1 CPU each (ours)"]
+    if loss:
+        print(f"\nlosing the worker node after 2 checkpoints (of every 3 steps): the head noticed in "
+              f"{loss['loss_noticed_s']} s, a new node was up {loss['node_replaced_s']} s after the kill, the job "
+              f"ended {loss['kill_to_end_s']} s after it; {loss['restarts']} restart, {loss['steps']} steps (as "
+              f"uninterrupted); job {loss['job_s']} s vs {two_nodes['job_s']} s uninterrupted")
+    result = {
+        "bench": "multinode",
+        "target": f"2 one-CPU nodes >= {TARGET}x the teacher samples/s of one 2-CPU node",
+        "met": ratio >= TARGET,
+        "ratio": round(ratio, 3),
+        "epochs": args.epochs, "repeats": args.repeats,
+        "median": med,
+        "node_loss": loss,
+        "runs": runs,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"(all runs: {out})")
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
+
+
+if __name__ == "__main__":
+    main()
