@@ -194,11 +194,12 @@ class StudentConfig(_Section):
         "feature map to the teacher's); 0 turns it off. Online mode only",
     )
     prune_ratio: float = Field(
-        0.3, ge=0, lt=1,
+        0.2, ge=0, lt=1,
         description="after distillation: share of channels removed per prunable layer (L2-norm ranked, "
         "physically removed); 0 skips pruning",
     )
-    prune_finetune_epochs: int = Field(1, ge=0, description="short KD fine-tune after pruning, epochs")
+    prune_finetune_epochs: int = Field(2, ge=0, description="short KD fine-tune after pruning, epochs")
+    prune_finetune_lr: float = Field(2e-3, gt=0, description="peak LR of that fine-tune (cosine decay)")
     prune_max_drop: float = Field(
         0.01, ge=0, le=1,
         description="keep the pruned student only if its validation accuracy is at most this far below "

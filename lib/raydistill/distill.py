@@ -206,7 +206,7 @@ def compress_student(cfg: Config, data, student: nn.Module, spec, teacher: nn.Mo
     if scfg.prune_ratio > 0:
         pruned = compress.prune_channels(copy.deepcopy(student), scfg.prune_ratio, spec.image_size, spec.input_shape[0])
         compress.finetune(pruned, teacher, data.train.images, data.train.labels, image_size=spec.image_size,
-                          epochs=scfg.prune_finetune_epochs, batch_size=scfg.batch_size, lr=scfg.lr / 10,
+                          epochs=scfg.prune_finetune_epochs, batch_size=scfg.batch_size, lr=scfg.prune_finetune_lr,
                           temperature=scfg.temperature, alpha=scfg.alpha, seed=cfg.seed,
                           augment=cfg.data.augment.model_dump())
         val_pruned = accuracy(pruned, val.images, val.labels, spec.image_size)
