@@ -58,7 +58,8 @@ def test_online_student_distills_compresses_and_records_hashes(tmp_path, ray_ses
     for key in ("arch", "params_total", "accuracy", "teacher_accuracy", "retention", "params_ratio",
                 "latency_ms_p50", "kd"):
         assert key in summary
-    assert set(summary["latency_ms_p50"]) >= {"teacher", "student", "student_onnx", "student_int8"}
+    assert set(summary["latency_ms_p50"]) == {"teacher", "student"}  # as DESIGN fixes it
+    assert set(summary["latency_ms_p50_exported"]) == {"student_onnx", "student_int8"}
     assert summary["kd"]["mode"] == "online" and summary["kd"]["T"] == cfg.student.temperature
     assert summary["retention"] == pytest.approx(summary["accuracy"] / 0.5)
     assert summary["pruning"]["status"] == "kept"

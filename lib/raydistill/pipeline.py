@@ -119,7 +119,7 @@ def stage_student(cfg: Config, data, run: Run) -> dict:
         inputs=[teacher_path],
     )
     lat = summary["latency_ms_p50"]
-    int8 = (f", int8 ONNX {summary['int8_accuracy']:.4f} at {lat['student_int8']:.2f} ms"
+    int8 = (f", int8 ONNX {summary['int8_accuracy']:.4f} at {summary['latency_ms_p50_exported']['student_int8']:.2f} ms"
             if summary.get("int8_accuracy") is not None else "")
     log(f"student: {summary['arch']} {summary['params_total']:,} params ({summary['params_ratio']:.1f}x fewer; "
         f"pruning {summary['pruning']['status']}), test accuracy {summary['accuracy']:.4f}, "
