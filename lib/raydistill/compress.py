@@ -54,7 +54,6 @@ def finetune(net: nn.Module, teacher: nn.Module, images: np.ndarray, labels: np.
     steps = epochs * max(1, len(labels) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     teacher.eval()
-    step = 0
     for epoch in range(epochs):
         order = rng.permutation(len(labels))
         for i in range(0, len(order) - batch_size + 1, batch_size):
@@ -71,7 +70,6 @@ def finetune(net: nn.Module, teacher: nn.Module, images: np.ndarray, labels: np.
             loss.backward()
             opt.step()
             sched.step()
-            step += 1
     recalibrate_batchnorm(net, images, image_size)
     return net
 

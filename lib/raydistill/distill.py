@@ -23,6 +23,7 @@ from raydistill.kd import HintProjection, features_and_logits, feature_channels,
 from raydistill.training import EpochLog, StepPlan, set_threads
 
 STUDENT_FILE, ONNX_FILE, INT8_FILE = "student.safetensors", "student.onnx", "student.int8.onnx"
+MEASURE_FILE = "before_pruning.safetensors.measure"  # transient: only its size is reported
 
 
 class Trainee(nn.Module):
@@ -247,7 +248,7 @@ def compress_student(cfg: Config, data, student: nn.Module, spec, teacher: nn.Mo
         for name, (fn, acc, params, path) in forms.items():
             rows[name] = {"accuracy": acc, "params": params, "file_bytes": Path(path).stat().st_size,
                           **report.profile(fn, spec.input_shape)}
-    _weights_file(student, spec, out_dir).unlink(missing_ok=True)
+    (out_dir / MEASURE_FILE).unlink(missing_ok=True)
     final_row = rows["student"]
     acc = final_row["accuracy"]
     summary = {
@@ -282,7 +283,7 @@ def _weights_file(net: nn.Module, spec, out_dir: Path) -> Path:
     """The unpruned student as safetensors, only to measure its file size (deleted after)."""
     from raydistill.artifacts import save_weights
 
-    path = out_dir / "before_pruning.safetensors.measure"
+    path = out_dir / MEASURE_FILE
     if not path.exists():
         save_weights(path, net.state_dict(), spec.to_meta())
     return path
