@@ -52,7 +52,7 @@ def _with_teacher(tmp_path, name: str, digits_parquet) -> Run:
 
 def test_online_student_distills_compresses_and_records_hashes(tmp_path, ray_session, digits_parquet):
     run = _with_teacher(tmp_path, "online", digits_parquet)
-    cfg = load_config(REPO / "configs" / "demo.yaml", [*QUICK, f"data.source={digits_parquet}"])
+    cfg = load_config(REPO / "configs" / "demo.yaml", [*QUICK, f"data.source={digits_parquet}", "student.epochs=1"])
     summary = pipeline.run_stages(cfg, str(tmp_path), "online", ("student",))["student"]
 
     for key in ("arch", "params_total", "accuracy", "teacher_accuracy", "retention", "params_ratio",
