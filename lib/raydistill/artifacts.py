@@ -159,10 +159,9 @@ def save_weights(path: Path, state_dict: dict, meta: dict[str, str]) -> Path:
     return path
 
 
-def load_weights(path: Path, expected_sha256: str | None = None) -> tuple[dict, dict[str, str]]:
-    """(state_dict, metadata). Refuses a file whose hash differs from the one recorded."""
-    from safetensors import SafetensorError, safe_open
-
+def verify_file(path: Path, expected_sha256: str | None = None) -> Path:
+    """The path, once it exists and (when a hash is given) matches the sha256 recorded for it.
+    A truncated file, or one with a single changed byte, is refused before anything parses it."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: missing")
@@ -170,6 +169,14 @@ def load_weights(path: Path, expected_sha256: str | None = None) -> tuple[dict, 
         raise ArtifactError(
             f"{path}: sha256 differs from the one recorded in manifest.json (file changed or truncated)"
         )
+    return path
+
+
+def load_weights(path: Path, expected_sha256: str | None = None) -> tuple[dict, dict[str, str]]:
+    """(state_dict, metadata). Refuses a file whose hash differs from the one recorded."""
+    from safetensors import SafetensorError, safe_open
+
+    path = verify_file(path, expected_sha256)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -161,7 +161,24 @@ class TeacherConfig(_Section):
 
 
 class StudentConfig(_Section):
-    arch: str = Field("test_efficientnet", description="timm model name")
+    """The small model: distilled from the teacher, then pruned, exported to ONNX and int8."""
+
+    arch: str = Field("test_efficientnet", description="timm model name (built with pretrained=False)")
+    width: float = Field(
+        1.0, gt=0, le=4, description="channel multiplier (timm channel_multiplier; efficientnet / mobilenetv3 families)"
+    )
+    depth: float = Field(
+        1.0, gt=0, le=4, description="depth multiplier: block repeats per stage (timm depth_multiplier)"
+    )
+    teacher_mode: Literal["online", "offline"] = Field(
+        "online",
+        description="online: the teacher's forward runs in each student worker on the same batch; "
+        "offline: Ray Data batch inference writes the teacher's logits beside the augmented views "
+        "(Parquet in student/soft_targets/) first, for a teacher too large to sit beside the student",
+    )
+    offline_actors: int = Field(1, ge=1, description="offline: size of the teacher actor pool")
+    offline_cpus_per_actor: float = Field(1.0, gt=0, description="offline: CPUs each teacher actor claims")
+    offline_batch_size: int = Field(256, ge=1, description="offline: views per teacher forward pass")
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
@@ -171,6 +188,35 @@ class StudentConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     temperature: float = Field(4.0, gt=0, description="KD softmax temperature T")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of hard-label CE; (1-alpha) on T^2*KL")
+    hint_weight: float = Field(
+        0.0, ge=0,
+        description="weight of the hint loss (MSE of a learned 1x1 projection of the student's last "
+        "feature map to the teacher's); 0 turns it off. Online mode only",
+    )
+    prune_ratio: float = Field(
+        0.2, ge=0, lt=1,
+        description="after distillation: share of channels removed per prunable layer (L2-norm ranked, "
+        "physically removed); 0 skips pruning",
+    )
+    prune_finetune_epochs: int = Field(2, ge=0, description="short KD fine-tune after pruning, epochs")
+    prune_finetune_lr: float = Field(2e-3, gt=0, description="peak LR of that fine-tune (cosine decay)")
+    prune_max_drop: float = Field(
+        0.01, ge=0, le=1,
+        description="keep the pruned student only if its validation accuracy is at most this far below "
+        "the unpruned one's",
+    )
+    quantize: bool = Field(True, description="write student.int8.onnx (ONNX Runtime static int8, QDQ) for CPU serving")
+    onnx_tolerance: float = Field(
+        1e-4, gt=0, description="max |logit| difference allowed between ONNX Runtime and torch (fp32 export)"
+    )
+
+    @model_validator(mode="after")
+    def _hint_needs_online(self) -> "StudentConfig":
+        if self.hint_weight > 0 and self.teacher_mode == "offline":
+            raise ValueError(
+                "student.hint_weight needs student.teacher_mode=online (offline mode stores logits, not feature maps)"
+            )
+        return self
 
 
 class DeployConfig(_Section):
@@ -231,7 +277,7 @@ STAGE_SECTIONS = {
     "data": ("seed", "data"),
     "sweep": ("seed", "data", "sweep", "teacher"),
     "teacher": ("seed", "data", "teacher"),
-    "student": ("seed", "data", "student"),
+    "student": ("seed", "data", "student"),  # + the teacher's weights, an input checked by hash
     "deploy": ("deploy",),
 }
 

@@ -1,34 +1,84 @@
-"""Distillation: a small student trained by Ray Train on the teacher's soft targets.
+"""Distillation: a small student trained by Ray Train on the teacher's soft targets, then
+compressed (pruning + short fine-tune, ONNX, int8) and reported.
 
-Online mode: each worker holds the (frozen) teacher and runs its forward pass on the very
-augmented batch the student sees, so soft targets always match the student's views.
+Teacher modes (`student.teacher_mode`):
+- online: each worker holds the frozen teacher and runs its forward pass on the very augmented
+  batch the student sees, so soft targets always match the student's views;
+- offline: Ray Data batch inference (an actor pool, GPUs when asked for) first writes the
+  teacher's logits beside the augmented views as Parquet (student/soft_targets/); the workers
+  then read (view, label, logits) rows and never hold the teacher.
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from raydistill.config import Config
-from raydistill.training import EpochLog, StepPlan, set_threads, stream_batches, train_on_ray
+from raydistill.config import Config, StudentConfig
+from raydistill.kd import HintProjection, features_and_logits, feature_channels, kd_loss  # noqa: F401 (re-export)
+from raydistill.training import EpochLog, StepPlan, set_threads
+
+STUDENT_FILE, ONNX_FILE, INT8_FILE = "student.safetensors", "student.onnx", "student.int8.onnx"
+MEASURE_FILE = "before_pruning.safetensors.measure"  # transient: only its size is reported
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-            temperature: float, alpha: float) -> torch.Tensor:
-    """(1 - alpha) * T^2 * KL(teacher_T || student_T) + alpha * CE(student, labels).
+class Trainee(nn.Module):
+    """The student plus, with a hint loss, its feature projection: one module, so DDP syncs the
+    projection's gradients too. forward -> (logits, hint loss or 0)."""
 
-    T^2 keeps the soft-target gradients on the same scale as the hard-label ones (Hinton et al.).
-    """
-    t = temperature
-    soft = F.kl_div(
-        F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
-        reduction="batchmean", log_target=True,
-    )
-    hard = F.cross_entropy(student_logits, labels)
-    return (1.0 - alpha) * (t * t) * soft + alpha * hard
+    def __init__(self, student: nn.Module, hint: HintProjection | None):
+        super().__init__()
+        self.student = student
+        self.hint = hint
+
+    def forward(self, x: torch.Tensor, teacher_features: torch.Tensor | None = None):
+        if self.hint is None:
+            return self.student(x), x.new_zeros(())
+        features, logits = features_and_logits(self.student, x)
+        return logits, self.hint(features, teacher_features)
+
+
+def build_trainee(student: nn.Module, teacher: nn.Module | None, scfg: StudentConfig,
+                  view_shape: tuple[int, int, int]) -> Trainee:
+    hint = None
+    if scfg.hint_weight > 0:
+        hint = HintProjection(feature_channels(student, view_shape), feature_channels(teacher, view_shape))
+    return Trainee(student, hint)
+
+
+def teacher_targets(teacher: nn.Module, x: torch.Tensor, with_features: bool):
+    """(logits, features or None) of the frozen teacher on a batch."""
+    with torch.no_grad():
+        if with_features:
+            features, logits = features_and_logits(teacher, x)
+            return logits, features
+        return teacher(x), None
+
+
+def distill_step(trainee, opt, sched, x, y, teacher_logits, teacher_features, scfg: StudentConfig) -> float:
+    """One optimizer step on KD loss (+ hint_weight x hint loss). Returns the loss."""
+    trainee.train()
+    logits, hint = trainee(x, teacher_features)
+    loss = kd_loss(logits, teacher_logits, y, scfg.temperature, scfg.alpha) + scfg.hint_weight * hint
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+def _batches(shard, batch_size: int, total_steps: int, device):
+    """(step, {column: tensor}) from a Ray Data shard, stopping at exactly total_steps."""
+    step = 0
+    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2):
+        if step >= total_steps:
+            break
+        step += 1
+        yield step, {k: v.to(device) for k, v in batch.items()}
 
 
 def student_worker(loop_config: dict) -> None:
@@ -39,40 +89,43 @@ def student_worker(loop_config: dict) -> None:
 
     from raydistill.artifacts import save_weights
     from raydistill.models import ModelSpec, accuracy, build_network, recalibrate_batchnorm
+    from raydistill.soft_targets import LOGITS_COLUMN
 
     cfg = Config.model_validate(loop_config["cfg"])
     scfg = cfg.student
     spec = ModelSpec(**loop_config["spec"])
-    teacher_spec = ModelSpec(**loop_config["teacher_spec"])
     plan = StepPlan(**loop_config["plan"])
     (val_images, val_labels), train_images = ray.get(loop_config["eval"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(scfg.cpus_per_worker)
     device = ray.train.torch.get_device()
+    online = scfg.teacher_mode == "online"
+    view_shape = (spec.input_shape[0], spec.image_size, spec.image_size)
 
-    teacher = build_network(teacher_spec)
-    teacher.load_state_dict(load_safetensors(ray.get(loop_config["teacher_weights"])))
-    teacher.to(device).eval().requires_grad_(False)
+    teacher = None
+    if online:
+        teacher = build_network(ModelSpec(**loop_config["teacher_spec"]))
+        teacher.load_state_dict(load_safetensors(ray.get(loop_config["teacher_weights"])))
+        teacher.to(device).eval().requires_grad_(False)
 
     torch.manual_seed(cfg.seed)
-    student = ray.train.torch.prepare_model(build_network(spec))  # DDP when world > 1
-    plain = getattr(student, "module", student)
-    opt = torch.optim.AdamW(student.parameters(), lr=scfg.lr, weight_decay=scfg.weight_decay)
+    trainee = build_trainee(build_network(spec), teacher, scfg, view_shape)
+    model = ray.train.torch.prepare_model(trainee)  # DDP when world > 1
+    plain = trainee.student
+    opt = torch.optim.AdamW(model.parameters(), lr=scfg.lr, weight_decay=scfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=scfg.lr, total_steps=plan.total_steps, pct_start=0.15)
     log = EpochLog("student", plan, scfg.batch_size * world, rank)
     shard = ray.train.get_dataset_shard("train")
     loss_sum, seen, step = 0.0, 0, 0
-    for step, x, y in stream_batches(shard, scfg.batch_size, plan.total_steps, device):
-        student.train()
-        with torch.no_grad():
-            teacher_logits = teacher(x)
-        loss = kd_loss(student(x), teacher_logits, y, scfg.temperature, scfg.alpha)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_sum, seen = loss_sum + loss.item(), seen + 1
+    for step, batch in _batches(shard, scfg.batch_size, plan.total_steps, device):
+        x, y = batch["image"], batch["label"]
+        if online:
+            teacher_logits, teacher_features = teacher_targets(teacher, x, trainee.hint is not None)
+        else:
+            teacher_logits, teacher_features = batch[LOGITS_COLUMN].float(), None
+        loss = distill_step(model, opt, sched, x, y, teacher_logits, teacher_features, scfg)
+        loss_sum, seen = loss_sum + loss, seen + 1
         if step % plan.steps_per_epoch == 0 or step == plan.total_steps:
             recalibrate_batchnorm(plain, train_images, spec.image_size)
             val_acc = accuracy(plain, val_images, val_labels, spec.image_size)
@@ -84,43 +137,153 @@ def student_worker(loop_config: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            save_weights(Path(tmp) / "student.safetensors", plain.state_dict(), spec.to_meta())
+            save_weights(Path(tmp) / STUDENT_FILE, plain.state_dict(), spec.to_meta())
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({"steps": step, "samples_per_s": log.samples_per_s(max(step, 1))}, checkpoint=checkpoint)
 
 
-def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, out_dir: Path) -> dict:
-    """Distill the teacher into the student; write student.safetensors and return its summary."""
+def student_spec(cfg: Config, data):
+    from raydistill.models import ModelSpec
+
+    s = cfg.student
+    return ModelSpec(s.arch, data.num_classes, data.input_shape, cfg.data.image_size, width=s.width, depth=s.depth)
+
+
+def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, out_dir: Path,
+                teacher_sha256: str | None = None) -> tuple[dict, list[Path]]:
+    """Distill, compress, measure. Writes student.safetensors, student.onnx, student.int8.onnx,
+    report.md/png (and soft_targets/ offline); returns (summary, files written)."""
     import ray
 
     from raydistill.artifacts import load_weights
-    from raydistill.models import Classifier, ModelSpec, accuracy, build_network, count_params, latency_ms
+    from raydistill.models import load_network
+    from raydistill.training import train_on_ray
 
     scfg = cfg.student
-    teacher_state, teacher_meta = load_weights(teacher_path)
+    teacher_state, teacher_meta = load_weights(teacher_path, teacher_sha256)
+    teacher = load_network(teacher_state, teacher_meta).eval()
+    spec = student_spec(cfg, data)
+    files: list[Path] = []
+    stream, extra = None, {"teacher_spec": None, "teacher_weights": None}
+    if scfg.teacher_mode == "offline":
+        from raydistill.soft_targets import read_soft_targets, write_soft_targets
+
+        plan = StepPlan.of(len(data.train), scfg.num_workers, scfg.batch_size, scfg.epochs)
+        files += write_soft_targets(cfg, data, teacher_path, teacher_sha256,
+                                    plan.rows_per_epoch(scfg.num_workers, scfg.batch_size), out_dir)
+        stream = read_soft_targets(files)
+    else:
+        from raydistill.models import ModelSpec
+
+        from safetensors.torch import save as to_safetensors_bytes
+
+        # The hash-checked tensors, re-serialised: workers get exactly what was verified.
+        extra = {"teacher_spec": ModelSpec.from_meta(teacher_meta).__dict__,
+                 "teacher_weights": ray.put(to_safetensors_bytes(teacher_state))}
+    metrics, student, elapsed = train_on_ray("student", student_worker, cfg, data, spec, out_dir, extra, stream=stream)
+    summary, compressed = compress_student(cfg, data, student, spec, teacher, teacher_meta, teacher_accuracy,
+                                           out_dir, teacher_path)
+    summary.update(steps=int(metrics["steps"]), epochs=scfg.epochs, samples_per_s=float(metrics["samples_per_s"]),
+                   train_time_s=round(elapsed, 2))
+    return summary, [*files, *compressed]
+
+
+def compress_student(cfg: Config, data, student: nn.Module, spec, teacher: nn.Module, teacher_meta: dict,
+                     teacher_accuracy: float, out_dir: Path, teacher_path: Path) -> tuple[dict, list[Path]]:
+    """Prune (kept only if validation accuracy holds), save, export ONNX (checked against
+    torch), quantize to int8, measure every form, write the report. Returns (summary, files)."""
+    import time
+
+    from raydistill import compress, report
+    from raydistill.artifacts import save_weights
+    from raydistill.models import Classifier, ModelSpec, accuracy, count_params
+
+    scfg = cfg.student
+    start = time.perf_counter()
+    test, val = data.test, data.val
+    distilled = {"params": count_params(student), "accuracy": accuracy(student, test.images, test.labels, spec.image_size),
+                 "val_accuracy": accuracy(student, val.images, val.labels, spec.image_size)}
+    final, pruning = student, {"status": "off (student.prune_ratio=0)", "ratio": 0.0}
+    if scfg.prune_ratio > 0:
+        pruned = compress.prune_channels(copy.deepcopy(student), scfg.prune_ratio, spec.image_size, spec.input_shape[0])
+        compress.finetune(pruned, teacher, data.train.images, data.train.labels, image_size=spec.image_size,
+                          epochs=scfg.prune_finetune_epochs, batch_size=scfg.batch_size, lr=scfg.prune_finetune_lr,
+                          temperature=scfg.temperature, alpha=scfg.alpha, seed=cfg.seed,
+                          augment=cfg.data.augment.model_dump())
+        val_pruned = accuracy(pruned, val.images, val.labels, spec.image_size)
+        kept = val_pruned >= distilled["val_accuracy"] - scfg.prune_max_drop
+        pruning = {"status": "kept" if kept else f"rejected (val accuracy fell more than {scfg.prune_max_drop})",
+                   "ratio": scfg.prune_ratio, "params_before": distilled["params"], "params_after": count_params(pruned),
+                   "val_accuracy_before": distilled["val_accuracy"], "val_accuracy_after": val_pruned,
+                   "test_accuracy_after": accuracy(pruned, test.images, test.labels, spec.image_size),
+                   "finetune_epochs": scfg.prune_finetune_epochs}
+        final = pruned if kept else student
+    meta = {**spec.to_meta(), "pruned": "true" if final is not student else "false"}
+    weights = save_weights(out_dir / STUDENT_FILE, final.state_dict(), meta)
+    onnx_path = compress.export_onnx(final, spec, out_dir / ONNX_FILE)
+    onnx_check = compress.check_onnx(final, spec, onnx_path, test.images, scfg.onnx_tolerance)
+    files = [weights, onnx_path]
+
     teacher_spec = ModelSpec.from_meta(teacher_meta)
-    spec = ModelSpec(scfg.arch, data.num_classes, data.input_shape, cfg.data.image_size)
-    metrics, student, elapsed = train_on_ray(
-        "student", student_worker, cfg, data, spec, out_dir,
-        extra={"teacher_spec": teacher_spec.__dict__, "teacher_weights": ray.put(Path(teacher_path).read_bytes())},
-    )
-    teacher = build_network(teacher_spec)
-    teacher.load_state_dict(teacher_state)
-    acc = accuracy(student, data.test.images, data.test.labels, spec.image_size)
-    student_latency = latency_ms(Classifier(student, spec), spec.input_shape)
-    teacher_latency = latency_ms(Classifier(teacher, teacher_spec), teacher_spec.input_shape)
-    return {
+    # Each form: (runner, test accuracy, params, its file on disk).
+    forms = {"teacher": (report.torch_runner(Classifier(teacher, teacher_spec)), teacher_accuracy,
+                         count_params(teacher), teacher_path)}
+    if final is student:
+        forms["student"] = (report.torch_runner(Classifier(student, spec)), distilled["accuracy"], distilled["params"], weights)
+    else:
+        forms["student (before pruning)"] = (report.torch_runner(Classifier(student, spec)), distilled["accuracy"],
+                                             distilled["params"], _weights_file(student, spec, out_dir))
+        forms["student"] = (report.torch_runner(Classifier(final, spec)), pruning["test_accuracy_after"],
+                            count_params(final), weights)
+    forms["student ONNX fp32"] = (report.onnx_runner(compress.onnx_session(onnx_path)),
+                                  compress.onnx_accuracy(onnx_path, test.images, test.labels), count_params(final), onnx_path)
+    if scfg.quantize:
+        int8_path = compress.quantize_int8(onnx_path, out_dir / INT8_FILE, data.train.images[:512])
+        files.append(int8_path)
+        forms["student int8 (ONNX)"] = (report.onnx_runner(compress.onnx_session(int8_path)),
+                                        compress.onnx_accuracy(int8_path, test.images, test.labels),
+                                        count_params(final), int8_path)
+    rows = {}
+    with report.one_thread():
+        for name, (fn, acc, params, path) in forms.items():
+            rows[name] = {"accuracy": acc, "params": params, "file_bytes": Path(path).stat().st_size,
+                          **report.profile(fn, spec.input_shape)}
+    (out_dir / MEASURE_FILE).unlink(missing_ok=True)
+    final_row = rows["student"]
+    acc = final_row["accuracy"]
+    summary = {
         "arch": scfg.arch,
-        "params_total": count_params(student),
+        "width": scfg.width,
+        "depth": scfg.depth,
+        "params_total": count_params(final),
         "accuracy": acc,
         "teacher_accuracy": teacher_accuracy,
         "retention": acc / teacher_accuracy if teacher_accuracy else None,
-        "params_ratio": count_params(teacher) / count_params(student),
-        "latency_ms_p50": {"teacher": teacher_latency["p50"], "student": student_latency["p50"]},
-        "latency_ms_p99": {"teacher": teacher_latency["p99"], "student": student_latency["p99"]},
-        "kd": {"T": scfg.temperature, "alpha": scfg.alpha, "mode": "online"},
-        "steps": int(metrics["steps"]),
-        "epochs": scfg.epochs,
-        "samples_per_s": float(metrics["samples_per_s"]),
-        "train_time_s": round(elapsed, 2),
+        "params_ratio": count_params(teacher) / count_params(final),
+        # DESIGN keys: teacher and student in torch; the exported forms beside them.
+        "latency_ms_p50": {"teacher": rows["teacher"]["latency_ms_p50"], "student": final_row["latency_ms_p50"]},
+        "latency_ms_p99": {"teacher": rows["teacher"]["latency_ms_p99"], "student": final_row["latency_ms_p99"]},
+        "latency_ms_p50_exported": {
+            "student_onnx": rows["student ONNX fp32"]["latency_ms_p50"],
+            **({"student_int8": rows["student int8 (ONNX)"]["latency_ms_p50"]} if scfg.quantize else {})},
+        "kd": {"T": scfg.temperature, "alpha": scfg.alpha, "mode": scfg.teacher_mode, "hint_weight": scfg.hint_weight},
+        "teacher_arch": teacher_spec.arch,
+        "distilled": distilled,
+        "pruning": pruning,
+        "onnx": onnx_check,
+        "int8_accuracy": rows["student int8 (ONNX)"]["accuracy"] if scfg.quantize else None,
+        "forms": rows,
+        "compress_time_s": round(time.perf_counter() - start, 2),
     }
+    files += report.write_report(out_dir, rows, summary)
+    return summary, files
+
+
+def _weights_file(net: nn.Module, spec, out_dir: Path) -> Path:
+    """The unpruned student as safetensors, only to measure its file size (deleted after)."""
+    from raydistill.artifacts import save_weights
+
+    path = out_dir / MEASURE_FILE
+    if not path.exists():
+        save_weights(path, net.state_dict(), spec.to_meta())
+    return path

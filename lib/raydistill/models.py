@@ -22,6 +22,8 @@ class ModelSpec:
     num_classes: int
     input_shape: tuple[int, int, int]  # (C, H, W) of raw pixels the classifier accepts
     image_size: int  # side the network itself sees
+    width: float = 1.0  # timm channel_multiplier (efficientnet / mobilenet families)
+    depth: float = 1.0  # timm depth_multiplier: repeats of each stage's blocks
 
     def to_meta(self) -> dict[str, str]:
         meta = asdict(self)
@@ -34,6 +36,8 @@ class ModelSpec:
             num_classes=int(meta["num_classes"]),
             input_shape=tuple(int(v) for v in meta["input_shape"].split(",")),  # type: ignore[arg-type]
             image_size=int(meta["image_size"]),
+            width=float(meta.get("width", 1.0)),
+            depth=float(meta.get("depth", 1.0)),
         )
 
 
@@ -42,6 +46,11 @@ def build_network(spec: ModelSpec) -> nn.Module:
     import timm
 
     kwargs = dict(pretrained=False, num_classes=spec.num_classes, in_chans=spec.input_shape[0])
+    # Only passed when set: most timm families (ResNets, ViTs) have no such multipliers.
+    if spec.width != 1.0:
+        kwargs["channel_multiplier"] = spec.width
+    if spec.depth != 1.0:
+        kwargs["depth_multiplier"] = spec.depth
     try:
         try:  # transformers are built for the input size; convnets take any size and refuse the kwarg
             return timm.create_model(spec.arch, img_size=spec.image_size, **kwargs)
@@ -49,10 +58,63 @@ def build_network(spec: ModelSpec) -> nn.Module:
             if "img_size" not in str(err):
                 raise
             return timm.create_model(spec.arch, **kwargs)
+    except TypeError as err:
+        if "multiplier" in str(err):
+            raise ValueError(
+                f"timm's {spec.arch} has no width/depth multiplier: use width=depth=1, or an "
+                "efficientnet / mobilenetv3 family arch (e.g. test_efficientnet, mobilenetv3_small_050)"
+            ) from None
+        raise
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ValueError(f"unknown timm architecture '{spec.arch}' (see timm.list_models())") from None
         raise
+
+
+def fit_to_state(net: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Resize a freshly built network's layers to the shapes in `state`, in place.
+
+    A structurally pruned network has fewer channels than its arch's default; rebuilding it
+    means building the arch, then shrinking each Conv2d / Linear / BatchNorm to the stored
+    tensor shapes (a depthwise conv keeps groups == channels). Layers whose shapes already
+    match are untouched. Loading `state` afterwards checks every shape strictly.
+    """
+    for name, module in net.named_modules():
+        prefix = f"{name}." if name else ""
+        depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+        changed = False
+        for attr, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            stored = state.get(prefix + attr)
+            if stored is None or stored.shape == tensor.shape:
+                continue
+            changed = True
+            fresh = torch.empty(stored.shape, dtype=tensor.dtype)
+            if isinstance(tensor, nn.Parameter):
+                setattr(module, attr, nn.Parameter(fresh, requires_grad=tensor.requires_grad))
+            else:
+                module.register_buffer(attr, fresh)
+        if not changed:
+            continue
+        if isinstance(module, nn.Conv2d):
+            module.out_channels = module.weight.shape[0]
+            if depthwise:
+                module.groups = module.in_channels = module.out_channels
+            else:
+                module.in_channels = module.weight.shape[1] * module.groups
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.num_features = module.running_mean.shape[0]
+    return net
+
+
+def load_network(state: dict[str, torch.Tensor], meta: dict[str, str]) -> nn.Module:
+    """The network stored in a safetensors file (state, header metadata), pruned or not."""
+    net = build_network(ModelSpec.from_meta(meta))
+    if meta.get("pruned") == "true":
+        fit_to_state(net, state)
+    net.load_state_dict(state)
+    return net
 
 
 def describe_network(spec: ModelSpec) -> dict:

@@ -111,17 +111,20 @@ def stage_student(cfg: Config, data, run: Run) -> dict:
     from raydistill.distill import run_student
 
     teacher_path = run.root / "teacher" / "teacher.safetensors"
-    _verify(run, "teacher", teacher_path)
+    teacher_sha = _verify(run, "teacher", teacher_path)
     teacher_accuracy = read_json(run.root / "teacher" / "summary.json")["accuracy"]
     summary = _run_or_reuse(
         run, "student", cfg.stage_digest("student"),
-        lambda out: (run_student(cfg, data, teacher_path, teacher_accuracy, out), [out / "student.safetensors"]),
+        lambda out: run_student(cfg, data, teacher_path, teacher_accuracy, out, teacher_sha),
         inputs=[teacher_path],
     )
-    log(f"student: {summary['arch']} {summary['params_total']:,} params ({summary['params_ratio']:.1f}x fewer), "
-        f"test accuracy {summary['accuracy']:.4f}, retention {summary['retention']:.3f}, "
-        f"batch-1 p50 {summary['latency_ms_p50']['student']:.2f} ms vs teacher "
-        f"{summary['latency_ms_p50']['teacher']:.2f} ms")
+    lat = summary["latency_ms_p50"]
+    int8 = (f", int8 ONNX {summary['int8_accuracy']:.4f} at {summary['latency_ms_p50_exported']['student_int8']:.2f} ms"
+            if summary.get("int8_accuracy") is not None else "")
+    log(f"student: {summary['arch']} {summary['params_total']:,} params ({summary['params_ratio']:.1f}x fewer; "
+        f"pruning {summary['pruning']['status']}), test accuracy {summary['accuracy']:.4f}, "
+        f"retention {summary['retention']:.3f}, batch-1 p50 {lat['student']:.2f} ms vs teacher "
+        f"{lat['teacher']:.2f} ms{int8}; report in {run.root / 'student' / 'report.md'}")
     return summary
 
 

@@ -134,15 +134,14 @@ class StudentServer:
         import torch
 
         from raydistill.artifacts import load_weights
-        from raydistill.models import Classifier, ModelSpec, build_network
+        from raydistill.models import Classifier, ModelSpec, load_network
 
         self.cfg = DeployConfig.model_validate(deploy)
         self.api_key = read_api_key(self.cfg)
         torch.set_num_threads(max(1, int(self.cfg.replica_cpus)))
         state, meta = load_weights(Path(weights), sha256)
         self.spec = ModelSpec.from_meta(meta)
-        net = build_network(self.spec)
-        net.load_state_dict(state)
+        net = load_network(state, meta)  # rebuilds a pruned student's shapes too
         self.device = torch.device("cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu")
         self.model = Classifier(net, self.spec).eval().to(self.device)
         self.version = version

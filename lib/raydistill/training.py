@@ -157,12 +157,15 @@ def _fit(trainer, stage: str):
 
 
 def train_on_ray(stage: str, worker, cfg: Config, data, spec, out_dir: Path, extra: dict | None = None,
-                 *, max_failures: int = 0, keep_checkpoints: int = 1, files: tuple[str, ...] = ()):
+                 *, max_failures: int = 0, keep_checkpoints: int = 1, files: tuple[str, ...] = (),
+                 stream=None):
     """Run `worker` on Ray Train over the stage's stream of augmented views.
 
     Ray Train keeps the run under out_dir/ray/<stage>-<config hash>: rerunning the same config
     finds its checkpoints (Train V2 restores a run with the same name and storage), a changed
-    config starts afresh. The worker saves `<stage>.safetensors` (and any `files`) into its
+    config starts afresh. `stream` replaces the default stream of augmented views (the student's
+    offline mode passes the views joined with the teacher's logits). The worker saves
+    `<stage>.safetensors` (and any `files`) into its
     final checkpoint; they are copied to out_dir. Returns (final metrics of rank 0, the trained
     plain network, seconds).
     """
@@ -181,7 +184,9 @@ def train_on_ray(stage: str, worker, cfg: Config, data, spec, out_dir: Path, ext
         "cfg": cfg.model_dump(mode="json"), "spec": spec.__dict__, "plan": plan.__dict__,
         "eval": ray.put(((data.val.images, data.val.labels), data.train.images)), **(extra or {}),
     }
-    stream = train_stream(cfg, data.train, stage_cfg.epochs, plan.rows_per_epoch(stage_cfg.num_workers, stage_cfg.batch_size))
+    if stream is None:
+        stream = train_stream(cfg, data.train, stage_cfg.epochs,
+                              plan.rows_per_epoch(stage_cfg.num_workers, stage_cfg.batch_size))
     run_config = RunConfig(
         name=f"{stage}-{cfg.stage_digest(stage)}", storage_path=str((out_dir / "ray").resolve()),
         failure_config=FailureConfig(max_failures=max_failures),

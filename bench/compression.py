@@ -1,0 +1,303 @@
+"""Distillation and compression: does the student keep >= 98% of the teacher at a tenth of the size?
+
+In one run, on each of two held-out test sets:
+  - digits:  scikit-learn's 1,797 8x8 handwritten digits (the demo's data), models see 16x16;
+  - shapes:  a harder set generated here: 10 classes of shapes (disk, ring, square, diamond,
+             triangle, plus, cross, bars, hollow square) at random position, size and colour
+             on a random background with heavy pixel noise, 3x32x32;
+we train and compare
+  - teacher:        timm resnet10t (4.9M params), cross-entropy;
+  - student KD:     timm test_efficientnet (0.1M), knowledge distillation from the teacher
+                    (online: teacher forward on the same augmented batch; T=4, alpha=0.5),
+                    then our compression (lib/raydistill/distill.compress_student: channel
+                    pruning 30% + 1 epoch KD fine-tune, kept only if validation accuracy holds);
+  - student no-KD:  the same student, same init, same augmented views and steps, plain
+                    cross-entropy (alpha=1: the same loss code with the teacher term off);
+  - student int8:   the compressed KD student as static int8 ONNX (ONNX Runtime, CPU).
+Training runs in this process with the library's own pieces (data.augment_batch,
+distill.distill_step, compress.*): the benchmark measures the method, not Ray's orchestration
+(the pipeline runs the same steps on Ray Train; tests/test_student.py covers that path).
+
+Latency: batch 1, one CPU thread, p50/p99 over 100 calls; throughput: batch 64, one thread.
+Targets: retention (student int8 accuracy / teacher accuracy) >= 0.98; >= 10x fewer
+parameters; >= 5x lower batch-1 CPU latency, compared in the same runtime (teacher as fp32
+ONNX vs student int8 ONNX; teacher in torch vs student int8 is printed too); KD beats no-KD
+(on each set: KD accuracy >= no-KD accuracy, and higher on average). Accuracy on a few
+hundred test images moves by ~0.3 points a mistake: the KD-vs-no-KD margin is reported, not
+smoothed.
+
+    python bench/compression.py [--quick] [--out bench_compression.json] [--sets digits,shapes] [--epochs T,S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# ---- data ---------------------------------------------------------------------------------
+
+
+def digits_dataset():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    return images, d.target.astype(np.int64)
+
+
+SHAPES = ("disk", "ring", "square", "diamond", "triangle", "plus", "cross", "hbar", "vbar", "frame")
+
+
+def shapes_dataset(n: int, seed: int, size: int = 32):
+    """Noisy, shifted, coloured shapes: (n, 3, size, size) uint8 and labels 0..9."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    labels = rng.integers(0, len(SHAPES), n)
+    images = np.empty((n, 3, size, size), np.uint8)
+    for i, label in enumerate(labels):
+        cx, cy = rng.uniform(0.3 * size, 0.7 * size, 2)
+        r = rng.uniform(0.16 * size, 0.3 * size)
+        dx, dy = xx - cx, yy - cy
+        dist, box, manhattan = np.hypot(dx, dy), np.maximum(abs(dx), abs(dy)), abs(dx) + abs(dy)
+        thin = 0.3 * r
+        mask = {
+            "disk": dist < r,
+            "ring": (dist < r) & (dist > 0.6 * r),
+            "square": box < 0.8 * r,
+            "diamond": manhattan < r,
+            "triangle": (dy < 0.7 * r) & (dy > -0.7 * r) & (abs(dx) < (dy + 0.7 * r) * 0.6),
+            "plus": ((abs(dx) < thin) & (abs(dy) < r)) | ((abs(dy) < thin) & (abs(dx) < r)),
+            "cross": ((abs(dx - dy) < 1.4 * thin) & (abs(dx + dy) < 1.4 * r))
+            | ((abs(dx + dy) < 1.4 * thin) & (abs(dx - dy) < 1.4 * r)),
+            "hbar": (abs(dy) < thin) & (abs(dx) < r),
+            "vbar": (abs(dx) < thin) & (abs(dy) < r),
+            "frame": (box < 0.8 * r) & (box > 0.5 * r),
+        }[SHAPES[label]]
+        background = rng.uniform(0.0, 1.0, 3)
+        foreground = (background + rng.uniform(0.35, 0.65, 3) * rng.choice([-1, 1], 3)) % 1.0
+        img = np.where(mask[None], foreground[:, None, None], background[:, None, None])
+        img = img + rng.normal(0, 0.18, img.shape)  # heavy pixel noise
+        images[i] = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
+    return images, labels.astype(np.int64)
+
+
+def split(images, labels, seed: int, test_fraction: float = 0.2, val_fraction: float = 0.1):
+    from raydistill.data import Dataset, Split
+
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_test, n_val = int(len(labels) * test_fraction), int(len(labels) * val_fraction)
+    test, val, train = np.split(order, [n_test, n_test + n_val])
+    return Dataset(train=Split(images[train], labels[train]), val=Split(images[val], labels[val]),
+                   test=Split(images[test], labels[test]), num_classes=int(labels.max()) + 1,
+                   source="bench", rows_read=len(labels))
+
+
+# ---- training (in process, the library's own steps) -----------------------------------------
+
+
+def epoch_views(data, epoch: int, cfg, batch_size: int):
+    """The augmented training views of one epoch, in batches: the pipeline's own augment, seeded
+    per (seed, epoch, row id), so every model trained here sees exactly the same views."""
+    import torch
+
+    from raydistill.data import augment_batch
+
+    order = np.random.default_rng((cfg.seed, epoch)).permutation(len(data.train))
+    for i in range(0, len(order) - batch_size + 1, batch_size):
+        idx = np.sort(order[i : i + batch_size])
+        views = augment_batch({"image": data.train.images[idx], "label": data.train.labels[idx], "id": idx},
+                              seed=cfg.seed, epoch=epoch, image_size=cfg.data.image_size,
+                              augment=cfg.data.augment.model_dump())
+        yield torch.from_numpy(views["image"]), torch.from_numpy(np.asarray(views["label"]))
+
+
+def train_teacher(cfg, data, spec, epochs: int):
+    import torch
+    import torch.nn.functional as F
+
+    from raydistill.models import build_network, recalibrate_batchnorm
+
+    torch.manual_seed(cfg.seed)
+    net = build_network(spec)
+    steps = epochs * (len(data.train) // cfg.teacher.batch_size)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.teacher.lr, weight_decay=cfg.teacher.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.teacher.lr, total_steps=steps, pct_start=0.15)
+    for epoch in range(epochs):
+        for x, y in epoch_views(data, epoch, cfg, cfg.teacher.batch_size):
+            net.train()
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    recalibrate_batchnorm(net, data.train.images, spec.image_size)
+    return net.eval()
+
+
+def train_student(cfg, data, spec, teacher, epochs: int):
+    """distill.distill_step over the same views; cfg.student.alpha=1 makes it plain CE."""
+    import torch
+
+    from raydistill.distill import build_trainee, distill_step, teacher_targets
+    from raydistill.models import build_network, recalibrate_batchnorm
+
+    scfg = cfg.student
+    torch.manual_seed(cfg.seed)  # the same init for KD and no-KD
+    trainee = build_trainee(build_network(spec), teacher, scfg, (spec.input_shape[0], spec.image_size, spec.image_size))
+    steps = epochs * (len(data.train) // scfg.batch_size)
+    opt = torch.optim.AdamW(trainee.parameters(), lr=scfg.lr, weight_decay=scfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=scfg.lr, total_steps=steps, pct_start=0.15)
+    for epoch in range(epochs):
+        for x, y in epoch_views(data, epoch, cfg, scfg.batch_size):
+            if scfg.alpha < 1.0:
+                logits, feats = teacher_targets(teacher, x, trainee.hint is not None)
+            else:  # no KD: the teacher term has weight 0, skip its forward pass
+                logits, feats = torch.zeros(len(y), data.num_classes), None
+            distill_step(trainee, opt, sched, x, y, logits, feats, scfg)
+    recalibrate_batchnorm(trainee.student, data.train.images, spec.image_size)
+    return trainee.student.eval()
+
+
+# ---- one data set -------------------------------------------------------------------------
+
+
+def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path) -> dict:
+    import torch
+
+    from raydistill import compress, report
+    from raydistill.artifacts import save_weights
+    from raydistill.config import load_config
+    from raydistill.distill import compress_student
+    from raydistill.models import Classifier, ModelSpec, accuracy, count_params
+
+    cfg = load_config(None, [f"data.image_size={image_size}", "student.lr=0.006"])
+    tspec = ModelSpec("resnet10t", data.num_classes, data.input_shape, image_size)
+    sspec = ModelSpec(cfg.student.arch, data.num_classes, data.input_shape, image_size)
+    start = time.perf_counter()
+    teacher = train_teacher(cfg, data, tspec, epochs["teacher"])
+    t_teacher = time.perf_counter() - start
+    teacher_acc = accuracy(teacher, data.test.images, data.test.labels, image_size)
+    teacher_path = save_weights(workdir / f"{name}_teacher.safetensors", teacher.state_dict(), tspec.to_meta())
+
+    start = time.perf_counter()
+    kd = train_student(cfg, data, sspec, teacher, epochs["student"])
+    t_kd = time.perf_counter() - start
+    start = time.perf_counter()
+    no_kd = train_student(cfg.with_values({"student.alpha": 1.0}), data, sspec, teacher, epochs["student"])
+    t_no_kd = time.perf_counter() - start
+    kd_acc = accuracy(kd, data.test.images, data.test.labels, image_size)
+    no_kd_acc = accuracy(no_kd, data.test.images, data.test.labels, image_size)
+
+    out = workdir / name
+    out.mkdir(exist_ok=True)
+    summary, _ = compress_student(cfg, data, kd, sspec, teacher, tspec.to_meta(), teacher_acc, out, teacher_path)
+    rows = summary["forms"]
+    # The teacher in the same runtime as the student's int8 form: fp32 ONNX.
+    teacher_onnx = compress.export_onnx(teacher, tspec, out / "teacher.onnx")
+    compress.check_onnx(teacher, tspec, teacher_onnx, data.test.images[:128], 1e-3)
+    with report.one_thread():
+        rows["teacher ONNX fp32"] = {
+            "accuracy": compress.onnx_accuracy(teacher_onnx, data.test.images, data.test.labels),
+            "params": count_params(teacher), "file_bytes": teacher_onnx.stat().st_size,
+            **report.profile(report.onnx_runner(compress.onnx_session(teacher_onnx)), tspec.input_shape)}
+        rows["student no-KD"] = {
+            "accuracy": no_kd_acc, "params": count_params(no_kd), "file_bytes": rows["student (before pruning)"]["file_bytes"]
+            if "student (before pruning)" in rows else rows["student"]["file_bytes"],
+            **report.profile(report.torch_runner(Classifier(no_kd, sspec)), sspec.input_shape)}
+    int8 = rows["student int8 (ONNX)"]
+    del torch
+    return {
+        "rows": rows,
+        "teacher_accuracy": teacher_acc,
+        "kd_accuracy": kd_acc,
+        "no_kd_accuracy": no_kd_acc,
+        "int8_accuracy": int8["accuracy"],
+        "retention_int8": int8["accuracy"] / teacher_acc,
+        "retention_student": summary["accuracy"] / teacher_acc,
+        "params_ratio": count_params(teacher) / summary["params_total"],
+        "latency_ratio_same_runtime": rows["teacher ONNX fp32"]["latency_ms_p50"] / int8["latency_ms_p50"],
+        "latency_ratio_vs_torch_teacher": rows["teacher"]["latency_ms_p50"] / int8["latency_ms_p50"],
+        "pruning": summary["pruning"]["status"],
+        "test_images": len(data.test),
+        "train_s": {"teacher": round(t_teacher, 1), "student_kd": round(t_kd, 1), "student_no_kd": round(t_no_kd, 1)},
+    }
+
+
+def print_table(name: str, result: dict) -> None:
+    rows = result["rows"]
+    order = ["teacher", "teacher ONNX fp32", "student no-KD", "student (before pruning)", "student",
+             "student ONNX fp32", "student int8 (ONNX)"]
+    teacher_acc = result["teacher_accuracy"]
+    print(f"\n== {name} ({result['test_images']} held-out test images; pruning {result['pruning']})")
+    print(f"{'model':<26}{'accuracy':>9}{'retention':>10}{'params':>11}{'file KiB':>10}"
+          f"{'p50 ms':>9}{'p99 ms':>9}{'img/s@64':>10}")
+    for key in order:
+        if key not in rows:
+            continue
+        r = rows[key]
+        label = {"student": "student KD (compressed)", "student (before pruning)": "student KD (before pruning)"}.get(key, key)
+        print(f"{label:<26}{r['accuracy']:>9.4f}{r['accuracy'] / teacher_acc:>10.3f}{r['params']:>11,}"
+              f"{r['file_bytes'] / 1024:>10.0f}{r['latency_ms_p50']:>9.3f}{r['latency_ms_p99']:>9.3f}"
+              f"{r['throughput_per_s']:>10.0f}")
+    print(f"KD {result['kd_accuracy']:.4f} vs no-KD {result['no_kd_accuracy']:.4f} (same student, steps, views); "
+          f"params {result['params_ratio']:.1f}x fewer; batch-1 latency {result['latency_ratio_same_runtime']:.1f}x lower "
+          f"(ONNX vs ONNX), {result['latency_ratio_vs_torch_teacher']:.1f}x vs the torch teacher")
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer epochs and shapes: a few minutes on 2 cores")
+    parser.add_argument("--out", default=None, help="also write the JSON line to this file")
+    parser.add_argument("--sets", default="digits,shapes", help="comma-separated subset of digits,shapes")
+    parser.add_argument("--epochs", default=None, metavar="T,S", help="teacher and student epochs (override)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    epochs = {"teacher": 6, "student": 8} if args.quick else {"teacher": 12, "student": 16}
+    if args.epochs:
+        epochs = dict(zip(("teacher", "student"), map(int, args.epochs.split(","))))
+    n_shapes = 2500 if args.quick else 6000
+    results = {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if "digits" in args.sets:
+            results["digits"] = run_set("digits", split(*digits_dataset(), seed=0), 16, epochs, Path(tmp))
+            print_table("digits", results["digits"])
+        if "shapes" in args.sets:
+            results["shapes"] = run_set("shapes", split(*shapes_dataset(n_shapes, seed=1), seed=0), 32, epochs, Path(tmp))
+            print_table("shapes (synthetic, 3x32x32, noisy, shifted)", results["shapes"])
+    sets = list(results.values())
+    met = {
+        "retention_ge_0.98": all(r["retention_int8"] >= 0.98 and r["retention_student"] >= 0.98 for r in sets),
+        "params_ratio_ge_10": all(r["params_ratio"] >= 10 for r in sets),
+        "latency_ratio_ge_5": all(r["latency_ratio_same_runtime"] >= 5 for r in sets),
+        "kd_beats_no_kd": bool(all(r["kd_accuracy"] >= r["no_kd_accuracy"] for r in sets)
+                               and np.mean([r["kd_accuracy"] for r in sets]) > np.mean([r["no_kd_accuracy"] for r in sets])),
+    }
+    for target, ok in met.items():
+        print(f"target {target}: {'met' if ok else 'NOT met'}")
+    line = {
+        "bench": "compression",
+        "target": "student keeps >= 98% of teacher accuracy (fp32 and int8) with >= 10x fewer params, "
+                  ">= 5x lower batch-1 CPU latency (same runtime), and KD beats no-KD",
+        "met": all(met.values()),
+        "targets": met,
+        "quick": args.quick,
+        "epochs": epochs,
+        "wall_s": round(time.perf_counter() - start, 1),
+        **{name: {k: v for k, v in r.items() if k != "rows"} | {"forms": r["rows"]} for name, r in results.items()},
+    }
+    text = json.dumps(line, default=float)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

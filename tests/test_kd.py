@@ -1,0 +1,128 @@
+"""The distillation losses, checked against hand computations and their limits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raydistill.config import ConfigError, load_config
+from raydistill.distill import Trainee, build_trainee, distill_step
+from raydistill.kd import HintProjection, hint_loss, kd_loss
+from raydistill.models import ModelSpec, build_network
+
+
+def _kl(p: list[float], q: list[float]) -> float:
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def _softmax(z: list[float], t: float) -> list[float]:
+    e = [math.exp(v / t) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def test_kd_loss_matches_a_hand_computation():
+    s, t = [1.0, 0.0, -1.0], [3.0, 1.0, 0.0]
+    temp, alpha = 2.0, 0.3
+    soft = _kl(_softmax(t, temp), _softmax(s, temp))  # KL(teacher || student) at T
+    hard = -math.log(_softmax(s, 1.0)[2])  # label 2
+    expected = (1 - alpha) * temp**2 * soft + alpha * hard
+    got = kd_loss(torch.tensor([s]), torch.tensor([t]), torch.tensor([2]), temp, alpha)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_kd_loss_limits():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    assert torch.allclose(kd_loss(s, t, y, 4.0, 1.0), F.cross_entropy(s, y))  # alpha=1: pure CE
+    assert kd_loss(t, t, y, 4.0, 0.0).abs() < 1e-6  # matching the teacher costs nothing
+    # alpha=0 is T^2 x batch-mean KL of the tempered distributions
+    kl = F.kl_div(F.log_softmax(s / 4, -1), F.softmax(t / 4, -1), reduction="sum") / 8
+    assert torch.allclose(kd_loss(s, t, y, 4.0, 0.0), 16 * kl, rtol=1e-5)
+
+
+def test_t_squared_keeps_soft_gradients_on_scale():
+    """Without T^2 the soft-target gradient would shrink ~1/T^2; with it, it tends to a constant
+    (the logit-matching limit (z_s - z_t) / N for zero-mean logits)."""
+    torch.manual_seed(1)
+    t = torch.randn(4, 10)
+    t = t - t.mean(-1, keepdim=True)
+    s0 = torch.randn(4, 10)
+    s0 = s0 - s0.mean(-1, keepdim=True)
+    norms = {}
+    for temp in (10.0, 100.0):
+        s = s0.clone().requires_grad_(True)
+        kd_loss(s, t, torch.zeros(4, dtype=torch.long), temp, 0.0).backward()
+        norms[temp] = s.grad.norm().item()
+        limit = ((s0 - t) / 10 / 4).norm().item()  # (z_s - z_t) / (classes * batch)
+        assert s.grad.norm().item() == pytest.approx(limit, rel=0.05 if temp == 10 else 0.005)
+    assert norms[100.0] == pytest.approx(norms[10.0], rel=0.05)
+
+
+def test_kd_gradient_pulls_student_towards_teacher():
+    t = torch.tensor([[4.0, 0.0, 0.0]])
+    s = torch.zeros(1, 3, requires_grad=True)
+    kd_loss(s, t, torch.tensor([0]), 2.0, 0.0).backward()
+    assert s.grad[0, 0] < 0 < s.grad[0, 1]
+
+
+def test_hint_loss_is_mse_after_projection_and_pooling():
+    hint = HintProjection(4, 6)
+    s, t = torch.randn(2, 4, 4, 4), torch.randn(2, 6, 2, 2)
+    expected = F.mse_loss(F.adaptive_avg_pool2d(hint.proj(s), 2), t)
+    assert torch.allclose(hint(s, t), expected)
+    assert hint_loss(t, t).item() == 0.0
+    # a smaller student map is upsampled to the teacher's
+    assert hint_loss(torch.randn(2, 6, 1, 1), t).shape == ()
+
+
+def test_hint_projection_learns_to_match_the_teacher():
+    torch.manual_seed(0)
+    s = torch.randn(16, 4, 2, 2)
+    true_map = torch.randn(6, 4)
+    t = torch.einsum("oc,bchw->bohw", true_map, s)
+    hint = HintProjection(4, 6)
+    opt = torch.optim.Adam(hint.parameters(), lr=0.05)
+    first = hint(s, t).item()
+    for _ in range(300):
+        opt.zero_grad()
+        loss = hint(s, t)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-3 * first
+
+
+def test_distill_step_with_hint_trains_student_and_projection():
+    spec = ModelSpec("test_efficientnet", 10, (1, 8, 8), 16)
+    teacher_spec = ModelSpec("resnet10t", 10, (1, 8, 8), 16)
+    cfg = load_config(None, ["student.hint_weight=1.0"]).student
+    teacher = build_network(teacher_spec).eval()
+    trainee = build_trainee(build_network(spec), teacher, cfg, (1, 16, 16))
+    assert isinstance(trainee, Trainee) and trainee.hint.proj.weight.shape == (512, 256, 1, 1)
+    before = trainee.hint.proj.weight.detach().clone()
+    opt = torch.optim.SGD(trainee.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.ConstantLR(opt, 1.0)
+    x, y = torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,))
+    with torch.no_grad():
+        feats = teacher.forward_features(x)
+        logits = teacher.forward_head(feats)
+    loss = distill_step(trainee, opt, sched, x, y, logits, feats, cfg)
+    assert math.isfinite(loss)
+    assert not torch.equal(before, trainee.hint.proj.weight)
+
+
+def test_hint_needs_the_online_teacher():
+    with pytest.raises(ConfigError, match="hint_weight needs student.teacher_mode=online"):
+        load_config(None, ["student.hint_weight=0.5", "student.teacher_mode=offline"])
+
+
+def test_width_and_depth_change_the_student():
+    base = build_network(ModelSpec("test_efficientnet", 10, (1, 8, 8), 16))
+    narrow = build_network(ModelSpec("test_efficientnet", 10, (1, 8, 8), 16, width=0.5))
+    deep = build_network(ModelSpec("test_efficientnet", 10, (1, 8, 8), 16, depth=2.0))
+    count = lambda n: sum(p.numel() for p in n.parameters())  # noqa: E731
+    assert count(narrow) < count(base) < count(deep)
+    with pytest.raises(ValueError, match="no width/depth multiplier"):
+        build_network(ModelSpec("resnet10t", 10, (1, 8, 8), 16, width=0.5))

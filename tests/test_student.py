@@ -1,0 +1,127 @@
+"""The student stage on a real local Ray: online mode (teacher inside the Ray Train loop) and
+offline mode (Ray Data actor pool writes soft targets as Parquet first), then compression,
+the DESIGN summary keys, and hash-checked artifacts in manifest.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raydistill import compress, pipeline
+from raydistill.artifacts import Run, load_weights, save_weights, sha256, write_json
+from raydistill.config import load_config
+from raydistill.models import ModelSpec, build_network, load_network, recalibrate_batchnorm
+
+from conftest import REPO
+
+QUICK = ["student.epochs=2", "student.num_workers=1", "student.cpus_per_worker=1", "student.prune_ratio=0.3",
+         "student.prune_finetune_epochs=1", "student.prune_max_drop=1.0", "sweep.num_trials=0"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _with_teacher(tmp_path, name: str, digits_parquet) -> Run:
+    """A run whose teacher stage is done: a small timm teacher recorded as the pipeline would
+    (weights + summary, sha256 in manifest.json). Its quality does not matter here."""
+    from raydistill.data import load_dataset
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.source={digits_parquet}"])
+    data = load_dataset(cfg, str(digits_parquet))
+    spec = ModelSpec("resnet10t", data.num_classes, data.input_shape, cfg.data.image_size)
+    torch.manual_seed(0)
+    net = build_network(spec)
+    recalibrate_batchnorm(net, data.train.images, spec.image_size)
+    run = Run(tmp_path, name)
+    with run.stage("teacher", cfg.stage_digest("teacher")) as outputs:
+        outputs.append(save_weights(run.dir("teacher") / "teacher.safetensors", net.state_dict(), spec.to_meta()))
+        outputs.append(write_json(run.dir("teacher") / "summary.json", {"accuracy": 0.5}))
+    return run
+
+
+def test_online_student_distills_compresses_and_records_hashes(tmp_path, ray_session, digits_parquet):
+    run = _with_teacher(tmp_path, "online", digits_parquet)
+    cfg = load_config(REPO / "configs" / "demo.yaml", [*QUICK, f"data.source={digits_parquet}", "student.epochs=1"])
+    summary = pipeline.run_stages(cfg, str(tmp_path), "online", ("student",))["student"]
+
+    for key in ("arch", "params_total", "accuracy", "teacher_accuracy", "retention", "params_ratio",
+                "latency_ms_p50", "kd"):
+        assert key in summary
+    assert set(summary["latency_ms_p50"]) == {"teacher", "student"}  # as DESIGN fixes it
+    assert set(summary["latency_ms_p50_exported"]) == {"student_onnx", "student_int8"}
+    assert summary["kd"]["mode"] == "online" and summary["kd"]["T"] == cfg.student.temperature
+    assert summary["retention"] == pytest.approx(summary["accuracy"] / 0.5)
+    assert summary["pruning"]["status"] == "kept"
+    assert summary["pruning"]["params_after"] < summary["pruning"]["params_before"]
+    assert summary["onnx"]["max_abs_logit_diff"] <= cfg.student.onnx_tolerance
+    assert summary["int8_accuracy"] is not None
+
+    student_dir = run.root / "student"
+    outputs = run.manifest()["stages"]["student"]["outputs"]
+    for name in ("student.safetensors", "student.onnx", "student.int8.onnx", "report.md", "report.png", "summary.json"):
+        assert outputs[f"student/{name}"] == sha256(student_dir / name)
+    assert not list(student_dir.glob("*.measure"))
+    # The stored student is the pruned one, it rebuilds from its file alone, and its ONNX agrees.
+    state, meta = load_weights(student_dir / "student.safetensors", outputs["student/student.safetensors"])
+    net = load_network(state, meta)
+    assert sum(p.numel() for p in net.parameters()) == summary["params_total"]
+    spec = ModelSpec.from_meta(meta)
+    images = np.random.default_rng(0).integers(0, 256, (16, *spec.input_shape), dtype=np.uint8)
+    compress.check_onnx(net, spec, student_dir / "student.onnx", images, cfg.student.onnx_tolerance)
+    assert "| teacher |" in (student_dir / "report.md").read_text()
+    # Unchanged: skipped on rerun; a changed ONNX file makes the stage run again.
+    assert run.is_done("student", cfg.stage_digest("student"))
+    (student_dir / "student.onnx").write_bytes(b"changed")
+    assert not run.is_done("student", cfg.stage_digest("student"))
+
+
+def test_offline_student_trains_on_stored_soft_targets_of_the_same_views(tmp_path, ray_session, digits_parquet):
+    from raydistill.data import load_dataset, train_stream
+    from raydistill.training import StepPlan
+
+    run = _with_teacher(tmp_path, "offline", digits_parquet)
+    sets = [*QUICK, f"data.source={digits_parquet}", "student.teacher_mode=offline", "student.quantize=false",
+            "student.prune_ratio=0", "student.offline_cpus_per_actor=0.5"]
+    cfg = load_config(REPO / "configs" / "demo.yaml", sets)
+    summary = pipeline.run_stages(cfg, str(tmp_path), "offline", ("student",))["student"]
+    assert summary["kd"]["mode"] == "offline" and summary["int8_accuracy"] is None
+    assert summary["pruning"]["status"].startswith("off")
+
+    files = sorted((run.root / "student" / "soft_targets").glob("*.parquet"))
+    assert files
+    outputs = run.manifest()["stages"]["student"]["outputs"]
+    assert all(outputs[f"student/soft_targets/{f.name}"] == sha256(f) for f in files)
+    table = pq.read_table(files).to_pandas() if len(files) == 1 else \
+        __import__("pandas").concat([pq.read_table(f).to_pandas() for f in files])
+    data = load_dataset(cfg, str(digits_parquet))
+    plan = StepPlan.of(len(data.train), 1, cfg.student.batch_size, cfg.student.epochs)
+    assert len(table) == plan.epochs * plan.rows_per_epoch(1, cfg.student.batch_size)
+
+    views = np.stack([np.asarray(v, dtype=np.float32).reshape(1, 16, 16) for v in table["image"]])
+    logits = np.stack([np.asarray(v, dtype=np.float32) for v in table["teacher_logits"]])
+    # The stored logits are the teacher's on exactly the stored views...
+    state, meta = load_weights(run.root / "teacher" / "teacher.safetensors")
+    teacher = load_network(state, meta).eval()
+    with torch.no_grad():
+        expected = teacher(torch.from_numpy(views)).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    # ...and the stored views are the ones the online mode streams (same seeds, same rows).
+    online = train_stream(cfg, data.train, cfg.student.epochs, plan.rows_per_epoch(1, cfg.student.batch_size))
+    online_views = np.concatenate([b["image"] for b in online.iter_batches(batch_size=256, batch_format="numpy")])
+
+    def digest(a):
+        return hashlib.sha256(np.round(a, 4).tobytes()).hexdigest()
+
+    assert {digest(v) for v in views} == {digest(v) for v in online_views}
+    assert json.loads((run.root / "student" / "summary.json").read_text())["accuracy"] == summary["accuracy"]
