@@ -219,8 +219,10 @@ def _trainable(cfg: Config, data, out_dir: Path):
     fn = tune.with_parameters(trial_on_ray_train, base=base, data=data,
                               storage=str((out_dir / "ray" / "train").resolve()))
     # The trial driver only waits on its TorchTrainer: it must hold no CPU, or on a small
-    # cluster the drivers take the CPUs their own workers need and nothing ever runs.
-    return tune.with_resources(fn, {"cpu": 0})
+    # cluster the drivers take the CPUs their own workers need and nothing ever runs. Tune
+    # refuses an all-zero request (an empty placement-group bundle), so it asks for 1 byte of
+    # memory instead: a bundle that places the driver and reserves nothing that matters.
+    return tune.with_resources(fn, {"cpu": 0, "memory": 1})
 
 
 def mlflow_uri(cfg: Config, out_dir: Path) -> str | None:
