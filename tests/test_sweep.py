@@ -102,6 +102,32 @@ def test_presets_load_with_their_spaces():
         assert "teacher.lr" in cfg.sweep.space
 
 
+@pytest.mark.parametrize("searcher", ["tpe", "gp", "random"])
+@pytest.mark.parametrize("scheduler", ["asha", "hyperband", "fifo"])
+def test_every_searcher_and_scheduler_is_built_from_the_config(searcher, scheduler):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+
+    from raydistill.sweep import _scheduler, _searcher
+
+    cfg = load_config(DEMO, [f"sweep.searcher={searcher}", f"sweep.scheduler={scheduler}", "sweep.metric=loss"])
+    search = _searcher(cfg.sweep, cfg.seed)
+    assert (search.metric, search.mode) == ("loss", "min")
+    assert type(search._sampler).__name__ == {"tpe": "TPESampler", "gp": "GPSampler", "random": "RandomSampler"}[searcher]
+    expected = {"asha": ASHAScheduler, "hyperband": HyperBandScheduler, "fifo": FIFOScheduler}[scheduler]
+    assert isinstance(_scheduler(cfg.sweep), expected)
+
+
+def test_concurrency_follows_the_cluster_cpus():
+    from raydistill.sweep import max_concurrent
+
+    in_process = load_config(DEMO)  # 1 CPU per trial
+    assert [max_concurrent(in_process, cpus) for cpus in (1, 2, 16)] == [1, 2, 16]
+    # Ray Train trials: 2 workers x 0.75 CPU + one 0.25-CPU augmentation task = 1.75 CPUs each.
+    on_train = load_config(DEMO, ["sweep.trial_workers=2"])
+    assert [max_concurrent(on_train, cpus) for cpus in (2, 3.5, 16)] == [1, 2, 9]
+    assert max_concurrent(load_config(DEMO, ["sweep.max_concurrent_trials=3"]), 16) == 3
+
+
 # ---- real sweeps -----------------------------------------------------------------------------
 
 
