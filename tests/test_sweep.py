@@ -48,6 +48,8 @@ def _space(tmp_path: Path, space: dict, **sweep) -> Path:
         ({"teacher": {"uniform": [0, 1]}}, {}, "sweep.space.teacher: 'teacher' is a section"),
         ({"deploy.replica_cpus": {"uniform": [0.5, 1]}}, {}, "sweep.space.deploy.replica_cpus: sweep trials train the teacher"),
         ({"data.augment.shift": {"uniform": [0.1, 0.7]}}, {}, "sweep.space.data.augment.shift: uniform [0.1, 0.7] allows a value"),
+        ({"teacher.batch_size": {"uniform": [16, 64]}}, {}, "sweep.space.teacher.batch_size: uniform [16.0, 64.0] allows a value"),
+        ({"teacher.zero_stage": {"choice": [1, 4]}}, {}, "sweep.space.teacher.zero_stage: choice [1, 4] allows a value"),
         ({"teacher.lr": {"loguniform": [1e-3, 1e-2]}}, {"metric": "val_f1"}, "sweep.metric 'val_f1' is never reported by the trials; they report: val_accuracy, loss"),
         ({}, {}, "sweep.space is empty"),
     ],

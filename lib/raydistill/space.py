@@ -69,8 +69,14 @@ class Dist(BaseModel):
         return next(k for k in KINDS if self.spec(k) is not None)
 
     def values_to_check(self) -> list:
-        """Values that must each be valid for the key: both bounds, or every choice."""
-        return list(self.spec(self.kind))
+        """Values that must each be valid for the key: every choice, or both bounds and, for
+        the float kinds, a fractional point inside (an integer or a Literal key refuses it:
+        such a key needs `int` or `choice`)."""
+        values = list(self.spec(self.kind))
+        if self.kind in ("uniform", "loguniform"):
+            low, high = values
+            values.append(low + (high - low) * 0.371)
+        return values
 
     def to_tune(self):
         """The Ray Tune domain (OptunaSearch converts it to Optuna's distributions)."""

@@ -122,13 +122,12 @@ def trial_on_ray_train(params: dict, base: dict, data, storage: str) -> None:
     """One Tune trial that is a Ray Train run of the teacher loop on `sweep.trial_workers` workers."""
     import uuid
 
+    import ray
     from ray import tune
     from ray.train import FailureConfig, RunConfig
 
     from raydistill.data import train_stream
     from raydistill.training import StepPlan, _fit, _trainer, attempt_counter, teacher_spec, teacher_worker
-
-    import ray
 
     cfg = trial_config(Config.model_validate(base), params)
     tcfg = cfg.teacher
@@ -262,16 +261,22 @@ def _tuner(cfg: Config, data, out_dir: Path, resume: bool, run_name: str):
     path = storage / EXPERIMENT
     trainable = _trainable(cfg, data, out_dir)
     space = {key: dist.to_tune() for key, dist in scfg.space.items()}
+    # The sweep config the experiment was started with: --resume continues only that one.
+    stamp = storage / "sweep_digest.txt"
+    same = stamp.exists() and stamp.read_text().strip() == cfg.stage_digest("sweep")
     if path.exists():
-        if resume and tune.Tuner.can_restore(str(path)):
+        if resume and same and tune.Tuner.can_restore(str(path)):
             log(f"sweep: resuming the interrupted sweep in {path} (finished trials are kept)")
             return tune.Tuner.restore(str(path), trainable=trainable, param_space=space,
                                       resume_unfinished=True, resume_errored=False, restart_errored=True), True
-        log(f"sweep: an earlier, unfinished sweep is in {path}; starting afresh"
-            + ("" if resume else " (rerun with --resume to continue it instead)"))
+        why = ("it was started with another sweep config" if resume and not same
+               else "" if resume else "rerun with --resume to continue it instead")
+        log(f"sweep: an earlier, unfinished sweep is in {path}; starting afresh" + (f" ({why})" if why else ""))
         shutil.rmtree(path)
     elif resume:
         log("sweep: --resume: no interrupted sweep to continue; starting one")
+    storage.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(cfg.stage_digest("sweep") + "\n")
     concurrent = max_concurrent(cfg, ray.cluster_resources().get("CPU", 1))
     callbacks = _callbacks(cfg, out_dir, run_name)
     tuner = tune.Tuner(
@@ -382,6 +387,7 @@ def summarize(grid, cfg: Config, resumed: bool) -> dict:
         "best_metric": best["metric"],
         "trial_epochs": sum(t["epochs"] for t in trials),
         "curve": progress_curve(histories, mode),
+        "time_budget_s": scfg.time_budget_s,
         "resumed": resumed,
     }
 
