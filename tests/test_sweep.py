@@ -128,6 +128,9 @@ def test_concurrency_follows_the_cluster_cpus():
     on_train = load_config(DEMO, ["sweep.trial_workers=2"])
     assert [max_concurrent(on_train, cpus) for cpus in (2, 3.5, 16)] == [1, 2, 9]
     assert max_concurrent(load_config(DEMO, ["sweep.max_concurrent_trials=3"]), 16) == 3
+    # GPU trials: 16 CPUs and 8 GPUs hold two 4-worker trials.
+    on_gpus = load_config(DEMO, ["sweep.trial_workers=4", "teacher.use_gpu=true", "teacher.cpus_per_worker=1"])
+    assert max_concurrent(on_gpus, 16, 8) == 2
 
 
 # ---- real sweeps -----------------------------------------------------------------------------

@@ -180,9 +180,13 @@ def trial_cpus(cfg: Config) -> float:
     return cfg.sweep.trial_workers * cfg.teacher.cpus_per_worker + cfg.data.cpus_per_task
 
 
-def max_concurrent(cfg: Config, cluster_cpus: float) -> int:
-    """Trials that fit the cluster at once (sweep.max_concurrent_trials caps it when set)."""
-    fit = max(1, math.floor(cluster_cpus / trial_cpus(cfg) + 1e-9))
+def max_concurrent(cfg: Config, cluster_cpus: float, cluster_gpus: float = 0) -> int:
+    """Trials that fit the cluster at once (sweep.max_concurrent_trials caps it when set).
+    More would only queue their workers, and a queued trial's driver holds nothing useful."""
+    fit = math.floor(cluster_cpus / trial_cpus(cfg) + 1e-9)
+    if cfg.sweep.trial_workers and cfg.teacher.use_gpu:  # one GPU per Ray Train worker
+        fit = min(fit, math.floor(cluster_gpus / cfg.sweep.trial_workers + 1e-9))
+    fit = max(1, fit)
     return min(fit, cfg.sweep.max_concurrent_trials) if cfg.sweep.max_concurrent_trials else fit
 
 
@@ -277,7 +281,8 @@ def _tuner(cfg: Config, data, out_dir: Path, resume: bool, run_name: str):
         log("sweep: --resume: no interrupted sweep to continue; starting one")
     storage.mkdir(parents=True, exist_ok=True)
     stamp.write_text(cfg.stage_digest("sweep") + "\n")
-    concurrent = max_concurrent(cfg, ray.cluster_resources().get("CPU", 1))
+    resources = ray.cluster_resources()
+    concurrent = max_concurrent(cfg, resources.get("CPU", 1), resources.get("GPU", 0))
     callbacks = _callbacks(cfg, out_dir, run_name)
     tuner = tune.Tuner(
         trainable,
