@@ -23,6 +23,7 @@ from raydistill.config import ConfigError, dump_yaml, load_config
 from conftest import REPO
 
 DEMO = REPO / "configs" / "demo.yaml"
+SMALL = "test_efficientnet"  # timm, 0.1M parameters: trials in seconds, not minutes
 
 
 # ---- bad input: refused at load, before Ray starts ----------------------------------------
@@ -31,6 +32,7 @@ DEMO = REPO / "configs" / "demo.yaml"
 def _space(tmp_path: Path, space: dict, **sweep) -> Path:
     tree = yaml.safe_load(DEMO.read_text())
     tree["sweep"].update(sweep, space=space)
+    tree["teacher"]["arch"] = SMALL
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
@@ -203,7 +205,7 @@ def test_sweep_with_a_yaml_space_writes_summary_best_yaml_plot_and_mlflow(tmp_pa
 def test_trials_as_ray_train_runs_report_each_epoch_to_the_scheduler(tmp_path, local_ray):
     cfg = load_config(DEMO, [
         "sweep.num_trials=2", "sweep.epochs=2", "sweep.trial_workers=1", "sweep.mlflow=false",
-        "teacher.arch=test_efficientnet", "teacher.batch_size=64",
+        f"teacher.arch={SMALL}", "teacher.batch_size=64",
     ])
     pipeline.run_stages(cfg, str(tmp_path), "rt", ("sweep",))
     out = tmp_path / "rt" / "sweep"
@@ -259,7 +261,8 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     cmd = [sys.executable, "-m", "raydistill.cli", "sweep", "--config", str(DEMO), "--storage", str(tmp_path),
            "--name", "r", "--set", "sweep.num_trials=6", "--set", "sweep.epochs=1", "--set", "sweep.scheduler=fifo",
-           "--set", "sweep.max_concurrent_trials=1", "--set", "sweep.mlflow=false"]
+           "--set", "sweep.max_concurrent_trials=1", "--set", "sweep.mlflow=false",
+           "--set", f"teacher.arch={SMALL}"]
     experiment = tmp_path / "r" / "sweep" / "ray" / "tune"
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
