@@ -134,10 +134,11 @@ def main() -> None:
         "mean_best": {m: round(sum(r["best"] for r in rows if r["method"] == m) / args.seeds, 4) for m in METHODS},
         "trial_epochs_total": {m: sum(r["trial_epochs"] for r in rows if r["method"] == m) for m in METHODS},
         "rows": rows,
+        "curves": curves,
         "plot": str(plot),
     }
     (out / "hpo_efficiency.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    print(json.dumps({k: v for k, v in result.items() if k != "curves"}))
 
 
 if __name__ == "__main__":

@@ -340,11 +340,17 @@ def plot_progress(curves: dict[str, list], path: Path, metric: str, title: str) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    # "method, seed n" labels: one colour per method, one line style per seed.
+    methods = list(dict.fromkeys(label.split(",")[0] for label in curves))
+    styles, drawn = ["-", "--", ":", "-."], {}
     for label, curve in curves.items():
         if curve:
+            method = label.split(",")[0]
+            style = styles[drawn.get(method, 0) % len(styles)]
+            drawn[method] = drawn.get(method, 0) + 1
             xs, ys = zip(*curve)
-            ax.step(xs, ys, where="post", label=label)
+            ax.step(xs, ys, where="post", label=label, color=f"C{methods.index(method)}", linestyle=style)
     ax.set_xlabel("cumulative trial-epochs")
     ax.set_ylabel(f"best {metric} so far")
     ax.set_title(title)
