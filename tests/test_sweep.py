@@ -135,6 +135,15 @@ def test_concurrency_follows_the_cluster_cpus():
     assert max_concurrent(on_gpus, 16, 8) == 2
 
 
+def test_progress_curve_orders_reports_by_arrival_and_keeps_the_best_so_far():
+    from raydistill.sweep import progress_curve
+
+    a = [{"epoch": 1, "metric": 0.5, "at": 1.0}, {"epoch": 2, "metric": 0.7, "at": 4.0}]
+    b = [{"epoch": 1, "metric": 0.6, "at": 2.0}, {"epoch": 2, "metric": 0.55, "at": 3.0}]
+    assert progress_curve([a, b], "max") == [[1, 0.5], [2, 0.6], [3, 0.6], [4, 0.7]]
+    assert progress_curve([a, b], "min") == [[1, 0.5], [2, 0.5], [3, 0.5], [4, 0.5]]
+
+
 # ---- real sweeps -----------------------------------------------------------------------------
 
 
