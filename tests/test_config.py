@@ -28,7 +28,7 @@ def test_set_overrides_typed_values():
         (["bogus.x=1"], "unknown key 'bogus'"),
         (["teacher.zero_stage=5"], "bad value for 'teacher.zero_stage'"),
         (["sweep.searcher=bayes"], "bad value for 'sweep.searcher'"),
-        (["sweep.lr_min=0.1", "sweep.lr_max=0.01"], "sweep.lr_min must be below sweep.lr_max"),
+        (["sweep.space={teacher.lr: {loguniform: [0.1, 0.01]}}"], "'sweep.space.teacher.lr': loguniform: the range [0.1, 0.01] is inverted"),
         (["teacher=3"], "bad value for 'teacher': expected a section"),
         (["novalue"], "expected key.path=value"),
     ],

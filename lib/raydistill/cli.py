@@ -19,7 +19,7 @@ STAGE_COMMANDS = {
 }
 HELP = {
     "run": "all stages: augment -> sweep -> teacher (DeepSpeed ZeRO) -> distill -> serve",
-    "sweep": "Bayesian search + ASHA; writes sweep/summary.json and sweep/best.yaml",
+    "sweep": "Bayesian search + early stopping (Ray Tune); writes sweep/summary.json, best.yaml, progress.png",
     "train": "train the sharded teacher; writes teacher/teacher.safetensors",
     "distill": "distill the teacher into the student; writes student/student.safetensors",
     "deploy": "serve the run's student with Ray Serve (Open Inference Protocol v2 + /predict)",
@@ -42,6 +42,9 @@ def _stage_parser(sub, name: str) -> None:
                    help="override one config key, e.g. --set teacher.epochs=3 (repeatable)")
     p.add_argument("--storage", default="./runs", help="directory holding runs (default ./runs)")
     p.add_argument("--name", help="run name; a rerun with the same name resumes (default: preset name)")
+    if name in ("run", "sweep"):
+        p.add_argument("--resume", action="store_true",
+                       help="continue this run's interrupted sweep (finished trials are kept, not rerun)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +70,7 @@ def _run_stages(args) -> int:
 
     cfg = load_config(args.config, args.sets)
     name = args.name or (Path(args.config).stem if args.config else "default")
-    run_stages(cfg, args.storage, name, STAGE_COMMANDS[args.command])
+    run_stages(cfg, args.storage, name, STAGE_COMMANDS[args.command], resume=getattr(args, "resume", False))
     return 0
 
 

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raydistill.space import Dist
+
 
 class ConfigError(ValueError):
     """A config that cannot run: the message is one line naming the key."""
@@ -50,26 +52,65 @@ class DataConfig(_Section):
     augment: AugmentConfig = AugmentConfig()
 
 
+# What every sweep trial reports each epoch (in-process and Ray Train trials alike).
+TRIAL_METRICS = {"val_accuracy": "max", "loss": "min"}
+
+
+def _default_space() -> dict[str, Dist]:
+    return {
+        "teacher.lr": Dist(loguniform=(3e-4, 1e-2)),
+        "teacher.weight_decay": Dist(loguniform=(1e-6, 1e-2)),
+    }
+
+
 class SweepConfig(_Section):
-    """Bayesian search over the teacher's optimiser settings, with early stopping."""
+    """Bayesian search over any teacher or data setting, with early stopping (Ray Tune)."""
 
     num_trials: int = Field(4, ge=0, description="0 skips the sweep: the teacher trains with its own settings")
-    searcher: Literal["tpe", "gp", "random"] = "tpe"
-    scheduler: Literal["asha", "hyperband", "fifo"] = "asha"
-    epochs: int = Field(2, ge=1, description="max epochs per trial (ASHA's max_t)")
-    lr_min: float = Field(3e-4, gt=0)
-    lr_max: float = Field(1e-2, gt=0)
-    weight_decay_min: float = Field(1e-6, gt=0)
-    weight_decay_max: float = Field(1e-2, gt=0)
-    cpus_per_trial: float = Field(1.0, gt=0)
+    searcher: Literal["tpe", "gp", "random"] = Field(
+        "tpe", description="Optuna TPE (default), Optuna GP, or random search (the baseline)"
+    )
+    scheduler: Literal["asha", "hyperband", "fifo"] = Field(
+        "asha", description="ASHA / HyperBand stop poor trials early; FIFO runs every trial to the end"
+    )
+    epochs: int = Field(2, ge=1, description="max epochs per trial (the schedulers' max_t)")
+    grace_period: int = Field(1, ge=1, description="epochs every trial runs before it can be stopped (ASHA)")
+    reduction_factor: int = Field(2, ge=2, description="ASHA/HyperBand: keep the top 1/reduction_factor at each rung")
+    metric: str = Field("val_accuracy", description=f"what to optimise: one of {', '.join(TRIAL_METRICS)}")
+    mode: Literal["auto", "max", "min"] = Field("auto", description="auto: max for val_accuracy, min for loss")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="stop starting and running trials after this many seconds (None: no limit)"
+    )
+    space: dict[str, Dist] = Field(
+        default_factory=_default_space,
+        description="dotted config key -> {uniform|loguniform|int|choice: ...} (see raydistill.space)",
+    )
+    trial_workers: int = Field(
+        0, ge=0,
+        description="0: each trial trains in its Tune actor (fast for small models); N: each trial is a "
+        "Ray Train run of the teacher on N workers (teacher.cpus_per_worker each)",
+    )
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs of an in-process trial (trial_workers=0)")
+    max_concurrent_trials: int = Field(0, ge=0, description="0: as many as the cluster's CPUs fit")
+    mlflow: bool = Field(True, description="log every trial (params, per-epoch metrics) to MLflow")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None: a local file store in the run's sweep/mlflow"
+    )
 
     @model_validator(mode="after")
-    def _ranges(self) -> "SweepConfig":
-        if self.lr_min >= self.lr_max:
-            raise ValueError("sweep.lr_min must be below sweep.lr_max")
-        if self.weight_decay_min >= self.weight_decay_max:
-            raise ValueError("sweep.weight_decay_min must be below sweep.weight_decay_max")
+    def _known_metric(self) -> "SweepConfig":
+        if self.metric not in TRIAL_METRICS:
+            raise ValueError(
+                f"sweep.metric '{self.metric}' is never reported by the trials; they report: "
+                f"{', '.join(TRIAL_METRICS)}"
+            )
+        if self.num_trials and not self.space:
+            raise ValueError("sweep.space is empty: give at least one key to search over")
         return self
+
+    @property
+    def resolved_mode(self) -> str:
+        return TRIAL_METRICS[self.metric] if self.mode == "auto" else self.mode
 
 
 class TeacherConfig(_Section):
@@ -398,7 +439,12 @@ def load_config(path: str | Path | None, sets: list[str] | None = None) -> Confi
             raise ConfigError(f"--config {path}:{where} is not valid YAML") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"--config {path}: expected a mapping of sections at the top level")
-    return _build(tree, sets or [])
+    cfg = _build(tree, sets or [])
+    if cfg.sweep.num_trials:
+        from raydistill.space import check_space
+
+        check_space(cfg)
+    return cfg
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -75,8 +75,9 @@ def _run_or_reuse(run: Run, stage: str, digest: str, produce, inputs: list[Path]
     return summary
 
 
-def stage_sweep(cfg: Config, data, run: Run) -> Config:
-    """Returns the config the teacher trains with (best values applied)."""
+def stage_sweep(cfg: Config, data, run: Run, resume: bool = False) -> Config:
+    """Returns the config the teacher trains with (best values applied). With `resume`, an
+    interrupted sweep continues where its driver stopped."""
     from raydistill.sweep import run_sweep
 
     if cfg.sweep.num_trials == 0:
@@ -84,10 +85,10 @@ def stage_sweep(cfg: Config, data, run: Run) -> Config:
         return cfg
 
     def produce(out: Path):
-        summary, best_cfg = run_sweep(cfg, data, out)
+        summary, best_cfg = run_sweep(cfg, data, out, resume=resume, run_name=run.name)
         best_yaml = out / "best.yaml"
         best_yaml.write_text(dump_yaml(best_cfg))
-        return summary, [best_yaml]
+        return summary, [best_yaml, out / summary["plot"]]
 
     summary = _run_or_reuse(run, "sweep", cfg.stage_digest("sweep"), produce)
     log(f"sweep: best {summary['best_metric']:.4f} {summary['metric']} with {summary['best_config']} "
@@ -215,8 +216,10 @@ def serve_forever(summary: dict) -> None:
         log("stopping")
 
 
-def run_stages(cfg: Config, storage: str, name: str, stages: tuple[str, ...] = PIPELINE) -> dict:
-    """Run the given stages in order on Ray (joined or started here). Returns their summaries."""
+def run_stages(cfg: Config, storage: str, name: str, stages: tuple[str, ...] = PIPELINE,
+               resume: bool = False) -> dict:
+    """Run the given stages in order on Ray (joined or started here). Returns their summaries.
+    `resume` continues an interrupted sweep (the teacher resumes from its checkpoints anyway)."""
     import ray
 
     start = time.perf_counter()
@@ -230,6 +233,10 @@ def run_stages(cfg: Config, storage: str, name: str, stages: tuple[str, ...] = P
                                ("deploy", "student", "student/student.safetensors")):
         if stage in stages and needs not in stages:
             _verify(run, needs, run.root / path)
+    if "sweep" in stages and cfg.sweep.num_trials:
+        from raydistill.sweep import check_sweep
+
+        check_sweep(cfg, data)
     if "teacher" in stages:
         from raydistill.training import check_teacher, teacher_spec
 
@@ -238,7 +245,7 @@ def run_stages(cfg: Config, storage: str, name: str, stages: tuple[str, ...] = P
     summaries: dict = {}
     try:
         if "sweep" in stages:
-            cfg = stage_sweep(cfg, data, run)
+            cfg = stage_sweep(cfg, data, run, resume)
         if "teacher" in stages:
             summaries["teacher"] = stage_teacher(cfg, data, run)
         if "student" in stages:

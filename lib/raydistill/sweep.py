@@ -1,21 +1,48 @@
-"""Sweep: Bayesian search (Optuna TPE or GP) with ASHA early stopping over the teacher's
-optimiser settings. Each trial trains the teacher architecture on augmented views and reports
-validation accuracy every epoch, so the scheduler can stop poor trials early.
+"""Sweep: Bayesian search (Optuna TPE or GP; random as the baseline) with early stopping (ASHA,
+HyperBand or FIFO) over a search space declared in the config (`raydistill.space`).
+
+A trial trains the teacher architecture on augmented views and reports the metric every epoch,
+so the scheduler can stop poor trials early. Two kinds of trial:
+
+- in-process (`sweep.trial_workers: 0`): the trial trains inside its Tune actor; cheapest for
+  small models, and many trials share a small machine;
+- Ray Train (`sweep.trial_workers: N`): the trial is a Tune function that launches a
+  TorchTrainer of the real teacher loop (DeepSpeed ZeRO, Ray Data stream) on N workers, the way
+  Ray Train V2 runs inside Tune: the trial driver holds 0 CPUs, the workers hold theirs, and
+  `TuneReportCallback` forwards rank 0's per-epoch reports to the scheduler. A stopped trial's
+  driver actor is killed, and its Train controller and workers (owned by it) go with it.
+
+Outputs (sweep/): summary.json, best.yaml (by the pipeline), progress.png (best metric so far
+against cumulative trial-epochs), and an MLflow run per trial (sweep/mlflow by default).
+A driver that is stopped can be continued with `--resume` (Tuner.restore): finished trials
+keep their results and are not run again.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
 import numpy as np
 
-from raydistill.config import Config, SweepConfig
+from raydistill.config import Config, ConfigError, SweepConfig
 
-METRIC, MODE = "val_accuracy", "max"
-# Config keys the search space covers, mapped to (low, high) fields of SweepConfig.
-SPACE = {"teacher.lr": ("lr_min", "lr_max"), "teacher.weight_decay": ("weight_decay_min", "weight_decay_max")}
+EXPERIMENT = "tune"  # out_dir/ray/tune: the Tune experiment (what --resume restores)
+TIME_ATTR = "epoch"  # every trial report carries its epoch: the schedulers' clock
 
 
-def sweep_trial(params: dict, base: dict, data) -> None:
-    """One Tune trial: train in this process, report val accuracy per epoch."""
+def log(msg: str) -> None:
+    print(f"[raydistill] {msg}", flush=True)
+
+
+# ---- trials ---------------------------------------------------------------------------------
+
+
+def trial_in_process(params: dict, base: dict, data) -> None:
+    """One Tune trial trained in this actor: reports val_accuracy and loss every epoch."""
     import torch
     import torch.nn.functional as F
     from ray import tune
@@ -42,6 +69,7 @@ def sweep_trial(params: dict, base: dict, data) -> None:
     for epoch in range(epochs):
         net.train()
         order = np.random.default_rng((cfg.seed, epoch)).permutation(len(train_y))
+        loss_sum = 0.0
         for i in range(steps_per_epoch):
             idx = order[i * bs : (i + 1) * bs]
             batch = augment_batch(
@@ -53,79 +81,337 @@ def sweep_trial(params: dict, base: dict, data) -> None:
             loss.backward()
             opt.step()
             sched.step()
+            loss_sum += loss.item()
         recalibrate_batchnorm(net, train_x, spec.image_size)
-        tune.report({METRIC: accuracy(net, val_x, val_y, spec.image_size), "loss": loss.item(), "epoch": epoch + 1})
+        tune.report({
+            "val_accuracy": accuracy(net, val_x, val_y, spec.image_size),
+            "loss": loss_sum / steps_per_epoch,
+            TIME_ATTR: epoch + 1,
+            "reported_at": time.time(),
+        })
+
+
+def trial_config(cfg: Config, params: dict) -> Config:
+    """The teacher config one Ray Train trial runs: the sampled values, `sweep.trial_workers`
+    workers, `sweep.epochs` epochs, and no mid-run checkpoints (a stopped trial is not resumed:
+    the searcher samples a new one)."""
+    return cfg.with_values({
+        **params,
+        "teacher.num_workers": cfg.sweep.trial_workers,
+        "teacher.epochs": cfg.sweep.epochs,
+        "teacher.global_batch_size": None,
+        "teacher.checkpoint_every_steps": 10**9,
+        "teacher.max_failures": 0,
+    })
+
+
+def _timed_report_callback():
+    """Train V2's TuneReportCallback, stamping each report with the time it reached the driver
+    (Tune's own `timestamp` has 1 s resolution; the progress curve orders reports by this)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class TimedTuneReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            stamped = [{**metrics[0], "reported_at": time.time()}, *metrics[1:]]
+            super().after_report(run_context, stamped, checkpoint)
+
+    return TimedTuneReportCallback()
+
+
+def trial_on_ray_train(params: dict, base: dict, data, storage: str) -> None:
+    """One Tune trial that is a Ray Train run of the teacher loop on `sweep.trial_workers` workers."""
+    import uuid
+
+    import ray
+    from ray import tune
+    from ray.train import FailureConfig, RunConfig
+
+    from raydistill.data import train_stream
+    from raydistill.training import StepPlan, _fit, _trainer, attempt_counter, teacher_spec, teacher_worker
+
+    cfg = trial_config(Config.model_validate(base), params)
+    tcfg = cfg.teacher
+    spec = teacher_spec(cfg, data)
+    plan = StepPlan.of(len(data.train), tcfg.num_workers, tcfg.batch_size, tcfg.epochs, tcfg.grad_accum_steps)
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"), "spec": spec.__dict__, "plan": plan.__dict__,
+        "eval": ray.put(((data.val.images, data.val.labels), data.train.images)),
+        "fit_id": uuid.uuid4().hex, "attempts": attempt_counter(),
+    }
+    stream = train_stream(cfg, data.train, tcfg.epochs, plan.rows_per_epoch(tcfg.num_workers, tcfg.batch_size))
+    run_config = RunConfig(
+        name=f"trial-{tune.get_context().get_trial_id()}", storage_path=storage,
+        failure_config=FailureConfig(max_failures=0), callbacks=[_timed_report_callback()],
+    )
+    _fit(_trainer(teacher_worker, loop_config, tcfg, {"train": stream}, run_config), "sweep trial")
+
+
+# ---- search -------------------------------------------------------------------------------
 
 
 def _searcher(scfg: SweepConfig, seed: int):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    startup = min(4, max(1, scfg.num_trials // 4))  # random trials before the model takes over
     samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, scfg.num_trials)),
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=min(4, scfg.num_trials)),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
     }
-    return OptunaSearch(metric=METRIC, mode=MODE, sampler=samplers[scfg.searcher]())
+    return OptunaSearch(metric=scfg.metric, mode=scfg.resolved_mode, sampler=samplers[scfg.searcher]())
 
 
 def _scheduler(scfg: SweepConfig):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
 
     if scfg.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=scfg.epochs, grace_period=1, reduction_factor=2)
+        return ASHAScheduler(time_attr=TIME_ATTR, max_t=scfg.epochs, grace_period=min(scfg.grace_period, scfg.epochs),
+                             reduction_factor=scfg.reduction_factor)
     if scfg.scheduler == "hyperband":
-        return HyperBandScheduler(time_attr="training_iteration", max_t=scfg.epochs)
+        return HyperBandScheduler(time_attr=TIME_ATTR, max_t=scfg.epochs, reduction_factor=scfg.reduction_factor)
     return FIFOScheduler()
 
 
-def run_sweep(cfg: Config, data, out_dir) -> tuple[dict, Config]:
-    """Run the search; return (summary, the teacher config with the best values applied)."""
+def trial_cpus(cfg: Config) -> float:
+    """CPUs one running trial occupies: its workers, plus a Ray Data task for Ray Train trials."""
+    if cfg.sweep.trial_workers == 0:
+        return cfg.sweep.cpus_per_trial
+    return cfg.sweep.trial_workers * cfg.teacher.cpus_per_worker + cfg.data.cpus_per_task
+
+
+def max_concurrent(cfg: Config, cluster_cpus: float, cluster_gpus: float = 0) -> int:
+    """Trials that fit the cluster at once (sweep.max_concurrent_trials caps it when set).
+    More would only queue their workers, and a queued trial's driver holds nothing useful."""
+    fit = math.floor(cluster_cpus / trial_cpus(cfg) + 1e-9)
+    if cfg.sweep.trial_workers and cfg.teacher.use_gpu:  # one GPU per Ray Train worker
+        fit = min(fit, math.floor(cluster_gpus / cfg.sweep.trial_workers + 1e-9))
+    fit = max(1, fit)
+    return min(fit, cfg.sweep.max_concurrent_trials) if cfg.sweep.max_concurrent_trials else fit
+
+
+def check_sweep(cfg: Config, data) -> None:
+    """What a sweep can refuse before Ray starts (the space itself was checked at load)."""
+    if cfg.sweep.trial_workers:
+        from raydistill.training import StepPlan, teacher_spec
+        from raydistill.models import describe_network
+
+        try:
+            tcfg = trial_config(cfg, {}).teacher
+        except ConfigError as err:
+            raise ConfigError(f"sweep.trial_workers={cfg.sweep.trial_workers}: {err}") from None
+        describe_network(teacher_spec(cfg, data))
+        batch_sizes = [tcfg.batch_size]
+        if "teacher.batch_size" in cfg.sweep.space:
+            batch_sizes = cfg.sweep.space["teacher.batch_size"].values_to_check()
+        for bs in batch_sizes:
+            try:
+                StepPlan.of(len(data.train), tcfg.num_workers, int(bs), tcfg.epochs, tcfg.grad_accum_steps)
+            except ValueError as err:
+                raise ConfigError(f"sweep.trial_workers: {err}") from None
+
+
+def _trainable(cfg: Config, data, out_dir: Path):
+    from ray import tune
+
+    base = cfg.model_dump(mode="json")
+    if cfg.sweep.trial_workers == 0:
+        arrays = ((data.train.images, data.train.labels), (data.val.images, data.val.labels), data.num_classes)
+        fn = tune.with_parameters(trial_in_process, base=base, data=arrays)
+        return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial})
+    fn = tune.with_parameters(trial_on_ray_train, base=base, data=data,
+                              storage=str((out_dir / "ray" / "train").resolve()))
+    # The trial driver only waits on its TorchTrainer: it must hold no CPU, or on a small
+    # cluster the drivers take the CPUs their own workers need and nothing ever runs. Tune
+    # refuses an all-zero request (an empty placement-group bundle), so it asks for 1 byte of
+    # memory instead: a bundle that places the driver and reserves nothing that matters.
+    return tune.with_resources(fn, {"cpu": 0, "memory": 1})
+
+
+def mlflow_uri(cfg: Config, out_dir: Path) -> str | None:
+    if not cfg.sweep.mlflow:
+        return None
+    return cfg.sweep.mlflow_tracking_uri or (out_dir / "mlflow").resolve().as_uri()
+
+
+def _callbacks(cfg: Config, out_dir: Path, run_name: str) -> list:
+    """One MLflow run per trial (params, per-epoch metrics), in experiment raydistill-<run>."""
+    uri = mlflow_uri(cfg, out_dir)
+    if uri is None:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    if uri.startswith("file:"):
+        # MLflow 3 refuses its file store unless asked (it wants a database). A folder in the
+        # run needs no server and `mlflow ui --backend-store-uri <it>` reads it as is.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=f"raydistill-{run_name}",
+                                 tags={"stage": "sweep", "searcher": cfg.sweep.searcher,
+                                       "scheduler": cfg.sweep.scheduler},
+                                 save_artifact=False)]
+
+
+def _tuner(cfg: Config, data, out_dir: Path, resume: bool, run_name: str):
+    """A new Tuner, or the interrupted one restored (with --resume)."""
+    import ray
     from ray import tune
 
     scfg = cfg.sweep
-    space = {key: tune.loguniform(getattr(scfg, lo), getattr(scfg, hi)) for key, (lo, hi) in SPACE.items()}
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            sweep_trial,
-            base=cfg.model_dump(mode="json"),
-            data=((data.train.images, data.train.labels), (data.val.images, data.val.labels), data.num_classes),
-        ),
-        {"cpu": scfg.cpus_per_trial},
-    )
+    storage = (out_dir / "ray").resolve()
+    # Tune saves the experiment state (what --resume restores) at most every 10 s by default;
+    # a driver killed in between would run the trials finished since then again.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    path = storage / EXPERIMENT
+    trainable = _trainable(cfg, data, out_dir)
+    space = {key: dist.to_tune() for key, dist in scfg.space.items()}
+    # The sweep config the experiment was started with: --resume continues only that one.
+    stamp = storage / "sweep_digest.txt"
+    same = stamp.exists() and stamp.read_text().strip() == cfg.stage_digest("sweep")
+    if path.exists():
+        if resume and same and tune.Tuner.can_restore(str(path)):
+            log(f"sweep: resuming the interrupted sweep in {path} (finished trials are kept)")
+            return tune.Tuner.restore(str(path), trainable=trainable, param_space=space,
+                                      resume_unfinished=True, resume_errored=False, restart_errored=True), True
+        why = ("it was started with another sweep config" if resume and not same
+               else "" if resume else "rerun with --resume to continue it instead")
+        log(f"sweep: an earlier, unfinished sweep is in {path}; starting afresh" + (f" ({why})" if why else ""))
+        shutil.rmtree(path)
+    elif resume:
+        log("sweep: --resume: no interrupted sweep to continue; starting one")
+    storage.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(cfg.stage_digest("sweep") + "\n")
+    resources = ray.cluster_resources()
+    concurrent = max_concurrent(cfg, resources.get("CPU", 1), resources.get("GPU", 0))
+    callbacks = _callbacks(cfg, out_dir, run_name)
     tuner = tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode=MODE, search_alg=_searcher(scfg, cfg.seed), scheduler=_scheduler(scfg),
-            num_samples=scfg.num_trials, reuse_actors=True,
+            metric=scfg.metric, mode=scfg.resolved_mode, search_alg=_searcher(scfg, cfg.seed),
+            scheduler=_scheduler(scfg), num_samples=scfg.num_trials, max_concurrent_trials=concurrent,
+            time_budget_s=scfg.time_budget_s, reuse_actors=scfg.trial_workers == 0,
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(out_dir / "ray"), verbose=1),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(storage), verbose=1, callbacks=callbacks),
     )
-    grid = tuner.fit()
-    trials = []
+    log(f"sweep: {scfg.num_trials} trials, {scfg.searcher} + {scfg.scheduler}, "
+        f"{'in-process' if scfg.trial_workers == 0 else f'Ray Train on {scfg.trial_workers} worker(s)'} "
+        f"trials, up to {concurrent} at once")
+    return tuner, False
+
+
+# ---- results --------------------------------------------------------------------------------
+
+
+def _history(result, metric: str) -> list[dict]:
+    """A trial's reports, one per epoch (a Ray Train trial's final report repeats its last
+    epoch), in the order they arrived."""
+    df = result.metrics_dataframe
+    if df is None or df.empty or metric not in df or TIME_ATTR not in df:
+        return []
+    rows, seen = [], set()
+    for _, row in df.iterrows():
+        epoch, value = row[TIME_ATTR], row[metric]
+        if epoch is None or value is None or (isinstance(value, float) and math.isnan(value)) or epoch in seen:
+            continue
+        seen.add(epoch)
+        at = row.get("reported_at")
+        at = float(at) if at is not None and not (isinstance(at, float) and math.isnan(at)) else float(row["timestamp"])
+        rows.append({"epoch": int(epoch), "metric": float(value), "at": at})
+    return rows
+
+
+def progress_curve(histories: list[list[dict]], mode: str) -> list[list[float]]:
+    """[[cumulative trial-epochs, best metric so far], ...] over all trials' reports in the
+    order they arrived: what the search has found for the compute it has spent."""
+    reports = sorted((r for h in histories for r in h), key=lambda r: r["at"])
+    better = max if mode == "max" else min
+    curve, best = [], None
+    for spent, r in enumerate(reports, start=1):
+        best = r["metric"] if best is None else better(best, r["metric"])
+        curve.append([spent, best])
+    return curve
+
+
+def plot_progress(curves: dict[str, list], path: Path, metric: str, title: str) -> Path:
+    """Best metric so far against cumulative trial-epochs, one line per curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    # "method, seed n" labels: one colour per method, one line style per seed.
+    methods = list(dict.fromkeys(label.split(",")[0] for label in curves))
+    styles, drawn = ["-", "--", ":", "-."], {}
+    for label, curve in curves.items():
+        if curve:
+            method = label.split(",")[0]
+            style = styles[drawn.get(method, 0) % len(styles)]
+            drawn[method] = drawn.get(method, 0) + 1
+            xs, ys = zip(*curve)
+            ax.step(xs, ys, where="post", label=label, color=f"C{methods.index(method)}", linestyle=style)
+    ax.set_xlabel("cumulative trial-epochs")
+    ax.set_ylabel(f"best {metric} so far")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def summarize(grid, cfg: Config, resumed: bool) -> dict:
+    scfg = cfg.sweep
+    metric, mode = scfg.metric, scfg.resolved_mode
+    trials, histories = [], []
     for result in grid:
-        epochs = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
-        status = "error" if result.error else ("stopped_early" if epochs < scfg.epochs else "completed")
+        history = _history(result, metric)
+        epochs = max((h["epoch"] for h in history), default=0)
+        status = "error" if result.error else ("completed" if epochs >= scfg.epochs else "stopped_early")
+        values = [h["metric"] for h in history]
         trials.append({
-            "config": {k: result.config[k] for k in SPACE},
+            "trial_id": result.metrics.get("trial_id") if result.metrics else None,
+            "config": {k: result.config[k] for k in scfg.space},
             "status": status,
-            "metric": result.metrics.get(METRIC) if result.metrics else None,
+            "metric": values[-1] if values else None,
             "epochs": epochs,
+            "history": values,
         })
+        histories.append(history)
     finished = [t for t in trials if t["metric"] is not None]
     if not finished:
-        errors = "; ".join(str(r.error)[:200] for r in grid if r.error)
-        raise RuntimeError(f"sweep: no trial reported {METRIC} ({errors or 'no trials ran'})")
-    best = max(finished, key=lambda t: (t["epochs"], t["metric"]))
-    summary = {
+        errors = "; ".join(str(r.error).strip().splitlines()[-1][:300] for r in grid if r.error)
+        raise RuntimeError(f"sweep: no trial reported {metric} ({errors or 'no trials ran'})")
+    sign = 1 if mode == "max" else -1
+    # Among the trials that ran longest: an early-stopped trial's metric is from fewer epochs.
+    best = max(finished, key=lambda t: (t["epochs"], sign * t["metric"]))
+    return {
         "searcher": scfg.searcher,
         "scheduler": scfg.scheduler,
-        "metric": METRIC,
-        "mode": MODE,
+        "metric": metric,
+        "mode": mode,
+        "trial_workers": scfg.trial_workers,
         "trials": trials,
         "best_config": best["config"],
         "best_metric": best["metric"],
         "trial_epochs": sum(t["epochs"] for t in trials),
+        "curve": progress_curve(histories, mode),
+        "time_budget_s": scfg.time_budget_s,
+        "resumed": resumed,
     }
-    return summary, cfg.with_values(best["config"])
+
+
+def run_sweep(cfg: Config, data, out_dir: Path, resume: bool = False, run_name: str = "sweep") -> tuple[dict, Config]:
+    """Run (or with `resume`, continue) the search; return (summary, the config with the best
+    values applied). Writes progress.png beside the summary."""
+    check_sweep(cfg, data)
+    tuner, resumed = _tuner(cfg, data, out_dir, resume, run_name)
+    grid = tuner.fit()
+    summary = summarize(grid, cfg, resumed)
+    summary["mlflow_tracking_uri"] = mlflow_uri(cfg, out_dir)
+    plot = plot_progress({f"{cfg.sweep.searcher} + {cfg.sweep.scheduler}": summary["curve"]},
+                         out_dir / "progress.png", summary["metric"], "sweep progress")
+    summary["plot"] = plot.name
+    return summary, cfg.with_values(summary["best_config"])

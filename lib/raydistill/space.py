@@ -1,0 +1,123 @@
+"""The sweep's search space, declared in YAML over dotted config keys:
+
+    sweep:
+      space:
+        teacher.lr: {loguniform: [3.0e-4, 1.0e-2]}
+        teacher.batch_size: {choice: [32, 64]}
+        teacher.warmup_fraction: {uniform: [0.0, 0.3]}
+        data.augment.rotation_deg: {int: [0, 30]}
+
+Each entry is one distribution: `uniform` / `loguniform` (floats in [low, high]), `int`
+(integers in [low, high], both included) or `choice` (a list of values). Checked in two steps,
+both before any trial starts: the shape of each entry when the config loads (empty or inverted
+ranges, a non-positive loguniform bound), and then that every key names a config value the
+trials read and that every bound is a valid value for it (`check_space`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+KINDS = ("uniform", "loguniform", "int", "choice")
+_ATTR = {"uniform": "uniform", "loguniform": "loguniform", "int": "integer", "choice": "choice"}
+# Sections a sweep trial reads: it trains the teacher on the (augmented) data. A key elsewhere
+# would change nothing the trials measure, so its "best" value would be noise.
+SWEEPABLE_SECTIONS = ("seed", "data", "teacher")
+
+
+class Dist(BaseModel):
+    """One search dimension: exactly one of uniform, loguniform, int, choice."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    integer: tuple[int, int] | None = Field(None, alias="int")  # `int` in YAML
+    choice: list[Any] | None = None
+
+    def spec(self, kind: str):
+        return getattr(self, _ATTR[kind])
+
+    @model_validator(mode="after")
+    def _one_valid_kind(self) -> "Dist":
+        given = [k for k in KINDS if self.spec(k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(KINDS)} (got {', '.join(given) or 'none'})")
+        kind = given[0]
+        if kind == "choice":
+            if not self.choice:
+                raise ValueError("choice: the list of values is empty")
+            return self
+        low, high = self.spec(kind)
+        if low == high:
+            raise ValueError(f"{kind}: the range [{low}, {high}] is empty (low must be below high)")
+        if low > high:
+            raise ValueError(f"{kind}: the range [{low}, {high}] is inverted (low must be below high)")
+        if kind == "loguniform" and low <= 0:
+            raise ValueError(f"loguniform: bounds must be positive (got low={low})")
+        return self
+
+    @model_serializer(mode="plain")
+    def _as_yaml(self) -> dict:
+        # The spelling it was written in ({loguniform: [a, b]}), so best.yaml reads back as is.
+        return {self.kind: list(self.spec(self.kind))}
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if self.spec(k) is not None)
+
+    def values_to_check(self) -> list:
+        """Values that must each be valid for the key: every choice, or both bounds and, for
+        the float kinds, a fractional point inside (an integer or a Literal key refuses it:
+        such a key needs `int` or `choice`)."""
+        values = list(self.spec(self.kind))
+        if self.kind in ("uniform", "loguniform"):
+            low, high = values
+            values.append(low + (high - low) * 0.371)
+        return values
+
+    def to_tune(self):
+        """The Ray Tune domain (OptunaSearch converts it to Optuna's distributions)."""
+        from ray import tune
+
+        if self.kind == "uniform":
+            return tune.uniform(*self.uniform)
+        if self.kind == "loguniform":
+            return tune.loguniform(*self.loguniform)
+        if self.kind == "int":
+            return tune.randint(self.integer[0], self.integer[1] + 1)  # randint's upper bound is exclusive
+        return tune.choice(list(self.choice))
+
+    def describe(self) -> str:
+        return f"{self.kind} {list(self.spec(self.kind))}"
+
+
+def check_space(cfg) -> None:
+    """Every key a value the trials read, every bound or choice a valid value for it.
+
+    Raises ConfigError naming the key. Called before Ray starts.
+    """
+    from raydistill.config import ConfigError, _section_for
+
+    for key, dist in cfg.sweep.space.items():
+        where = f"sweep.space.{key}"
+        path = key.split(".")
+        try:
+            model = _section_for(path)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: not a config key ({err})") from None
+        field = model.model_fields[path[-1]].annotation
+        if isinstance(field, type) and issubclass(field, BaseModel):
+            raise ConfigError(f"{where}: '{key}' is a section; name one of its values, e.g. {key}.{next(iter(field.model_fields))}")
+        if path[0] not in SWEEPABLE_SECTIONS:
+            raise ConfigError(
+                f"{where}: sweep trials train the teacher, so only keys under "
+                f"{', '.join(SWEEPABLE_SECTIONS)} change what they measure"
+            )
+        for value in dist.values_to_check():
+            try:
+                cfg.with_values({key: value})
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {dist.describe()} allows a value the config refuses: {err}") from None
