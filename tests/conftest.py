@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -13,6 +14,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def registered_checkpoint(run_dir: Path) -> bool:
+    """Whether Ray Train has registered a teacher checkpoint under run_dir. A checkpoint folder
+    in storage is not enough: the controller registers it only when it next polls the workers,
+    and persists what it registered in checkpoint_manager_snapshot.json (a Ray internal file,
+    read only by tests)."""
+    for snapshot in run_dir.glob("teacher/ray/teacher-*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except ValueError:  # caught mid-write
+            pass
+    return False
 
 
 @pytest.fixture(scope="session")

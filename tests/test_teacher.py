@@ -21,7 +21,7 @@ from raydistill.config import load_config
 from raydistill.models import ModelSpec, build_network, load_matching
 from raydistill.training import StepPlan
 
-from conftest import BIN, REPO
+from conftest import BIN, REPO, registered_checkpoint
 
 # 2 epochs of 9 steps on the digits' 1,258 training rows; a checkpoint every 3 steps.
 QUICK = ["teacher.epochs=2", "teacher.checkpoint_every_steps=3", "teacher.keep_checkpoints=2"]
@@ -46,22 +46,9 @@ def _train_workers() -> list[int]:
     return found
 
 
-def _registered_checkpoint(run_dir: Path) -> bool:
-    """Whether Ray Train has registered a checkpoint: a folder in storage is not enough, the
-    controller registers it only when it next polls the workers. Ray Train persists what it has
-    registered in checkpoint_manager_snapshot.json (a Ray internal file, read only here)."""
-    for snapshot in run_dir.glob("teacher/ray/teacher-*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                return True
-        except ValueError:  # caught mid-write
-            pass
-    return False
-
-
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
     deadline = time.time() + 300
-    while time.time() < deadline and not _registered_checkpoint(run_dir):
+    while time.time() < deadline and not registered_checkpoint(run_dir):
         time.sleep(0.2)
     workers = _train_workers()
     if workers:
