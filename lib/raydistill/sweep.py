@@ -127,16 +127,18 @@ def trial_on_ray_train(params: dict, base: dict, data, storage: str) -> None:
     from ray.train import FailureConfig, RunConfig
 
     from raydistill.data import train_stream
-    from raydistill.training import StepPlan, _fit, _trainer, attempt_counter, teacher_spec, teacher_worker
+    from raydistill.training import StepPlan, _fit, _trainer, teacher_spec, teacher_worker
 
     cfg = trial_config(Config.model_validate(base), params)
     tcfg = cfg.teacher
     spec = teacher_spec(cfg, data)
     plan = StepPlan.of(len(data.train), tcfg.num_workers, tcfg.batch_size, tcfg.epochs, tcfg.grad_accum_steps)
+    fit_id = uuid.uuid4().hex
+    Path(storage).mkdir(parents=True, exist_ok=True)
     loop_config = {
         "cfg": cfg.model_dump(mode="json"), "spec": spec.__dict__, "plan": plan.__dict__,
         "eval": ray.put(((data.val.images, data.val.labels), data.train.images)),
-        "fit_id": uuid.uuid4().hex, "attempts": attempt_counter(),
+        "fit_id": fit_id, "attempts_file": str(Path(storage) / f"attempts-{fit_id}.log"),
     }
     stream = train_stream(cfg, data.train, tcfg.epochs, plan.rows_per_epoch(tcfg.num_workers, tcfg.batch_size))
     run_config = RunConfig(

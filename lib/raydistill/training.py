@@ -231,26 +231,14 @@ def _teacher_network(cfg: Config, spec):
     return net
 
 
-class _Attempts:
-    """Counts how many times Ray Train started the worker group of one fit(): a restart is
-    counted even when the worker died before the first checkpoint was registered."""
-
-    def __init__(self):
-        self.started = 0
-
-    def begin(self) -> int:
-        self.started += 1
-        return self.started
-
-
-def attempt_counter():
-    """An attempt counter for one fit(), pinned to the driver's node so that losing a worker
-    node does not lose the count."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return ray.remote(num_cpus=0, scheduling_strategy=here)(_Attempts).remote()
+def count_attempt(path: str) -> int:
+    """This worker group's attempt number within one fit(), so that a restart is counted even
+    when the worker died before the first checkpoint was registered. Rank 0 appends a line to a
+    file in the run's storage: every node sees it (checkpoints need shared storage anyway) and
+    it outlives any node, which an actor holding the count would not."""
+    with open(path, "a") as f:
+        f.write(f"{time.time():.3f}\n")
+    return len(Path(path).read_text().splitlines())
 
 
 def _restore(engine, log: EpochLog, counters: dict, attempt: int, rank: int, world: int) -> int:
@@ -337,7 +325,7 @@ def teacher_worker(loop_config: dict) -> None:
     per_rank = sharding.gather_counts(sharding.local_param_count(engine))
     counters = {"fit_id": loop_config["fit_id"]}
     # Rank 0 counts the attempt: only its counters reach state.json and the final metrics.
-    attempt = ray.get(loop_config["attempts"].begin.remote()) if rank == 0 else 1
+    attempt = count_attempt(loop_config["attempts_file"]) if rank == 0 else 1
     log = EpochLog("teacher", plan, tcfg.batch_size * tcfg.grad_accum_steps * world, rank,
                    tb_dir=loop_config.get("tb_dir"))
     start_step = _restore(engine, log, counters, attempt, rank, world)
@@ -453,7 +441,9 @@ def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
     tcfg = cfg.teacher
     spec = teacher_spec(cfg, data)
     check_teacher(cfg, spec, len(data.train))
-    extra = {"fit_id": uuid.uuid4().hex, "attempts": attempt_counter(),
+    fit_id = uuid.uuid4().hex
+    (out_dir / "ray").mkdir(parents=True, exist_ok=True)
+    extra = {"fit_id": fit_id, "attempts_file": str((out_dir / "ray" / f"attempts-{fit_id}.log").resolve()),
              "tb_dir": str((out_dir / "tensorboard").resolve())}
     metrics, net, elapsed = train_on_ray(
         "teacher", teacher_worker, cfg, data, spec, out_dir, extra,
