@@ -117,8 +117,17 @@ def test_every_searcher_and_scheduler_is_built_from_the_config(searcher, schedul
     search = _searcher(cfg.sweep, cfg.seed)
     assert (search.metric, search.mode) == ("loss", "min")
     assert type(search._sampler).__name__ == {"tpe": "TPESampler", "gp": "GPSampler", "random": "RandomSampler"}[searcher]
+    if searcher == "tpe":  # a joint density over the space; running trials held as bad results
+        assert search._sampler._multivariate and search._sampler._constant_liar
     expected = {"asha": ASHAScheduler, "hyperband": HyperBandScheduler, "fifo": FIFOScheduler}[scheduler]
     assert isinstance(_scheduler(cfg.sweep), expected)
+
+
+def test_startup_trials_are_a_share_of_the_budget():
+    counts = {n: load_config(DEMO, [f"sweep.num_trials={n}"]).sweep.resolved_startup_trials for n in (4, 24, 60, 200)}
+    assert counts == {4: 2, 24: 4, 60: 10, 200: 10}
+    assert load_config(DEMO, ["sweep.startup_trials=7"]).sweep.resolved_startup_trials == 7
+    assert load_config(DEMO, ["sweep.metric=val_loss"]).sweep.resolved_mode == "min"
 
 
 def test_concurrency_follows_the_cluster_cpus():
@@ -208,7 +217,7 @@ def test_sweep_with_a_yaml_space_writes_summary_best_yaml_plot_and_mlflow(tmp_pa
     experiment = client.get_experiment_by_name("raydistill-s")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 4
-    assert all("val_accuracy" in r.data.metrics and "teacher.lr" in r.data.params for r in runs)
+    assert all({"val_accuracy", "val_loss", "loss"} <= set(r.data.metrics) and "teacher.lr" in r.data.params for r in runs)
 
 
 def test_trials_as_ray_train_runs_report_each_epoch_to_the_scheduler(tmp_path, local_ray):

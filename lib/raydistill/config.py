@@ -52,8 +52,10 @@ class DataConfig(_Section):
     augment: AugmentConfig = AugmentConfig()
 
 
-# What every sweep trial reports each epoch (in-process and Ray Train trials alike).
-TRIAL_METRICS = {"val_accuracy": "max", "loss": "min"}
+# What every sweep trial reports each epoch (in-process and Ray Train trials alike):
+# validation accuracy and cross-entropy, and the training loss (mean over the epoch's steps, on
+# augmented views: it says how well a trial fits, not how well it generalises).
+TRIAL_METRICS = {"val_accuracy": "max", "loss": "min", "val_loss": "min"}
 
 
 def _default_space() -> dict[str, Dist]:
@@ -76,8 +78,16 @@ class SweepConfig(_Section):
     epochs: int = Field(2, ge=1, description="max epochs per trial (the schedulers' max_t)")
     grace_period: int = Field(1, ge=1, description="epochs every trial runs before it can be stopped (ASHA)")
     reduction_factor: int = Field(2, ge=2, description="ASHA/HyperBand: keep the top 1/reduction_factor at each rung")
-    metric: str = Field("val_accuracy", description=f"what to optimise: one of {', '.join(TRIAL_METRICS)}")
-    mode: Literal["auto", "max", "min"] = Field("auto", description="auto: max for val_accuracy, min for loss")
+    metric: str = Field(
+        "val_accuracy",
+        description="what to optimise: val_accuracy, val_loss (validation cross-entropy: continuous, so it "
+        "still ranks trials once accuracy saturates on a small validation split) or loss (training loss)",
+    )
+    mode: Literal["auto", "max", "min"] = Field("auto", description="auto: max for val_accuracy, min for the losses")
+    startup_trials: int | None = Field(
+        None, ge=1,
+        description="tpe/gp: random trials before the model proposes; None: num_trials // 6, between 2 and 10",
+    )
     time_budget_s: float | None = Field(
         None, gt=0, description="stop starting and running trials after this many seconds (None: no limit)"
     )
@@ -111,6 +121,16 @@ class SweepConfig(_Section):
     @property
     def resolved_mode(self) -> str:
         return TRIAL_METRICS[self.metric] if self.mode == "auto" else self.mode
+
+    @property
+    def resolved_startup_trials(self) -> int:
+        """Random trials before TPE/GP model the results. Optuna's default (10) suits budgets of
+        hundreds; at the tens of trials a sweep of training runs affords it would spend a large
+        share of the budget on random search. One in six, at least 2 (TPE needs a "good" and a
+        "bad" group) and at most Optuna's 10."""
+        if self.startup_trials is not None:
+            return self.startup_trials
+        return min(10, max(2, self.num_trials // 6))
 
 
 class TeacherConfig(_Section):

@@ -42,14 +42,14 @@ def log(msg: str) -> None:
 
 
 def trial_in_process(params: dict, base: dict, data) -> None:
-    """One Tune trial trained in this actor: reports val_accuracy and loss every epoch."""
+    """One Tune trial trained in this actor: reports val_accuracy, val_loss and loss every epoch."""
     import torch
     import torch.nn.functional as F
     from ray import tune
 
     from raydistill.data import augment_batch
-    from raydistill.models import ModelSpec, accuracy, build_network, recalibrate_batchnorm
-    from raydistill.training import set_threads
+    from raydistill.models import ModelSpec, build_network, recalibrate_batchnorm
+    from raydistill.training import set_threads, validation_metrics
 
     cfg = Config.model_validate(base).with_values(params)
     (train_x, train_y), (val_x, val_y), num_classes = data
@@ -84,7 +84,7 @@ def trial_in_process(params: dict, base: dict, data) -> None:
             loss_sum += loss.item()
         recalibrate_batchnorm(net, train_x, spec.image_size)
         tune.report({
-            "val_accuracy": accuracy(net, val_x, val_y, spec.image_size),
+            **validation_metrics(net, val_x, val_y, spec.image_size),
             "loss": loss_sum / steps_per_epoch,
             TIME_ATTR: epoch + 1,
             "reported_at": time.time(),
@@ -155,9 +155,13 @@ def _searcher(scfg: SweepConfig, seed: int):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    startup = min(4, max(1, scfg.num_trials // 4))  # random trials before the model takes over
+    startup = scfg.resolved_startup_trials
     samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup),
+        # multivariate: one joint density over the space, not one per dimension (lr and batch
+        # size, lr and warmup interact); constant_liar: running trials count as bad results
+        # while they run, so concurrent trials are not all proposed at the same point.
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
+                                                  constant_liar=True),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
     }

@@ -47,6 +47,18 @@ class StepPlan:
         return self.steps_per_epoch * self.accum * world_size * batch_size
 
 
+def validation_metrics(net, images, labels, image_size: int) -> dict:
+    """val_accuracy and val_loss (mean cross-entropy) from one forward pass over the split.
+    The loss is continuous: it still ranks two models whose accuracy on a few hundred images
+    ties, which a sweep's searcher and scheduler need."""
+    if len(labels) == 0:
+        return {"val_accuracy": 0.0, "val_loss": float("nan")}
+    logits = predict_logits(net, images, image_size)
+    target = torch.from_numpy(labels)
+    return {"val_accuracy": float((logits.argmax(1) == target).float().mean()),
+            "val_loss": float(torch.nn.functional.cross_entropy(logits, target))}
+
+
 def stream_batches(shard, batch_size: int, total_steps: int, device, skip: int = 0):
     """(step, images, labels) from a Ray Data shard, stopping at exactly total_steps.
 
@@ -308,7 +320,7 @@ def teacher_worker(loop_config: dict) -> None:
 
     from raydistill import sharding
     from raydistill.artifacts import save_weights
-    from raydistill.models import ModelSpec, accuracy, recalibrate_batchnorm
+    from raydistill.models import ModelSpec, recalibrate_batchnorm
 
     cfg = Config.model_validate(loop_config["cfg"])
     tcfg = cfg.teacher
@@ -349,7 +361,7 @@ def teacher_worker(loop_config: dict) -> None:
         if epoch_end:
             # Every rank runs the same forwards here: ZeRO-3 gathers parameters collectively.
             recalibrate_batchnorm(engine.module, train_images, spec.image_size, forward=adapter)
-            shown = {"loss": loss_sum / seen, "val_accuracy": accuracy(adapter, val_images, val_labels, spec.image_size)}
+            shown = {"loss": loss_sum / seen, **validation_metrics(adapter, val_images, val_labels, spec.image_size)}
             log.line(step, shown)
             metrics.update(shown, samples_per_s=log.samples_per_s(step))
             loss_sum, seen = 0.0, 0
