@@ -359,6 +359,8 @@ def plot_progress(curves: dict[str, list], path: Path, metric: str, title: str) 
             ax.step(xs, ys, where="post", label=label, color=f"C{methods.index(method)}", linestyle=style)
     ax.set_xlabel("cumulative trial-epochs")
     ax.set_ylabel(f"best {metric} so far")
+    if metric.endswith("loss"):
+        ax.set_yscale("log")  # a loss falls over decades; on a linear axis the late gains look flat
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
