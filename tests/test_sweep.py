@@ -232,6 +232,9 @@ def test_trials_as_ray_train_runs_report_each_epoch_to_the_scheduler(tmp_path, l
     for trial in summary["trials"]:
         assert trial["status"] in ("completed", "stopped_early"), trial
         assert len(trial["history"]) == trial["epochs"] >= 1
+    # Rank 0's per-epoch report reached Tune with every trial metric (val_loss too).
+    first_reports = [json.loads(r.read_text().splitlines()[0]) for r in (out / "ray" / "tune").glob("*/result.json")]
+    assert len(first_reports) == 2 and all({"val_accuracy", "val_loss", "loss"} <= set(r) for r in first_reports)
     # Each trial was a Ray Train run of its own (Train V2 keeps one folder per run).
     runs = sorted(p.name for p in (out / "ray" / "train").iterdir() if p.name.startswith("trial-"))
     assert len(runs) == 2
