@@ -114,10 +114,14 @@ class EpochLog:
 def set_threads(cpus: float) -> None:
     """Per-worker setup: torch threads for the worker's CPUs, and quieter Ray Train logs."""
     import logging
+    import warnings
 
     from ray.train.v2._internal.execution import context
 
     torch.set_num_threads(max(1, int(cpus)))
+    # DeepSpeed's ZeRO calls collectives that torch deprecates, and torch warns on every call:
+    # dozens of identical lines per step that bury the progress lines.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     # Train V2 logs two INFO lines per report from every rank ("Reporting training result",
     # "Checkpoint successfully created"); our progress lines say the same once, on rank 0.
     # The first comes from a logger named after its file, outside the "ray.train" tree.
