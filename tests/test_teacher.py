@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -88,15 +89,28 @@ def test_stopped_driver_resumes_from_latest_checkpoint(tmp_path):
     (["teacher.global_batch_size=100", "teacher.num_workers=3"], 2, "does not divide"),
     (["teacher.global_batch_size=256", "teacher.batch_size=64"], 2, "not teacher.global_batch_size=256"),
     (["teacher.arch=vgg11", "teacher.activation_checkpointing=true"], 1, "vgg11 does not support it"),
-    (["teacher.arch=no_such_net"], 1, "unknown timm architecture 'no_such_net'"),
-    (["teacher.batch_size=1024"], 1, "cannot fill one step"),
-    (["teacher.init_from=missing.safetensors"], 1, "missing.safetensors: no such file"),
 ])
 def test_bad_teacher_settings_are_refused_before_ray_starts(tmp_path, sets, exit_code, message):
     out = subprocess.run(_train_cmd(tmp_path, *sets), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == exit_code, out.stderr
     assert message in out.stderr
     assert "Started a local Ray instance" not in out.stdout + out.stderr
+
+
+# More refusals of the same kind as the vgg11 one above (exit 1 from the same check, before
+# Ray starts), checked in this process: a CLI start costs seconds of imports each.
+@pytest.mark.parametrize("sets, message", [
+    (["teacher.arch=no_such_net"], "unknown timm architecture 'no_such_net'"),
+    (["teacher.batch_size=1024"], "cannot fill one step"),
+    (["teacher.init_from=missing.safetensors"], "missing.safetensors: no such file"),
+])
+def test_check_teacher_refuses_what_cannot_run(sets, message):
+    from raydistill.training import check_teacher
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", sets)
+    spec = ModelSpec(cfg.teacher.arch, 10, (1, 8, 8), cfg.data.image_size)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_teacher(cfg, spec, n_train=1258)  # the digits' training split
 
 
 def test_init_from_loads_matching_tensors_and_keeps_a_new_head(tmp_path):
