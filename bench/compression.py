@@ -112,7 +112,7 @@ def epoch_views(data, epoch: int, cfg, batch_size: int):
         idx = np.sort(order[i : i + batch_size])
         views = augment_batch({"image": data.train.images[idx], "label": data.train.labels[idx], "id": idx},
                               seed=cfg.seed, epoch=epoch, image_size=cfg.data.image_size,
-                              augment=cfg.data.augment.model_dump())
+                              augment=cfg.data.augment_spec(), num_classes=data.num_classes)
         yield torch.from_numpy(views["image"]), torch.from_numpy(np.asarray(views["label"]))
 
 

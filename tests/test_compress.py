@@ -107,7 +107,7 @@ def test_int8_keeps_a_trained_students_predictions(tmp_path, trained, digits):
 def test_finetune_after_pruning_recovers_accuracy(trained, digits):
     import copy
 
-    from raydistill.config import AugmentConfig
+    from raydistill.config import load_config
     from raydistill.models import accuracy
 
     images, labels = digits
@@ -116,7 +116,7 @@ def test_finetune_after_pruning_recovers_accuracy(trained, digits):
     recalibrate_batchnorm(pruned, images[:1500], 16)
     acc_pruned = accuracy(pruned, images[1500:], labels[1500:], 16)
     compress.finetune(pruned, teacher, images[:1500], labels[:1500], image_size=16, epochs=2, batch_size=64,
-                      lr=2e-3, temperature=4.0, alpha=0.5, seed=0, augment=AugmentConfig(noise_std=0.0).model_dump())
+                      lr=2e-3, temperature=4.0, alpha=0.5, seed=0, augment=load_config(None, ["data.augment.gaussian_noise.std=0"]).data.augment_spec())
     acc_tuned = accuracy(pruned, images[1500:], labels[1500:], 16)
     assert acc_tuned > acc_pruned
     assert acc_tuned > 0.8

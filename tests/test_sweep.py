@@ -49,7 +49,7 @@ def _space(tmp_path: Path, space: dict, **sweep) -> Path:
         ({"teacher.lrate": {"loguniform": [1e-3, 1e-2]}}, {}, "sweep.space.teacher.lrate: not a config key"),
         ({"teacher": {"uniform": [0, 1]}}, {}, "sweep.space.teacher: 'teacher' is a section"),
         ({"deploy.replica_cpus": {"uniform": [0.5, 1]}}, {}, "sweep.space.deploy.replica_cpus: sweep trials train the teacher"),
-        ({"data.augment.shift": {"uniform": [0.1, 0.7]}}, {}, "sweep.space.data.augment.shift: uniform [0.1, 0.7] allows a value"),
+        ({"data.augment.affine.translate": {"uniform": [0.1, 0.7]}}, {}, "sweep.space.data.augment.affine.translate: uniform [0.1, 0.7] allows a value"),
         ({"teacher.batch_size": {"uniform": [16, 64]}}, {}, "sweep.space.teacher.batch_size: uniform [16.0, 64.0] allows a value"),
         ({"teacher.zero_stage": {"choice": [1, 4]}}, {}, "sweep.space.teacher.zero_stage: choice [1, 4] allows a value"),
         ({"teacher.lr": {"loguniform": [1e-3, 1e-2]}}, {"metric": "val_f1"}, "sweep.metric 'val_f1' is never reported by the trials; they report: val_accuracy, loss"),
@@ -88,16 +88,16 @@ def test_space_round_trips_through_yaml(tmp_path):
         "teacher.lr": {"loguniform": [3e-4, 1e-2]},
         "teacher.batch_size": {"choice": [32, 64]},
         "teacher.warmup_fraction": {"uniform": [0.0, 0.3]},
-        "data.augment.rotation_deg": {"int": [0, 30]},
+        "data.augment.affine.degrees": {"int": [0, 30]},
     }
     cfg = load_config(_space(tmp_path, space))
     assert {k: d.kind for k, d in cfg.sweep.space.items()} == {
         "teacher.lr": "loguniform", "teacher.batch_size": "choice",
-        "teacher.warmup_fraction": "uniform", "data.augment.rotation_deg": "int"}
+        "teacher.warmup_fraction": "uniform", "data.augment.affine.degrees": "int"}
     again = tmp_path / "again.yaml"
     again.write_text(dump_yaml(cfg))
     assert load_config(again).sweep.space == cfg.sweep.space
-    assert yaml.safe_load(again.read_text())["sweep"]["space"]["data.augment.rotation_deg"] == {"int": [0, 30]}
+    assert yaml.safe_load(again.read_text())["sweep"]["space"]["data.augment.affine.degrees"] == {"int": [0, 30]}
 
 
 def test_presets_load_with_their_spaces():
@@ -163,8 +163,8 @@ def test_sweep_with_a_yaml_space_writes_summary_best_yaml_plot_and_mlflow(tmp_pa
     space = {
         "teacher.lr": {"loguniform": [3e-4, 1e-2]},
         "teacher.batch_size": {"choice": [32, 64]},
-        "data.augment.rotation_deg": {"int": [0, 20]},
-        "data.augment.noise_std": {"uniform": [0.0, 0.1]},
+        "data.augment.affine.degrees": {"int": [0, 20]},
+        "data.augment.gaussian_noise.std": {"uniform": [0.0, 0.1]},
     }
     cfg = load_config(_space(tmp_path, space, num_trials=4, epochs=2, scheduler="asha", searcher="tpe"))
     pipeline.run_stages(cfg, str(tmp_path), "s", ("sweep",))
@@ -178,7 +178,7 @@ def test_sweep_with_a_yaml_space_writes_summary_best_yaml_plot_and_mlflow(tmp_pa
         assert trial["status"] in ("completed", "stopped_early")
         assert 1 <= trial["epochs"] <= 2 and len(trial["history"]) == trial["epochs"]
         assert trial["config"]["teacher.batch_size"] in (32, 64)
-        assert isinstance(trial["config"]["data.augment.rotation_deg"], int)
+        assert isinstance(trial["config"]["data.augment.affine.degrees"], int)
         assert 0.0 <= trial["metric"] <= 1.0
     assert summary["best_metric"] == max(t["metric"] for t in summary["trials"] if t["epochs"] == 2)
     assert summary["trial_epochs"] == sum(t["epochs"] for t in summary["trials"])

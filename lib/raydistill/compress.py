@@ -41,7 +41,7 @@ def prune_channels(net: nn.Module, ratio: float, image_size: int, in_chans: int)
 
 def finetune(net: nn.Module, teacher: nn.Module, images: np.ndarray, labels: np.ndarray, *, image_size: int,
              epochs: int, batch_size: int, lr: float, temperature: float, alpha: float, seed: int,
-             augment: dict) -> nn.Module:
+             augment: list[dict], num_classes: int | None = None) -> nn.Module:
     """A short KD fine-tune in this process (a few dozen steps on CPU): the pruned student
     learns back from the teacher on freshly augmented views (the data stage's own augment)."""
     from raydistill.data import augment_batch
@@ -60,8 +60,10 @@ def finetune(net: nn.Module, teacher: nn.Module, images: np.ndarray, labels: np.
             idx = order[i : i + batch_size]
             # epoch offset 1000: fresh views, unlike any the student saw in distillation
             views = augment_batch({"image": images[idx], "label": labels[idx], "id": idx},
-                                  seed=seed, epoch=1000 + epoch, image_size=image_size, augment=augment)
-            x, y = torch.from_numpy(views["image"]), torch.from_numpy(labels[idx])
+                                  seed=seed, epoch=1000 + epoch, image_size=image_size, augment=augment,
+                                  num_classes=num_classes)
+            # y: class ids, or soft labels (B, classes) when the augmentation mixes images
+            x, y = torch.from_numpy(views["image"]), torch.from_numpy(views["label"])
             with torch.no_grad():
                 teacher_logits = teacher(x)
             net.train()
