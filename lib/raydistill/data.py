@@ -469,3 +469,60 @@ def resolve_source(cfg: Config, data_dir: Path) -> str:
     if not path.exists():
         write_digits_parquet(path)
     return str(path)
+
+
+# ---- preview: what the augmentation does, as a picture ------------------------------------
+
+
+def _caption(label, class_names: list[str] | None) -> str:
+    """A class id, or a soft label's two largest classes with their weights ("3:0.70  5:0.30")."""
+    def name(i: int) -> str:
+        return class_names[i] if class_names else str(i)
+
+    label = np.asarray(label)
+    if label.ndim == 0:
+        return name(int(label))
+    top = np.argsort(label)[::-1][:2]
+    if label[top[1]] < 1e-3:
+        return name(int(top[0]))
+    return "  ".join(f"{name(int(i))}:{label[i]:.2f}" for i in top)
+
+
+def preview_grid(cfg: Config, data: Dataset, count: int = 32, epoch: int = 0, tile: int = 96):
+    """A PIL image: `count` training images as the trainers see them in `epoch` (augmented by
+    the configured ops, same seeds as the stream), each captioned with its (mixed) label."""
+    from PIL import Image, ImageDraw
+
+    count = min(count, len(data.train))
+    ids = np.arange(count)
+    views = augment_batch({"image": data.train.images[:count], "label": data.train.labels[:count], "id": ids},
+                          seed=cfg.seed, epoch=epoch, image_size=cfg.data.image_size,
+                          augment=cfg.data.augment_spec(), num_classes=data.num_classes)
+    pixels = np.clip(views["image"] * 0.5 + 0.5, 0.0, 1.0)  # undo models.normalize
+    pixels = np.rint(pixels * 255).astype(np.uint8)
+    cols = min(8, count)
+    rows = -(-count // cols)
+    caption_h = 16
+    grid = Image.new("RGB", (cols * tile, rows * (tile + caption_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(count):
+        img = pixels[i]
+        img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        cell = Image.fromarray(img).convert("RGB").resize((tile, tile), Image.NEAREST)
+        x, y = (i % cols) * tile, (i // cols) * (tile + caption_h)
+        grid.paste(cell, (x, y))
+        draw.text((x + 3, y + tile + 2), _caption(views["label"][i], data.class_names), fill="black")
+    return grid
+
+
+def write_preview(cfg: Config, out: str | Path, count: int = 32) -> Path:
+    """Read and check the configured source, save a PNG grid of augmented samples to `out`."""
+    import tempfile
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = load_dataset(cfg, resolve_source(cfg, Path(tmp)))
+        grid = preview_grid(cfg, data, count)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out, format="PNG")
+    return out
