@@ -173,7 +173,9 @@ class DataConfig(_Section):
     cpus_per_task: float = Field(
         0.25, gt=0, description="CPUs each augmentation task claims (fractions leave room for trainers)"
     )
-    batch_size: int = Field(64, ge=1, description="rows each augmentation task augments at once (vectorised)")
+    batch_size: int = Field(
+        256, ge=1, description="rows augmented at once (vectorised; larger amortises kornia's per-call cost); "
+        "the split is stored in blocks of this many rows, whose order is shuffled per epoch")
     prefetch_batches: int = Field(4, ge=0, description="batches each trainer keeps ready ahead of its step")
     augment: list[AugmentOp] = Field(
         default_factory=_default_augment,

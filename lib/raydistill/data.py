@@ -387,9 +387,11 @@ def augment_batch(batch: dict, *, seed: int, epoch: int, image_size: int, augmen
                   num_classes: int | None = None, threads: int | None = None) -> dict:
     """Ray Data map_batches fn: uint8 native images -> augmented, normalised model inputs.
 
-    Randomness is fresh per sample and per epoch yet reproducible: the generator is seeded from
-    (seed, epoch, first row id of the batch). With mixup / cutmix the `label` column becomes
-    soft labels (B, num_classes) float32; otherwise it stays the class ids (B,).
+    Randomness is fresh per sample and per epoch yet reproducible: the generators are seeded
+    from (seed, epoch, first row id of the batch). The rows are also put in a fresh order each
+    epoch (a local shuffle with no data movement), so trainers' batches and mixup partners
+    differ from epoch to epoch. With mixup / cutmix the `label` column becomes soft labels
+    (B, num_classes) float32; otherwise it stays the class ids (B,).
     """
     import torch
 
@@ -397,7 +399,10 @@ def augment_batch(batch: dict, *, seed: int, epoch: int, image_size: int, augmen
 
     if threads:  # inside a Ray Data task: as many torch threads as the task's CPUs, no more
         torch.set_num_threads(threads)
-    torch.manual_seed(hash((seed, epoch, int(batch["id"][0]))) % (2**63))
+    key = (seed, epoch, int(batch["id"][0]))
+    torch.manual_seed(hash(key) % (2**63))
+    order = np.random.default_rng(key).permutation(len(batch["id"]))
+    batch = {k: np.asarray(batch[k])[order] for k in ("image", "label", "id")}
     x = resize(torch.from_numpy(np.ascontiguousarray(batch["image"])).float() / 255.0, image_size)
     with torch.no_grad():
         x, labels = apply_ops(build_ops(augment, image_size), x, batch["label"], num_classes)
@@ -406,15 +411,16 @@ def augment_batch(batch: dict, *, seed: int, epoch: int, image_size: int, augmen
     return {"image": x.numpy(), "label": labels, "id": np.asarray(batch["id"])}
 
 
-def _block_refs(split: Split, rows_per_block: int = 128) -> list:
-    """The split as pandas blocks in the object store, put there once and shared by all epochs."""
-    import pandas as pd
+def _block_refs(split: Split, rows_per_block: int) -> list:
+    """The split as Arrow blocks in the object store, put there once and shared by all epochs.
+    Images are an Arrow tensor column: tasks read them as one (B, C, H, W) array, zero-copy."""
     import ray
+    from ray.data.extensions import ArrowTensorArray
 
     ids = np.arange(len(split), dtype=np.int64)
     return [
-        ray.put(pd.DataFrame({"image": list(split.images[i : i + rows_per_block]),
-                              "label": split.labels[i : i + rows_per_block], "id": ids[i : i + rows_per_block]}))
+        ray.put(pa.table({"image": ArrowTensorArray.from_numpy(split.images[i : i + rows_per_block]),
+                          "label": split.labels[i : i + rows_per_block], "id": ids[i : i + rows_per_block]}))
         for i in range(0, len(split), rows_per_block)
     ]
 
@@ -435,11 +441,11 @@ def train_stream(cfg: Config, split: Split, epochs: int, rows_per_epoch: int | N
     """
     import ray.data
 
-    refs = _block_refs(split)
+    refs = _block_refs(split, cfg.data.batch_size)  # one block, one augmentation batch
     parts = []
     for epoch in range(epochs):
         order = np.random.default_rng((cfg.seed, epoch)).permutation(len(refs))
-        epoch_ds = ray.data.from_pandas_refs([refs[i] for i in order])
+        epoch_ds = ray.data.from_arrow_refs([refs[i] for i in order])
         if rows_per_epoch is not None:
             epoch_ds = epoch_ds.limit(rows_per_epoch)
         parts.append(
