@@ -74,6 +74,8 @@ def test_stopped_driver_resumes_from_latest_checkpoint(tmp_path):
     # The plain torch model built from teacher.safetensors gives the sharded engine's logits.
     assert summary["export_check"]["max_abs_logit_diff"] <= 1e-4
     assert summary["accuracy"] > 0.8
+    # Rank 0 measured how long it waited for augmented batches (a share of its step time).
+    assert 0.0 <= summary["data_wait_fraction"] < 1.0 and summary["data_first_batch_s"] > 0
     # The latest K are kept, plus at most the folder that was being written when the driver
     # stopped: Ray Train never registered it, so it is not one of the K it manages.
     assert len(_checkpoints(run_dir)) <= KEEP + 1
