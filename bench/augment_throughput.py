@@ -3,9 +3,10 @@ torchvision.transforms.v2 per sample, and how long the teacher waits for data.
 
 In one run, on the same machine and cores, with the same ordered ops (random resized crop,
 flip, rotation, colour jitter, gaussian noise, random erasing, then mixup with soft labels):
-  - ours:      `data.train_stream` (Ray Data tasks, `data.cpus_per_task` each, kornia on
-               batches of `data.batch_size`, per-sample randomness) consumed with
-               `iter_torch_batches` as a trainer does, on a local Ray of --cores CPUs;
+  - ours:      `data.train_stream` (Ray Data tasks, --cpus-per-task each, kornia on
+               batches of `data.batch_size` rows (256 by default), per-sample randomness)
+               consumed with `iter_torch_batches` in batches of --batch as a trainer does, on
+               a local Ray of --cores CPUs;
   - baseline:  `torch.utils.data.DataLoader(num_workers=--cores)`, each sample through a
                `torchvision.transforms.v2.Compose` of the same ops, v2.MixUp on each batch in
                collate, one torch thread per worker;
@@ -44,15 +45,15 @@ OPS = [
 ]
 
 
-def config(image_size: int, cpus_per_task: float, batch: int, extra: list[str] = ()):
+def config(image_size: int, cpus_per_task: float, aug_batch: int | None, extra: list[str] = ()):
     import yaml
 
     from raydistill.config import load_config
 
     return load_config(REPO / "configs" / "demo.yaml", [
         f"data.augment={yaml.safe_dump(OPS, default_flow_style=True).strip()}", "sweep.num_trials=0",
-        f"data.image_size={image_size}", f"data.cpus_per_task={cpus_per_task}", f"data.batch_size={batch}",
-        *extra])
+        f"data.image_size={image_size}", f"data.cpus_per_task={cpus_per_task}",
+        *([f"data.batch_size={aug_batch}"] if aug_batch else []), *extra])
 
 
 def datasets(quick: bool) -> dict:
@@ -92,7 +93,7 @@ def _count(batches) -> dict:
 def ours(split, num_classes: int, size: int, args) -> dict:
     from raydistill.data import train_stream
 
-    cfg = config(size, args.cpus_per_task, args.batch)
+    cfg = config(size, args.cpus_per_task, args.aug_batch)
     stream = train_stream(cfg, split, epochs=1, num_classes=num_classes)
     batches = stream.iter_torch_batches(batch_size=args.batch, drop_last=True,
                                         prefetch_batches=cfg.data.prefetch_batches)
@@ -161,7 +162,7 @@ def teacher_wait(args) -> dict:
     from raydistill import pipeline
 
     epochs = 1 if args.quick else 3
-    cfg = config(16, 0.25, 64, [f"teacher.epochs={epochs}", "teacher.checkpoint_every_steps=1000000"])
+    cfg = config(16, 0.25, args.aug_batch, [f"teacher.epochs={epochs}", "teacher.checkpoint_every_steps=1000000"])
     storage = tempfile.mkdtemp()
     summary = pipeline.run_stages(cfg, storage, "bench", ("teacher",))["teacher"]
     return {k: summary[k] for k in ("data_wait_fraction", "data_wait_ms_per_step", "data_first_batch_s",
@@ -172,7 +173,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2,048 images per set, 2 repeats, a 1-epoch teacher")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="CPUs for both pipelines")
-    parser.add_argument("--batch", type=int, default=64, help="batch size (both pipelines)")
+    parser.add_argument("--batch", type=int, default=64, help="batch size the consumer takes (both pipelines)")
+    parser.add_argument("--aug-batch", type=int, default=None,
+                        help="ours: rows per augmentation task (data.batch_size; default: the config's)")
     parser.add_argument("--cpus-per-task", type=float, default=1.0, help="ours: CPUs per Ray Data augmentation task")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant; the best counts")
     parser.add_argument("--no-teacher", action="store_true", help="skip the teacher data-wait run")
@@ -180,12 +183,15 @@ def main() -> None:
     if args.quick:
         args.repeats = min(args.repeats, 2)
 
+    import logging
+
     import ray
 
     sets = datasets(args.quick)
     ray.init(address="local", num_cpus=args.cores, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO line per execution otherwise
     runs: dict = {(s, v): [] for s in sets for v in ("ours", "DataLoader")}
     wait = None
     try:
@@ -200,7 +206,9 @@ def main() -> None:
 
     best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in runs.items()}
     ratios = {s: best[(s, "ours")]["images_per_s"] / best[(s, "DataLoader")]["images_per_s"] for s in sets}
-    print(f"\nops: {', '.join(op['op'] for op in OPS)}; batch {args.batch}; {args.cores} cores; "
+    aug_batch = args.aug_batch or config(64, 1, None).data.batch_size
+    print(f"\nops: {', '.join(op['op'] for op in OPS)}; batch {args.batch} (ours augments {aug_batch} rows "
+          f"per task, {args.cpus_per_task} CPU each); {args.cores} cores; "
           f"{len(next(iter(sets.values()))[0])} images per set; best of {args.repeats}\n")
     print(f"{'data set':22} {'pipeline':12} {'images/s':>9} {'vs DataLoader':>14} {'first batch s':>14}   all runs")
     for (name, variant), row in best.items():
@@ -220,7 +228,7 @@ def main() -> None:
                   "teacher data wait < 5% of step time",
         "met": throughput_met and wait_met,
         "throughput_met": throughput_met, "wait_met": wait_met,
-        "cores": args.cores, "batch": args.batch, "cpus_per_task": args.cpus_per_task, "repeats": args.repeats,
+        "cores": args.cores, "batch": args.batch, "aug_batch": aug_batch, "cpus_per_task": args.cpus_per_task, "repeats": args.repeats,
         "ops": [op["op"] for op in OPS],
         "images_per_s": {f"{s} / {v}": round(r["images_per_s"], 1) for (s, v), r in best.items()},
         "images_per_s_all_runs": {f"{s} / {v}": [round(r["images_per_s"], 1) for r in rs] for (s, v), rs in runs.items()},
