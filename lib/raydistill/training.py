@@ -83,6 +83,11 @@ class DataWait:
                 self.batches += 1
             yield item
 
+    def start_over(self) -> None:
+        """Count what was drawn so far (batches skipped on a resume) as start-up, not as waits."""
+        self.first_s = (self.first_s or 0.0) + self.wait_s
+        self.wait_s, self.batches = 0.0, 0
+
     @property
     def fraction(self) -> float:
         """Share of step time spent waiting for data, after the first batch."""
@@ -112,6 +117,8 @@ def stream_batches(shard, batch_size: int, total_steps: int, device, skip: int =
             break
         step += 1
         if step > skip:
+            if step == skip + 1 and skip and wait is not None:
+                wait.start_over()
             yield step, batch["image"].to(device), batch["label"].to(device)
 
 
