@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
