@@ -95,8 +95,10 @@ class DataWait:
         return self.wait_s / total if total > 0 else 0.0
 
     def metrics(self) -> dict:
+        first = self.first_s or 0.0
+        with_start = (self.wait_s + first) / max(1e-9, self.wait_s + first + self.step_s)
         return {"data_wait_fraction": self.fraction, "data_wait_ms_per_step": 1e3 * self.wait_s / max(1, self.batches),
-                "data_first_batch_s": self.first_s or 0.0}
+                "data_first_batch_s": first, "data_wait_fraction_with_start": with_start}
 
 
 def stream_batches(shard, batch_size: int, total_steps: int, device, skip: int = 0, prefetch_batches: int = 4,
@@ -535,6 +537,7 @@ def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
         "data_wait_fraction": float(metrics["data_wait_fraction"]),
         "data_wait_ms_per_step": float(metrics["data_wait_ms_per_step"]),
         "data_first_batch_s": float(metrics["data_first_batch_s"]),
+        "data_wait_fraction_with_start": float(metrics["data_wait_fraction_with_start"]),
         "lr": tcfg.lr,
         "weight_decay": tcfg.weight_decay,
         "train_time_s": round(elapsed, 2),
