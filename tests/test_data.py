@@ -150,6 +150,7 @@ def test_sweep_space_addresses_one_augment_op(tmp_path):
     cfg = load_config(None).with_values({"data.augment.affine.degrees": 3})
     assert [op.op for op in cfg.data.augment] == ["random_resized_crop", "affine", "gaussian_noise"]
     assert cfg.data.augment[1].degrees == 3.0 and cfg.data.augment[1].translate == 0.1
+    assert cfg.value_of("data.augment.affine.degrees") == 3.0 and cfg.value_of("teacher.lr") == cfg.teacher.lr
 
 
 def _image_folder(root, sizes=((8, 8), (12, 10))):

@@ -188,11 +188,7 @@ def test_sweep_with_a_yaml_space_writes_summary_best_yaml_plot_and_mlflow(tmp_pa
     # best.yaml is a whole config the teacher stage accepts as is, with the best values in it.
     best = load_config(out / "best.yaml")
     for key, value in summary["best_config"].items():
-        section, *rest = key.split(".")
-        node = getattr(best, section)
-        for part in rest:
-            node = getattr(node, part)
-        assert node == pytest.approx(value)
+        assert best.value_of(key) == pytest.approx(value)
     from raydistill.data import load_dataset, resolve_source
     from raydistill.training import check_teacher, teacher_spec
 

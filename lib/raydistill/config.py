@@ -493,6 +493,21 @@ class Config(_Section):
     def stage_digest(self, stage: str) -> str:
         return self.digest(*STAGE_SECTIONS[stage])
 
+    def value_of(self, key: str) -> Any:
+        """The value at a dotted key, as --set and sweep.space address it (data.augment.<op>.<param>
+        names a value of the listed op)."""
+        path = key.split(".")
+        _section_for(path)
+        node: Any = self
+        for i, part in enumerate(path):
+            if path[:2] == AUGMENT_PATH and i == 2:
+                node = next((op for op in node if op.op == part), None)
+                if node is None:
+                    raise ConfigError(f"'{key}': data.augment has no '{part}' op")
+                continue
+            node = getattr(node, part)
+        return node
+
     def with_values(self, values: dict[str, Any]) -> "Config":
         """A copy with dotted keys replaced (validated like --set)."""
         return _build(self.model_dump(mode="json"), [], values)
