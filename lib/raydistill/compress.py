@@ -166,7 +166,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_images: np.ndarr
         quantize_static(
             str(prepared), str(tmp), _Calibration(calibration_images), quant_format=QuantFormat.QDQ,
             per_channel=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["Conv", "Gemm"],
+            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["Conv", "Gemm", "Relu"],
         )
         tmp.replace(int8_path)
     finally:
