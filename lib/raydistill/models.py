@@ -97,11 +97,11 @@ SMALL_ARCHS: dict[str, tuple[tuple[int, ...], int]] = {
 def build_network(spec: ModelSpec) -> nn.Module:
     """A small named plain convnet (SMALL_ARCHS) or a timm model, with random init
     (pretrained=False: nothing is downloaded)."""
-    import timm
-
     if spec.arch in SMALL_ARCHS:
         channels, blocks = SMALL_ARCHS[spec.arch]
         return PlainCNN(spec.num_classes, spec.input_shape[0], channels, blocks, spec.width, spec.depth)
+    import timm  # only for timm archs: a plain CNN's replica or test need not import it (seconds)
+
 
     kwargs = dict(pretrained=False, num_classes=spec.num_classes, in_chans=spec.input_shape[0])
     # Only passed when set: most timm families (ResNets, ViTs) have no such multipliers.
@@ -125,7 +125,8 @@ def build_network(spec: ModelSpec) -> nn.Module:
         raise
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ValueError(f"unknown timm architecture '{spec.arch}' (see timm.list_models())") from None
+            raise ValueError(f"unknown timm architecture '{spec.arch}' (see timm.list_models(), or a small "
+                             f"named one: {', '.join(SMALL_ARCHS)})") from None
         raise
 
 
