@@ -28,6 +28,7 @@ hundred test images moves by ~0.3 points a mistake: the KD-vs-no-KD margin is re
 smoothed.
 
     python bench/compression.py [--quick] [--out bench_compression.json] [--sets digits,shapes] [--epochs T,S]
+                                [--seeds N]
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ def interleaved_latency(runners: dict, input_shape: tuple, rounds: int = 7, runs
 # ---- one data set -------------------------------------------------------------------------
 
 
-def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, student_arch: str) -> dict:
+def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, student_arch: str,
+            seeds: int = 1) -> dict:
     import torch
 
     from raydistill import compress, report
@@ -220,6 +222,15 @@ def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, stude
     t_no_kd = time.perf_counter() - start
     kd_acc = accuracy(kd, data.test.images, data.test.labels, image_size)
     no_kd_acc = accuracy(no_kd, data.test.images, data.test.labels, image_size)
+    # KD vs no-KD over more seeds (init, view order and augmentation; the teacher stays):
+    # is the margin more than seed noise?
+    by_seed = {"seed": [cfg.seed], "kd": [kd_acc], "no_kd": [no_kd_acc]}
+    for seed in range(cfg.seed + 1, cfg.seed + seeds):
+        seeded = cfg.with_values({"seed": seed})
+        by_seed["seed"].append(seed)
+        for key, c in (("kd", seeded), ("no_kd", seeded.with_values({"student.alpha": 1.0}))):
+            net = train_student(c, data, sspec, teacher, epochs["student"])
+            by_seed[key].append(accuracy(net, data.test.images, data.test.labels, image_size))
 
     out = workdir / name
     out.mkdir(exist_ok=True)
@@ -252,6 +263,7 @@ def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, stude
         "teacher_accuracy": teacher_acc,
         "kd_accuracy": kd_acc,
         "no_kd_accuracy": no_kd_acc,
+        "kd_vs_no_kd_by_seed": by_seed,
         "int8_accuracy": int8["accuracy"],
         "retention_int8": int8["accuracy"] / teacher_acc,
         "retention_student": summary["accuracy"] / teacher_acc,
@@ -284,6 +296,12 @@ def print_table(name: str, result: dict) -> None:
         print(f"{label:<26}{r['accuracy']:>9.4f}{r['accuracy'] / teacher_acc:>10.3f}{r['params']:>11,}"
               f"{r['file_bytes'] / 1024:>10.0f}{r['latency_ms_p50']:>9.3f}{r['latency_ms_p99']:>9.3f}"
               f"{r['throughput_per_s']:>10.0f}")
+    seeds = result["kd_vs_no_kd_by_seed"]
+    if len(seeds["seed"]) > 1:
+        margins = np.array(seeds["kd"]) - np.array(seeds["no_kd"])
+        print(f"KD - no-KD over seeds {seeds['seed']}: " + ", ".join(f"{m:+.4f}" for m in margins)
+              + f" (mean {margins.mean():+.4f}, std {margins.std(ddof=1):.4f}); KD {np.mean(seeds['kd']):.4f} "
+              f"+- {np.std(seeds['kd'], ddof=1):.4f}, no-KD {np.mean(seeds['no_kd']):.4f} +- {np.std(seeds['no_kd'], ddof=1):.4f}")
     print(f"KD {result['kd_accuracy']:.4f} vs no-KD {result['no_kd_accuracy']:.4f} (same student, steps, views); "
           f"params {result['params_ratio']:.1f}x fewer; batch-1 latency {result['latency_ratio_same_runtime']:.1f}x lower "
           f"(ONNX vs ONNX), {result['latency_ratio_vs_torch_teacher']:.1f}x vs the torch teacher")
@@ -302,6 +320,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the JSON line to this file")
     parser.add_argument("--sets", default="digits,shapes", help="comma-separated subset of digits,shapes")
     parser.add_argument("--epochs", default=None, metavar="T,S", help="teacher and student epochs (override)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train the KD and no-KD students with this many seeds (same teacher) to see the noise")
     args = parser.parse_args()
     torch.set_num_threads(2)
     epochs = {"teacher": 6, "student": 8} if args.quick else {"teacher": 12, "student": 16}
@@ -316,11 +336,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if "digits" in args.sets:
             results["digits"] = run_set("digits", split(*digits_dataset(), seed=0), 16, epochs, Path(tmp),
-                                        STUDENTS["digits"])
+                                        STUDENTS["digits"], args.seeds)
             print_table("digits", results["digits"])
         if "shapes" in args.sets:
             results["shapes"] = run_set("shapes", split(*shapes_dataset(n_shapes, seed=1), seed=0), 32,
-                                        shapes_epochs, Path(tmp), STUDENTS["shapes"])
+                                        shapes_epochs, Path(tmp), STUDENTS["shapes"], args.seeds)
             print_table("shapes (synthetic, 3x32x32, noisy, shifted)", results["shapes"])
     sets = list(results.values())
     met = {
