@@ -51,7 +51,7 @@ SPACE = {
     "teacher.weight_decay": {"loguniform": [1e-6, 1e-1]},
     "teacher.batch_size": {"choice": [32, 64, 128]},
     "teacher.warmup_fraction": {"uniform": [0.0, 0.5]},
-    "data.augment.rotation_deg": {"uniform": [0.0, 30.0]},
+    "data.augment.affine.degrees": {"uniform": [0.0, 30.0]},
 }
 VAL_FRACTION, TEST_FRACTION = 0.3, 0.05
 

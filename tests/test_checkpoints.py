@@ -43,12 +43,7 @@ def _train(engine, batches) -> None:
         engine.step()
 
 
-def _worker(rank: int, world: int, port: int, tcfg_json: str, workdir: str, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    tcfg = TeacherConfig.model_validate_json(tcfg_json)
+def _resume_vs_whole(tcfg: TeacherConfig, rank: int, world: int, workdir: Path) -> dict:
     accum = tcfg.grad_accum_steps
     gen = torch.Generator().manual_seed(rank)
     batches = [(torch.randn(MICRO_BATCH, 1, 16, 16, generator=gen), torch.randint(0, 10, (MICRO_BATCH,), generator=gen))
@@ -59,35 +54,62 @@ def _worker(rank: int, world: int, port: int, tcfg_json: str, workdir: str, resu
 
     first = _engine(tcfg, world)
     _train(first, batches[: SAVE_AT * accum])
-    checkpoints.save(first, Path(workdir), rank=rank, world_size=world, step=SAVE_AT,
+    checkpoints.save(first, workdir, rank=rank, world_size=world, step=SAVE_AT,
                      counters={"fit_id": "a", "restarts": 0, "resumes": 0})
     dist.barrier()
     resumed = _engine(tcfg, world)
-    state = checkpoints.load(resumed, Path(workdir), rank=rank, world_size=world)
+    state = checkpoints.load(resumed, workdir, rank=rank, world_size=world)
     _train(resumed, batches[SAVE_AT * accum:])
     got = sharding.consolidated_state_dict(resumed)
-    if rank == 0:
-        results.put({
-            "step": state["step"],
-            "files": sorted(p.name for p in Path(workdir).iterdir()),
-            "max_diff": max((expected[k].float() - got[k].float()).abs().max().item() for k in expected),
-            "moved": max((expected[k].float() - build_network(SPEC).state_dict()[k].float()).abs().max().item()
-                         for k in expected if k.endswith("weight")),
-        })
+    if rank != 0:  # below ZeRO-3 only rank 0 consolidates
+        return {}
+    return {
+        "step": state["step"],
+        "files": sorted(p.name for p in workdir.iterdir()),
+        "max_diff": max((expected[k].float() - got[k].float()).abs().max().item() for k in expected),
+        "moved": max((expected[k].float() - build_network(SPEC).state_dict()[k].float()).abs().max().item()
+                     for k in expected if k.endswith("weight")),
+    }
+
+
+def _worker(rank: int, world: int, port: int, root: str, results) -> None:
+    """Every setting in one process group: spawning ranks and importing DeepSpeed is most of
+    the cost, so the settings share it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    for i, (settings, _) in enumerate(SETTINGS):
+        tcfg = TeacherConfig(num_workers=world, batch_size=MICRO_BATCH, **settings)
+        workdir = Path(root) / str(i)
+        if rank == 0:
+            workdir.mkdir()
+        dist.barrier()
+        out = _resume_vs_whole(tcfg, rank, world, workdir)
+        if rank == 0:
+            results.put((i, out))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("settings, shard_files", [
+SETTINGS = [  # (teacher settings, checkpoint shard files)
     (dict(zero_stage=3), 2),
     (dict(zero_stage=3, grad_accum_steps=2, activation_checkpointing=True), 2),
     (dict(zero_stage=2), 1),
     (dict(zero_stage=0), 1),
-])
-def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, settings, shard_files):
-    tcfg = TeacherConfig(num_workers=2, batch_size=MICRO_BATCH, **settings)
+]
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory) -> dict:
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(2, _free_port(), tcfg.model_dump_json(), str(tmp_path), results), nprocs=2)
-    out = results.get()
+    root = tmp_path_factory.mktemp("resume")
+    mp.spawn(_worker, args=(2, _free_port(), str(root), results), nprocs=2)
+    return dict(results.get() for _ in SETTINGS)
+
+
+@pytest.mark.parametrize("index", range(len(SETTINGS)), ids=[str(s) for s, _ in SETTINGS])
+def test_resume_from_checkpoint_equals_uninterrupted_run(resumed_runs, index):
+    out, shard_files = resumed_runs[index], SETTINGS[index][1]
     assert out["step"] == SAVE_AT
     # ZeRO-3: each rank wrote its own shard; below stage 3 rank 0 holds the whole state.
     assert out["files"] == sorted([checkpoints.STATE_FILE, *(checkpoints.shard_file(r) for r in range(shard_files))])

@@ -72,6 +72,29 @@ def test_pruning_removes_parameters_and_the_file_rebuilds(tmp_path):
         load_network(state, plain_meta)
 
 
+def test_plain_cnn_prunes_rebuilds_and_exports_to_a_few_fused_operators(tmp_path, digits):
+    import onnx
+
+    images, _ = digits
+    spec = ModelSpec("plain_cnn_s", 10, (1, 8, 8), 16)
+    torch.manual_seed(0)
+    net = compress.prune_channels(build_network(spec), 0.5, 16, 1)
+    recalibrate_batchnorm(net, images[:256], 16)
+    path = save_weights(tmp_path / "p.safetensors", net.state_dict(), {**spec.to_meta(), "pruned": "true"})
+    rebuilt = load_network(*load_weights(path, sha256(path))).eval()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), rebuilt(x))
+    onnx_path = compress.export_onnx(rebuilt, spec, tmp_path / "p.onnx")
+    compress.check_onnx(rebuilt, spec, onnx_path, images[:64], ONNX_TOLERANCE)
+    ops = [n.op_type for n in onnx.load(str(onnx_path)).graph.node]
+    # BatchNorm folded into the convs; the 8 -> 16 resize is one op with constant scales
+    assert ops.count("Conv") == 4 and "BatchNormalization" not in ops and "Shape" not in ops
+    int8 = compress.quantize_int8(onnx_path, tmp_path / "p.int8.onnx", images[:256])
+    int8_ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
+    assert "Relu" not in int8_ops  # quantized Relu folds into the integer conv
+
+
 def test_onnx_matches_torch_within_tolerance(tmp_path, digits):
     images, _ = digits
     torch.manual_seed(0)
@@ -107,7 +130,7 @@ def test_int8_keeps_a_trained_students_predictions(tmp_path, trained, digits):
 def test_finetune_after_pruning_recovers_accuracy(trained, digits):
     import copy
 
-    from raydistill.config import AugmentConfig
+    from raydistill.config import load_config
     from raydistill.models import accuracy
 
     images, labels = digits
@@ -116,7 +139,7 @@ def test_finetune_after_pruning_recovers_accuracy(trained, digits):
     recalibrate_batchnorm(pruned, images[:1500], 16)
     acc_pruned = accuracy(pruned, images[1500:], labels[1500:], 16)
     compress.finetune(pruned, teacher, images[:1500], labels[:1500], image_size=16, epochs=2, batch_size=64,
-                      lr=2e-3, temperature=4.0, alpha=0.5, seed=0, augment=AugmentConfig(noise_std=0.0).model_dump())
+                      lr=2e-3, temperature=4.0, alpha=0.5, seed=0, augment=load_config(None, ["data.augment.gaussian_noise.std=0"]).data.augment_spec())
     acc_tuned = accuracy(pruned, images[1500:], labels[1500:], 16)
     assert acc_tuned > acc_pruned
     assert acc_tuned > 0.8

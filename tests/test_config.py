@@ -17,8 +17,8 @@ def test_presets_load_and_demo_sizes_fit_two_cores():
 
 
 def test_set_overrides_typed_values():
-    cfg = load_config(None, ["teacher.epochs=7", "sweep.searcher=gp", "data.augment.noise_std=0.1", "seed=3"])
-    assert (cfg.teacher.epochs, cfg.sweep.searcher, cfg.data.augment.noise_std, cfg.seed) == (7, "gp", 0.1, 3)
+    cfg = load_config(None, ["teacher.epochs=7", "sweep.searcher=gp", "data.augment.gaussian_noise.std=0.1", "seed=3"])
+    assert (cfg.teacher.epochs, cfg.sweep.searcher, cfg.data.augment[2].std, cfg.seed) == (7, "gp", 0.1, 3)
 
 
 @pytest.mark.parametrize(

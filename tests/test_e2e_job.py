@@ -23,7 +23,7 @@ from conftest import BIN, REPO, png_bytes
 pytestmark = pytest.mark.e2e
 
 # Small but complete: every stage runs for real (ZeRO-3 on 2 workers, Tune with ASHA, KD).
-QUICK = ["sweep.num_trials=2", "sweep.epochs=1", "teacher.epochs=3", "student.epochs=3"]
+QUICK = ["sweep.num_trials=2", "sweep.epochs=1", "teacher.epochs=2", "student.epochs=2", "student.prune_finetune_epochs=1"]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_pipeline_job_writes_every_stage(submitted):
 
     student = json.loads((run / "student" / "summary.json").read_text())
     assert student["params_ratio"] > 10
-    assert student["accuracy"] > 0.5  # 3 epochs only; the demo's figures are in README
+    assert student["accuracy"] > 0.5  # 2 epochs only; the demo's figures are in README
     assert student["retention"] == pytest.approx(student["accuracy"] / student["teacher_accuracy"])
     assert set(student["latency_ms_p50"]) == {"teacher", "student"}
     assert student["kd"]["T"] == 4.0

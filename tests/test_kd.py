@@ -126,3 +126,20 @@ def test_width_and_depth_change_the_student():
     assert count(narrow) < count(base) < count(deep)
     with pytest.raises(ValueError, match="no width/depth multiplier"):
         build_network(ModelSpec("resnet10t", 10, (1, 8, 8), 16, width=0.5))
+
+
+def test_plain_cnn_students_scale_with_width_and_depth_and_speak_timms_interface():
+    from raydistill.kd import feature_channels
+
+    base = build_network(ModelSpec("plain_cnn_s", 10, (1, 8, 8), 16))
+    narrow = build_network(ModelSpec("plain_cnn_s", 10, (1, 8, 8), 16, width=0.5))
+    deep = build_network(ModelSpec("plain_cnn_s", 10, (1, 8, 8), 16, depth=2.0))
+    count = lambda n: sum(p.numel() for p in n.parameters())  # noqa: E731
+    assert count(narrow) < count(base) < count(deep)
+    assert len(deep.features) > len(base.features)  # depth adds conv blocks
+    x = torch.randn(2, 1, 16, 16)
+    base.eval()
+    features = base.forward_features(x)
+    assert features.shape == (2, 96, 2, 2)  # stride-2 stem, then 2 strided stages: 16 -> 8 -> 4 -> 2
+    assert torch.equal(base.forward_head(features), base(x))
+    assert feature_channels(base, (1, 16, 16)) == 96 and base.get_classifier().out_features == 10

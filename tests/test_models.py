@@ -51,3 +51,11 @@ def test_accuracy_counts_correct_predictions():
             return torch.eye(3)[torch.tensor([0, 1, 2, 0])][: len(x)]
 
     assert accuracy(Fixed(), np.zeros((4, 1, 8, 8), np.uint8), np.array([0, 1, 0, 0]), 8) == 0.75
+
+
+def test_integer_upscale_gives_the_same_pixels_as_a_size_based_resize():
+    from raydistill.models import resize
+
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(resize(x, 16), F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False))
+    assert resize(x, 12).shape == (3, 1, 12, 12)  # non-integer factors still resize by size

@@ -26,7 +26,8 @@ from conftest import BIN, REPO, registered_checkpoint
 pytestmark = pytest.mark.e2e
 
 # 2 epochs of 9 steps on the digits' 1,258 training rows; a checkpoint every 3 steps.
-SETS = ["teacher.epochs=2", "teacher.checkpoint_every_steps=3", "teacher.keep_checkpoints=2",
+KEEP = 2
+SETS = ["teacher.epochs=2", "teacher.checkpoint_every_steps=3", f"teacher.keep_checkpoints={KEEP}",
         "teacher.max_failures=3", "teacher.cpus_per_worker=0.75", "data.cpus_per_task=0.25"]
 TOTAL_STEPS = StepPlan.of(1258, 2, 64, 2).total_steps
 TRAIN_WORKER = "ray::RayTrainWorker"
@@ -95,8 +96,15 @@ def test_teacher_spans_two_nodes_and_survives_losing_one(cluster, tmp_path):
     assert summary["restarts"] >= 1, logs[-3000:]
     assert summary["resumed_from_step"] >= 3  # the restart continued from a checkpoint
     assert summary["steps"] == TOTAL_STEPS  # the same count as an uninterrupted run
-    assert summary["world_size"] == 2 and len(summary["params_per_rank"]) == 2
+    assert summary["world_size"] == 2
+    # ZeRO-3 over 2 ranks: each holds about half of the parameters.
+    per_rank, total = summary["params_per_rank"], summary["params_total"]
+    assert len(per_rank) == 2 and all(abs(n - total / 2) <= 0.01 * total for n in per_rank)
+    # The plain torch model built from teacher.safetensors gives the sharded engine's logits.
+    assert summary["export_check"]["max_abs_logit_diff"] <= 1e-4
     assert summary["accuracy"] > 0.8
     assert re.search(r"restarted after a worker failure \(attempt \d+\) from the checkpoint at step", logs), logs[-3000:]
     assert (run_dir / "teacher" / "teacher.safetensors").is_file()
-    assert _checkpoints(run_dir)  # the latest K stay in the shared storage
+    # The latest K stay in the shared storage, plus at most the folder being written when the
+    # node died: Ray Train never registered it, so it is not one of the K it manages.
+    assert 1 <= len(_checkpoints(run_dir)) <= KEEP + 1

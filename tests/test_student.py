@@ -91,8 +91,11 @@ def test_offline_student_trains_on_stored_soft_targets_of_the_same_views(tmp_pat
     from raydistill.training import StepPlan
 
     run = _with_teacher(tmp_path, "offline", digits_parquet)
+    # With mixup the stored labels are soft, and the KD loss's hard-label term takes them as they are.
+    mixup = ("data.augment=[{op: random_resized_crop, scale: [0.85, 1.0]}, {op: affine, degrees: 12}, "
+             "{op: mixup, lambda_range: [0.1, 0.4]}]")
     sets = [*QUICK, f"data.source={digits_parquet}", "student.teacher_mode=offline", "student.quantize=false",
-            "student.prune_ratio=0", "student.offline_cpus_per_actor=0.5"]
+            "student.prune_ratio=0", "student.offline_cpus_per_actor=0.5", mixup]
     cfg = load_config(REPO / "configs" / "demo.yaml", sets)
     summary = pipeline.run_stages(cfg, str(tmp_path), "offline", ("student",))["student"]
     assert summary["kd"]["mode"] == "offline" and summary["int8_accuracy"] is None
@@ -109,6 +112,9 @@ def test_offline_student_trains_on_stored_soft_targets_of_the_same_views(tmp_pat
     assert len(table) == plan.epochs * plan.rows_per_epoch(1, cfg.student.batch_size)
 
     views = np.stack([np.asarray(v, dtype=np.float32).reshape(1, 16, 16) for v in table["image"]])
+    soft = np.stack([np.asarray(v, dtype=np.float32) for v in table["label"]])
+    assert soft.shape == (len(table), 10) and np.allclose(soft.sum(axis=1), 1.0, atol=1e-5)
+    assert (soft.max(axis=1) < 0.95).mean() > 0.5  # mixed, not one-hot
     logits = np.stack([np.asarray(v, dtype=np.float32) for v in table["teacher_logits"]])
     # The stored logits are the teacher's on exactly the stored views...
     state, meta = load_weights(run.root / "teacher" / "teacher.safetensors")
@@ -117,7 +123,8 @@ def test_offline_student_trains_on_stored_soft_targets_of_the_same_views(tmp_pat
         expected = teacher(torch.from_numpy(views)).numpy()
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
     # ...and the stored views are the ones the online mode streams (same seeds, same rows).
-    online = train_stream(cfg, data.train, cfg.student.epochs, plan.rows_per_epoch(1, cfg.student.batch_size))
+    online = train_stream(cfg, data.train, cfg.student.epochs, plan.rows_per_epoch(1, cfg.student.batch_size),
+                          num_classes=data.num_classes)
     online_views = np.concatenate([b["image"] for b in online.iter_batches(batch_size=256, batch_format="numpy")])
 
     def digest(a):

@@ -30,6 +30,7 @@ EPILOG = """examples:
   raydistill train --config runs/demo/sweep/best.yaml --name demo
   raydistill query --url http://127.0.0.1:8000 digit.png more_digits/
   raydistill status demo
+  raydistill data preview --config configs/demo.yaml --out grid.png
 
 On a cluster: RAY_ADDRESS=... (or `ray job submit ... -- python jobs/pipeline.py ...`)."""
 
@@ -58,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="send images to a deployment and print predictions as a table")
     q.add_argument("--url", default="http://127.0.0.1:8000", help="deployment URL (default %(default)s)")
     q.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="PNG/JPEG files or folders of them")
+    d = sub.add_parser("data", help="look at the data stage: `data preview` saves augmented samples as a PNG grid")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    pv = dsub.add_parser("preview", help="save a PNG grid of augmented training samples with their labels")
+    pv.add_argument("--config", "-c", help="YAML preset (defaults when omitted)")
+    pv.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one config key, e.g. --set data.augment.affine.degrees=30 (repeatable)")
+    pv.add_argument("--out", required=True, help="PNG file to write, e.g. grid.png")
+    pv.add_argument("--count", type=int, default=32, help="samples in the grid (default %(default)s)")
     s = sub.add_parser("status", help="stage table of a run, from its manifest.json")
     s.add_argument("--storage", default="./runs")
     s.add_argument("name")
@@ -74,6 +83,18 @@ def _run_stages(args) -> int:
     return 0
 
 
+def _data_preview(args) -> int:
+    from raydistill.config import ConfigError, load_config
+    from raydistill.data import write_preview
+
+    if args.count < 1:
+        raise ConfigError(f"--count {args.count}: give at least 1")
+    cfg = load_config(args.config, args.sets)
+    out = write_preview(cfg, args.out, args.count)
+    print(f"raydistill: wrote {out} ({args.count} augmented samples, epoch 0, seed {cfg.seed})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from raydistill.artifacts import ArtifactError
     from raydistill.config import ConfigError
@@ -85,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             from raydistill.client import query
 
             return query(args.url, args.paths)
+        if args.command == "data":
+            return _data_preview(args)
         if args.command == "status":
             from raydistill.status import status
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,31 +25,181 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class AugmentConfig(_Section):
-    """Random augmentation applied by Ray Data to every training view, fresh each epoch."""
+class _Op(_Section):
+    p: float = Field(1.0, ge=0, le=1, description="probability that a sample gets this op (drawn per sample)")
 
-    rotation_deg: float = Field(12.0, ge=0, le=180, description="max rotation, degrees")
-    shift: float = Field(0.1, ge=0, lt=0.5, description="max translation, fraction of size")
-    scale_min: float = Field(0.9, gt=0, le=1, description="random zoom lower bound")
-    scale_max: float = Field(1.1, ge=1, le=2, description="random zoom upper bound")
-    crop_scale_min: float = Field(
-        0.85, gt=0, le=1, description="random resized crop: min area fraction kept"
-    )
-    noise_std: float = Field(0.05, ge=0, le=1, description="gaussian pixel noise std (0..1 scale)")
+
+class RandomResizedCropOp(_Op):
+    """Crop a random area fraction and aspect ratio, resized back to data.image_size."""
+
+    op: Literal["random_resized_crop"]
+    scale: tuple[float, float] = Field((0.85, 1.0), description="area fraction kept, [min, max] in (0, 1]")
+    ratio: tuple[float, float] = Field((0.75, 4 / 3), description="aspect ratio range of the crop")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "RandomResizedCropOp":
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1 (got {list(self.scale)})")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max (got {list(self.ratio)})")
+        return self
+
+
+class FlipOp(_Op):
+    """Mirror the image (not for data whose meaning changes when mirrored, such as digits)."""
+
+    op: Literal["flip"]
+    direction: Literal["horizontal", "vertical"] = "horizontal"
+    p: float = Field(0.5, ge=0, le=1)
+
+
+class RotationOp(_Op):
+    op: Literal["rotation"]
+    degrees: float = Field(12.0, ge=0, le=180, description="max rotation either way, degrees")
+
+
+class AffineOp(_Op):
+    """One random affine warp: rotation, shift and zoom together (one resampling)."""
+
+    op: Literal["affine"]
+    degrees: float = Field(0.0, ge=0, le=180, description="max rotation either way, degrees")
+    translate: float = Field(0.1, ge=0, lt=0.5, description="max shift, fraction of the side")
+    scale: tuple[float, float] = Field((0.9, 1.1), description="zoom range [min, max]")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "AffineOp":
+        if not 0 < self.scale[0] <= self.scale[1] <= 2:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 2 (got {list(self.scale)})")
+        return self
+
+
+class ColorJitterOp(_Op):
+    """Random brightness, contrast, saturation, hue (the last two are no-ops on grey images)."""
+
+    op: Literal["color_jitter"]
+    brightness: float = Field(0.2, ge=0, le=1)
+    contrast: float = Field(0.2, ge=0, le=1)
+    saturation: float = Field(0.2, ge=0, le=1)
+    hue: float = Field(0.05, ge=0, le=0.5)
+
+
+class GaussianNoiseOp(_Op):
+    op: Literal["gaussian_noise"]
+    std: float = Field(0.05, ge=0, le=1, description="noise std on the 0..1 pixel scale")
+
+
+class RandomErasingOp(_Op):
+    """Blank a random rectangle (Zhong et al. 2017)."""
+
+    op: Literal["random_erasing"]
+    scale: tuple[float, float] = Field((0.02, 0.2), description="erased area fraction [min, max]")
+    ratio: tuple[float, float] = Field((0.3, 3.3), description="aspect ratio range of the rectangle")
+    p: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "RandomErasingOp":
+        if not 0 < self.scale[0] <= self.scale[1] < 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max < 1 (got {list(self.scale)})")
+        return self
+
+
+class RandAugmentOp(_Op):
+    """RandAugment (Cubuk et al. 2020): n ops drawn from a fixed list, all at one magnitude."""
+
+    op: Literal["rand_augment"]
+    n: int = Field(2, ge=1, le=14, description="ops applied in sequence")
+    magnitude: float = Field(9.0, gt=0, lt=30, description="strength of every op, on RandAugment's 0..30 scale")
+
+
+class MixUpOp(_Op):
+    """Blend each image with a random partner from its batch; labels blend alike (soft labels)."""
+
+    op: Literal["mixup"]
+    lambda_range: tuple[float, float] = Field(
+        (0.0, 0.4), description="partner's weight, drawn uniformly per sample from [min, max] in [0, 1]")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "MixUpOp":
+        if not 0 <= self.lambda_range[0] <= self.lambda_range[1] <= 1:
+            raise ValueError(f"lambda_range must satisfy 0 <= min <= max <= 1 (got {list(self.lambda_range)})")
+        return self
+
+
+class CutMixOp(_Op):
+    """Paste a random rectangle of a partner image; labels mix by the pasted area (soft labels)."""
+
+    op: Literal["cutmix"]
+    beta: float = Field(1.0, gt=0, description="Beta(beta, beta) draws the mixing coefficient")
+    p: float = Field(0.5, ge=0, le=1)
+
+
+AugmentOp = Annotated[
+    Union[RandomResizedCropOp, FlipOp, RotationOp, AffineOp, ColorJitterOp, GaussianNoiseOp,
+          RandomErasingOp, RandAugmentOp, MixUpOp, CutMixOp],
+    Field(discriminator="op"),
+]
+# op name -> its model: config keys `data.augment.<op>.<param>` address one op of the list.
+AUGMENT_OPS: dict[str, type[_Op]] = {
+    get_args(cls.model_fields["op"].annotation)[0]: cls
+    for cls in get_args(get_args(AugmentOp)[0])
+}
+MIXING_OPS = ("mixup", "cutmix")
+
+
+def _default_augment() -> list:
+    return [RandomResizedCropOp(op="random_resized_crop"), AffineOp(op="affine", degrees=12.0),
+            GaussianNoiseOp(op="gaussian_noise")]
 
 
 class DataConfig(_Section):
-    source: str = Field("digits", description="Parquet path/URI, or `digits` (bundled)")
+    source: str = Field(
+        "digits",
+        description="Parquet file or folder (local path or pyarrow filesystem URI: s3://, gs://, file://), "
+        "an image folder (one subfolder per class, PNG/JPEG; local path or URI), or `digits` (bundled)",
+    )
     image_column: str = "image"
     label_column: str = "label"
     on_bad_rows: Literal["fail", "skip"] = "fail"
     image_size: int = Field(16, ge=8, le=1024, description="model input side, pixels")
+    channels: Literal[0, 1, 3] = Field(
+        0, description="channels the model sees: 1 (grey) or 3 (RGB); 0 keeps what the data holds "
+        "(an image folder then reads RGB)")
+    num_classes: int = Field(
+        0, ge=0, description="classes; a label outside 0..num_classes-1 is a bad row. 0: the highest "
+        "label + 1 (Parquet) or the number of class folders (image folder)")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     cpus_per_task: float = Field(
         0.25, gt=0, description="CPUs each augmentation task claims (fractions leave room for trainers)"
     )
-    augment: AugmentConfig = AugmentConfig()
+    batch_size: int = Field(
+        256, ge=1, description="rows augmented at once (vectorised; larger amortises kornia's per-call cost); "
+        "the split is stored in blocks of this many rows, whose order is shuffled per epoch")
+    prefetch_batches: int = Field(4, ge=0, description="batches each trainer keeps ready ahead of its step")
+    augment: list[AugmentOp] = Field(
+        default_factory=_default_augment,
+        description="ordered list of ops, each {op: NAME, ...params}; ops: "
+        "random_resized_crop, flip, rotation, affine, color_jitter, gaussian_noise, random_erasing, "
+        "rand_augment, mixup, cutmix. Address one op's value as data.augment.<op>.<param>",
+    )
+
+    @model_validator(mode="after")
+    def _one_of_each_op(self) -> "DataConfig":
+        names = [op.op for op in self.augment]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"data.augment lists {', '.join(twice)} more than once; each op may appear once")
+        return self
+
+    def augment_spec(self) -> list[dict]:
+        """The ordered ops as plain dicts: what Ray Data tasks receive (data.augment_batch)."""
+        return [op.model_dump(mode="json") for op in self.augment]
+
+    @property
+    def mixes_labels(self) -> bool:
+        """Whether training labels are soft (B, classes) rather than class ids (B,)."""
+        return any(op.op in MIXING_OPS for op in self.augment)
 
 
 # What every sweep trial reports each epoch (in-process and Ray Train trials alike):
@@ -363,6 +513,21 @@ class Config(_Section):
     def stage_digest(self, stage: str) -> str:
         return self.digest(*STAGE_SECTIONS[stage])
 
+    def value_of(self, key: str) -> Any:
+        """The value at a dotted key, as --set and sweep.space address it (data.augment.<op>.<param>
+        names a value of the listed op)."""
+        path = key.split(".")
+        _section_for(path)
+        node: Any = self
+        for i, part in enumerate(path):
+            if path[:2] == AUGMENT_PATH and i == 2:
+                node = next((op for op in node if op.op == part), None)
+                if node is None:
+                    raise ConfigError(f"'{key}': data.augment has no '{part}' op")
+                continue
+            node = getattr(node, part)
+        return node
+
     def with_values(self, values: dict[str, Any]) -> "Config":
         """A copy with dotted keys replaced (validated like --set)."""
         return _build(self.model_dump(mode="json"), [], values)
@@ -372,8 +537,29 @@ def _allowed(model: type[BaseModel]) -> str:
     return ", ".join(model.model_fields)
 
 
+AUGMENT_PATH = ["data", "augment"]
+
+
+def _augment_op_model(path: list[str]) -> type[BaseModel]:
+    """`data.augment.<op>.<param>`: the model of that op (raises naming the allowed ops/params)."""
+    if len(path) != 4:
+        raise ConfigError(
+            f"unknown key '{'.'.join(path)}': data.augment is an ordered list of ops; address one op's "
+            f"value as data.augment.<op>.<param> (e.g. data.augment.rotation.degrees), or set the whole list"
+        )
+    model = AUGMENT_OPS.get(path[2])
+    if model is None:
+        raise ConfigError(f"unknown key '{'.'.join(path[:3])}': augment ops: {', '.join(AUGMENT_OPS)}")
+    if path[3] not in model.model_fields or path[3] == "op":
+        params = ", ".join(k for k in model.model_fields if k != "op")
+        raise ConfigError(f"unknown key '{'.'.join(path)}': allowed here: {params}")
+    return model
+
+
 def _section_for(path: list[str]) -> type[BaseModel]:
     """The pydantic model that owns the last key of a dotted path (raises on unknown keys)."""
+    if path[:2] == AUGMENT_PATH and len(path) > 2:
+        return _augment_op_model(path)
     model: type[BaseModel] = Config
     for i, key in enumerate(path[:-1]):
         field = model.model_fields.get(key)
@@ -390,12 +576,34 @@ def _section_for(path: list[str]) -> type[BaseModel]:
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     path = key.split(".")
     _section_for(path)
+    if path[:2] == AUGMENT_PATH and len(path) == 4:
+        _set_augment_param(tree, path, value)
+        return
     node = tree
     for part in path[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"'{part}' is a section, not a value")
     node[path[-1]] = value
+
+
+def _set_augment_param(tree: dict, path: list[str], value: Any) -> None:
+    """Set one parameter of the op named path[2] in the data.augment list (it must be listed)."""
+    data = tree.setdefault("data", {})
+    if not isinstance(data, dict):
+        raise ConfigError("'data' is a section, not a value")
+    if "augment" not in data:
+        data["augment"] = [op.model_dump(mode="json") for op in _default_augment()]
+    ops = data["augment"]
+    if not isinstance(ops, list):
+        raise ConfigError("bad value for 'data.augment': expected a list of {op: NAME, ...} entries")
+    matches = [op for op in ops if isinstance(op, dict) and op.get("op") == path[2]]
+    if not matches:
+        listed = ", ".join(str(op.get("op")) for op in ops if isinstance(op, dict)) or "none"
+        raise ConfigError(
+            f"'{'.'.join(path)}': data.augment has no '{path[2]}' op (listed: {listed}); add it to the list first"
+        )
+    matches[0][path[3]] = value
 
 
 def _parse_set(item: str) -> tuple[str, Any]:

@@ -71,10 +71,10 @@ def distill_step(trainee, opt, sched, x, y, teacher_logits, teacher_features, sc
     return loss.item()
 
 
-def _batches(shard, batch_size: int, total_steps: int, device):
+def _batches(shard, batch_size: int, total_steps: int, device, prefetch_batches: int = 4):
     """(step, {column: tensor}) from a Ray Data shard, stopping at exactly total_steps."""
     step = 0
-    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2):
+    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=prefetch_batches):
         if step >= total_steps:
             break
         step += 1
@@ -118,8 +118,8 @@ def student_worker(loop_config: dict) -> None:
     log = EpochLog("student", plan, scfg.batch_size * world, rank)
     shard = ray.train.get_dataset_shard("train")
     loss_sum, seen, step = 0.0, 0, 0
-    for step, batch in _batches(shard, scfg.batch_size, plan.total_steps, device):
-        x, y = batch["image"], batch["label"]
+    for step, batch in _batches(shard, scfg.batch_size, plan.total_steps, device, cfg.data.prefetch_batches):
+        x, y = batch["image"], batch["label"]  # y: class ids (B,) or mixed soft labels (B, classes)
         if online:
             teacher_logits, teacher_features = teacher_targets(teacher, x, trainee.hint is not None)
         else:
@@ -209,7 +209,7 @@ def compress_student(cfg: Config, data, student: nn.Module, spec, teacher: nn.Mo
         compress.finetune(pruned, teacher, data.train.images, data.train.labels, image_size=spec.image_size,
                           epochs=scfg.prune_finetune_epochs, batch_size=scfg.batch_size, lr=scfg.prune_finetune_lr,
                           temperature=scfg.temperature, alpha=scfg.alpha, seed=cfg.seed,
-                          augment=cfg.data.augment.model_dump())
+                          augment=cfg.data.augment_spec(), num_classes=data.num_classes)
         val_pruned = accuracy(pruned, val.images, val.labels, spec.image_size)
         kept = val_pruned >= distilled["val_accuracy"] - scfg.prune_max_drop
         pruning = {"status": "kept" if kept else f"rejected (val accuracy fell more than {scfg.prune_max_drop})",

@@ -19,6 +19,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     KL is averaged over the batch. T^2 keeps the soft-target gradients on the same scale as the
     hard-label ones as T grows (their magnitude falls as 1/T^2; Hinton et al. 2015).
     alpha = 1 is plain cross-entropy; alpha = 0 learns from the teacher alone.
+    labels: class ids (B,), or soft labels (B, classes) when mixup / cutmix mixed the views (the
+    hard-label term is then cross-entropy against the mixed labels).
     """
     t = temperature
     soft = F.kl_div(

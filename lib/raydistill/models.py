@@ -41,9 +41,67 @@ class ModelSpec:
         )
 
 
+class PlainCNN(nn.Module):
+    """A shallow plain convnet for fast batch-1 CPU inference: a stride-2 conv stem, then stages
+    of conv3x3-BN-ReLU (each later stage halves the map with its first, strided conv), global
+    average pooling and a linear classifier.
+
+    Why plain: at batch 1 on a CPU a tiny net's latency is per-operator overhead, not FLOPs.
+    Depthwise convs, squeeze-excite gates and SiLU (the efficientnet family) multiply the
+    operators; Conv+BN+ReLU folds into one fused Conv per layer in ONNX Runtime. The interface
+    is timm's (forward_features / forward_head / get_classifier / num_features), so KD, hint
+    loss, pruning and export treat it like any timm model.
+    """
+
+    def __init__(self, num_classes: int, in_chans: int, channels: tuple[int, ...], blocks: int,
+                 width: float = 1.0, depth: float = 1.0):
+        super().__init__()
+        widths = [max(4, int(round(c * width))) for c in channels]
+        repeats = max(1, int(round(blocks * depth)))
+
+        def conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        layers = conv_bn_relu(in_chans, widths[0], 2)  # stem: (B, C, S, S) -> (B, w0, S/2, S/2)
+        cin = widths[0]
+        for i, cout in enumerate(widths):
+            for r in range(repeats):
+                layers += conv_bn_relu(cin, cout, 2 if (i > 0 and r == 0) else 1)
+                cin = cout
+        self.features = nn.Sequential(*layers)  # (B, w_last, S / 2^len(widths), ...)
+        self.num_features = cin
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (B, classes)
+        return self.fc(x.mean((2, 3)))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# Small named students (not timm): arch -> (stage channels, conv blocks per stage); width and
+# depth scale both, so they sweep like timm's multipliers.
+SMALL_ARCHS: dict[str, tuple[tuple[int, ...], int]] = {
+    "plain_cnn_xs": ((16, 32, 64), 1),
+    "plain_cnn_s": ((24, 48, 96), 1),
+    "plain_cnn_m": ((32, 64, 128), 2),
+}
+
+
 def build_network(spec: ModelSpec) -> nn.Module:
-    """A timm model with random init (pretrained=False: nothing is downloaded)."""
-    import timm
+    """A small named plain convnet (SMALL_ARCHS) or a timm model, with random init
+    (pretrained=False: nothing is downloaded)."""
+    if spec.arch in SMALL_ARCHS:
+        channels, blocks = SMALL_ARCHS[spec.arch]
+        return PlainCNN(spec.num_classes, spec.input_shape[0], channels, blocks, spec.width, spec.depth)
+    import timm  # only for timm archs: a plain CNN's replica or test need not import it (seconds)
+
 
     kwargs = dict(pretrained=False, num_classes=spec.num_classes, in_chans=spec.input_shape[0])
     # Only passed when set: most timm families (ResNets, ViTs) have no such multipliers.
@@ -67,7 +125,8 @@ def build_network(spec: ModelSpec) -> nn.Module:
         raise
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ValueError(f"unknown timm architecture '{spec.arch}' (see timm.list_models())") from None
+            raise ValueError(f"unknown timm architecture '{spec.arch}' (see timm.list_models(), or a small "
+                             f"named one: {', '.join(SMALL_ARCHS)})") from None
         raise
 
 
@@ -170,8 +229,13 @@ def count_params(model: nn.Module) -> int:
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """(B, C, h, w) -> (B, C, size, size), bilinear."""
-    if x.shape[-2:] == (size, size):
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
         return x
+    if h == w and size % h == 0:
+        # The same pixels as size=(size, size), but exported to ONNX as one Resize with constant
+        # scales rather than Shape/Slice/Concat/Resize (3 fewer operators per batch-1 call).
+        return F.interpolate(x, scale_factor=float(size // h), mode="bilinear", align_corners=False)
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
@@ -201,7 +265,7 @@ class Classifier(nn.Module):
 def predict_logits(net: nn.Module, images: np.ndarray, image_size: int, batch: int = 256) -> torch.Tensor:
     """Logits of a network on uint8 (N, C, H, W) images, in eval mode."""
     net.eval()
-    out = [net(to_model_input(torch.from_numpy(images[i : i + batch]).float() / 255.0, image_size))
+    out = [net(to_model_input(torch.tensor(images[i : i + batch]).float() / 255.0, image_size))
            for i in range(0, len(images), batch)]
     return torch.cat(out) if out else torch.empty(0)
 
@@ -215,14 +279,19 @@ def accuracy(net: nn.Module, images: np.ndarray, labels: np.ndarray, image_size:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, images: np.ndarray, image_size: int, forward=None, batch: int = 256) -> None:
+def recalibrate_batchnorm(model: nn.Module, images: np.ndarray, image_size: int, forward=None, batch: int = 256,
+                          rows: int = 512) -> None:
     """Precise BN: re-estimate BatchNorm statistics on clean (un-augmented) training images.
 
     Running averages gathered over a few dozen augmented steps drift from the statistics of
     real inputs; one forward pass over clean data puts them back (worth ~5 points of test
-    accuracy on the demo teacher). `forward` defaults to the model itself (pass a DeepSpeed
-    engine's forward to calibrate a sharded model: every rank must call this together).
+    accuracy on the demo teacher). The first `rows` images suffice (the split is already
+    shuffled by seed): the estimate is of per-channel means and variances, and a sharded
+    teacher pays a parameter gather per forward, every epoch. `forward` defaults to the model
+    itself (pass a DeepSpeed engine's forward to calibrate a sharded model: every rank must
+    call this together).
     """
+    images = images[:rows]
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -233,7 +302,7 @@ def recalibrate_batchnorm(model: nn.Module, images: np.ndarray, image_size: int,
     model.train()
     forward = forward or model
     for i in range(0, len(images), batch):
-        forward(to_model_input(torch.from_numpy(images[i : i + batch]).float() / 255.0, image_size))
+        forward(to_model_input(torch.tensor(images[i : i + batch]).float() / 255.0, image_size))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.eval()

@@ -57,7 +57,7 @@ def write_soft_targets(cfg: Config, data, teacher_path: Path, teacher_sha256: st
     scfg = cfg.student
     target = out_dir / SOFT_TARGETS_DIR
     shutil.rmtree(target, ignore_errors=True)  # a half-written earlier attempt must not mix in
-    views = train_stream(cfg, data.train, scfg.epochs, rows_per_epoch)
+    views = train_stream(cfg, data.train, scfg.epochs, rows_per_epoch, num_classes=data.num_classes)
     with_logits = views.map_batches(
         TeacherLogits,
         fn_constructor_kwargs={"weights": str(teacher_path), "sha256": teacher_sha256,

@@ -5,7 +5,7 @@
         teacher.lr: {loguniform: [3.0e-4, 1.0e-2]}
         teacher.batch_size: {choice: [32, 64]}
         teacher.warmup_fraction: {uniform: [0.0, 0.3]}
-        data.augment.rotation_deg: {int: [0, 30]}
+        data.augment.affine.degrees: {int: [0, 30]}
 
 Each entry is one distribution: `uniform` / `loguniform` (floats in [low, high]), `int`
 (integers in [low, high], both included) or `choice` (a list of values). Checked in two steps,

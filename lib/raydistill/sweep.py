@@ -64,7 +64,7 @@ def trial_in_process(params: dict, base: dict, data) -> None:
         opt, max_lr=cfg.teacher.lr, total_steps=epochs * steps_per_epoch,
         pct_start=max(0.01, cfg.teacher.warmup_fraction),
     )
-    augment = cfg.data.augment.model_dump()
+    augment = cfg.data.augment_spec()
     ids = np.arange(len(train_y))
     for epoch in range(epochs):
         net.train()
@@ -75,6 +75,7 @@ def trial_in_process(params: dict, base: dict, data) -> None:
             batch = augment_batch(
                 {"image": train_x[idx], "label": train_y[idx], "id": ids[idx]},
                 seed=cfg.seed, epoch=epoch, image_size=cfg.data.image_size, augment=augment,
+                num_classes=num_classes,
             )
             loss = F.cross_entropy(net(torch.from_numpy(batch["image"])), torch.from_numpy(batch["label"]))
             opt.zero_grad(set_to_none=True)
@@ -140,7 +141,8 @@ def trial_on_ray_train(params: dict, base: dict, data, storage: str) -> None:
         "eval": ray.put(((data.val.images, data.val.labels), data.train.images)),
         "fit_id": fit_id, "attempts_file": str(Path(storage) / f"attempts-{fit_id}.log"),
     }
-    stream = train_stream(cfg, data.train, tcfg.epochs, plan.rows_per_epoch(tcfg.num_workers, tcfg.batch_size))
+    stream = train_stream(cfg, data.train, tcfg.epochs, plan.rows_per_epoch(tcfg.num_workers, tcfg.batch_size),
+                          num_classes=data.num_classes)
     run_config = RunConfig(
         name=f"trial-{tune.get_context().get_trial_id()}", storage_path=storage,
         failure_config=FailureConfig(max_failures=0), callbacks=[_timed_report_callback()],

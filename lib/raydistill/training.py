@@ -59,19 +59,80 @@ def validation_metrics(net, images, labels, image_size: int) -> dict:
             "val_loss": float(torch.nn.functional.cross_entropy(logits, target))}
 
 
-def stream_batches(shard, batch_size: int, total_steps: int, device, skip: int = 0):
+class DataWait:
+    """How long a training loop waits for its next batch, against the time of its steps.
+
+    `wait_s`: time spent inside the stream's next() (Ray Data had no batch ready); `step_s`:
+    time of the training steps themselves (forward, backward, optimizer; the loop adds it with
+    `timed`). Epoch-end evaluation and checkpoints count in neither, so the fraction is of
+    training-step time only. The first batch is counted apart: it includes the pipeline's
+    start-up, not its steady state."""
+
+    def __init__(self):
+        self.first_s = None
+        self.wait_s = self.step_s = 0.0
+        self.batches = 0
+
+    def timed(self, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.step_s += time.perf_counter() - t0
+        return out
+
+    def wrap(self, iterable):
+        it = iter(iterable)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            t1 = time.perf_counter()
+            if self.first_s is None:
+                self.first_s = t1 - t0
+            else:
+                self.wait_s += t1 - t0
+                self.batches += 1
+            yield item
+
+    def start_over(self) -> None:
+        """Count what was drawn so far (batches skipped on a resume) as start-up, not as waits."""
+        self.first_s = (self.first_s or 0.0) + self.wait_s
+        self.wait_s, self.batches = 0.0, 0
+
+    @property
+    def fraction(self) -> float:
+        """Share of step time spent waiting for data, after the first batch."""
+        total = self.wait_s + self.step_s
+        return self.wait_s / total if total > 0 else 0.0
+
+    def metrics(self) -> dict:
+        first = self.first_s or 0.0
+        with_start = (self.wait_s + first) / max(1e-9, self.wait_s + first + self.step_s)
+        return {"data_wait_fraction": self.fraction, "data_wait_ms_per_step": 1e3 * self.wait_s / max(1, self.batches),
+                "data_first_batch_s": first, "data_wait_fraction_with_start": with_start}
+
+
+def stream_batches(shard, batch_size: int, total_steps: int, device, skip: int = 0, prefetch_batches: int = 4,
+                   wait: DataWait | None = None):
     """(step, images, labels) from a Ray Data shard, stopping at exactly total_steps.
 
     `skip` batches are drawn and dropped first: a run resumed from a checkpoint at step k
     consumes the same stream (augmentation is seeded per epoch and row) and continues at k+1.
+    Labels are class ids (B,) or, with mixup / cutmix, soft labels (B, classes); cross-entropy
+    takes either. `wait` (a DataWait) measures the time spent waiting for each batch.
     """
     step = 0
-    batches = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2)
+    batches = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=prefetch_batches)
+    if wait is not None:
+        batches = wait.wrap(batches)
     for batch in batches:
         if step >= total_steps:
             break
         step += 1
         if step > skip:
+            if step == skip + 1 and skip and wait is not None:
+                wait.start_over()
             yield step, batch["image"].to(device), batch["label"].to(device)
 
 
@@ -126,10 +187,14 @@ class EpochLog:
 def set_threads(cpus: float) -> None:
     """Per-worker setup: torch threads for the worker's CPUs, and quieter Ray Train logs."""
     import logging
+    import warnings
 
     from ray.train.v2._internal.execution import context
 
     torch.set_num_threads(max(1, int(cpus)))
+    # DeepSpeed's ZeRO calls collectives that torch deprecates, and torch warns on every call:
+    # dozens of identical lines per step that bury the progress lines.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     # Train V2 logs two INFO lines per report from every rank ("Reporting training result",
     # "Checkpoint successfully created"); our progress lines say the same once, on rank 0.
     # The first comes from a logger named after its file, outside the "ray.train" tree.
@@ -198,7 +263,8 @@ def train_on_ray(stage: str, worker, cfg: Config, data, spec, out_dir: Path, ext
     }
     if stream is None:
         stream = train_stream(cfg, data.train, stage_cfg.epochs,
-                              plan.rows_per_epoch(stage_cfg.num_workers, stage_cfg.batch_size))
+                              plan.rows_per_epoch(stage_cfg.num_workers, stage_cfg.batch_size),
+                              num_classes=data.num_classes)
     run_config = RunConfig(
         name=f"{stage}-{cfg.stage_digest(stage)}", storage_path=str((out_dir / "ray").resolve()),
         failure_config=FailureConfig(max_failures=max_failures),
@@ -301,7 +367,8 @@ def _report(metrics: dict, engine=None, step: int = 0, counters: dict | None = N
 
 
 def teacher_step(engine, x, y, dtype) -> float:
-    """One micro-step of the teacher; DeepSpeed steps the optimizer at accumulation boundaries."""
+    """One micro-step of the teacher; DeepSpeed steps the optimizer at accumulation boundaries.
+    y: class ids (B,) or soft labels (B, classes) from mixup / cutmix."""
     import torch.nn.functional as F
 
     engine.train()
@@ -347,10 +414,11 @@ def teacher_worker(loop_config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     loss_sum, seen, shown = 0.0, 0, {}
+    wait = DataWait()
     micro_steps = stream_batches(shard, tcfg.batch_size, plan.total_steps * plan.accum, device,
-                                 skip=start_step * plan.accum)
+                                 skip=start_step * plan.accum, prefetch_batches=cfg.data.prefetch_batches, wait=wait)
     for micro, x, y in micro_steps:
-        loss_sum, seen = loss_sum + teacher_step(engine, x, y, dtype), seen + 1
+        loss_sum, seen = loss_sum + wait.timed(teacher_step, engine, x, y, dtype), seen + 1
         if micro % plan.accum:
             continue
         step = micro // plan.accum
@@ -386,7 +454,8 @@ def teacher_worker(loop_config: dict) -> None:
     # (a Tune scheduler reading these reports needs it in each).
     final = {**shown, "epoch": plan.epochs, "steps": plan.total_steps, "samples_per_s": log.samples_per_s(plan.total_steps),
              "params_per_rank": per_rank, "params_total": sharding.full_param_count(engine),
-             "restarts": counters["restarts"], "resumes": counters["resumes"], "resumed_from_step": start_step}
+             "restarts": counters["restarts"], "resumes": counters["resumes"], "resumed_from_step": start_step,
+             **wait.metrics()}
     _report(final, engine, plan.total_steps, counters, rank_files=export)
 
 
@@ -476,6 +545,11 @@ def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
         "accuracy": accuracy(net, data.test.images, data.test.labels, spec.image_size),
         "export_check": export_check(net, out_dir / PROBE_FILE, spec.image_size, tcfg.dtype_name),
         "samples_per_s": float(metrics["samples_per_s"]),
+        # Rank 0's share of step time spent waiting for the next augmented batch (first batch apart).
+        "data_wait_fraction": float(metrics["data_wait_fraction"]),
+        "data_wait_ms_per_step": float(metrics["data_wait_ms_per_step"]),
+        "data_first_batch_s": float(metrics["data_first_batch_s"]),
+        "data_wait_fraction_with_start": float(metrics["data_wait_fraction_with_start"]),
         "lr": tcfg.lr,
         "weight_decay": tcfg.weight_decay,
         "train_time_s": round(elapsed, 2),

@@ -1,0 +1,243 @@
+"""Augmentation throughput: our Ray Data + kornia pipeline against a torch DataLoader applying
+torchvision.transforms.v2 per sample, and how long the teacher waits for data.
+
+In one run, on the same machine and cores, with the same ordered ops (random resized crop,
+flip, rotation, colour jitter, gaussian noise, random erasing, then mixup with soft labels):
+  - ours:      `data.train_stream` (Ray Data tasks, --cpus-per-task each, kornia on
+               batches of `data.batch_size` rows (256 by default), per-sample randomness)
+               consumed with `iter_torch_batches` in batches of --batch as a trainer does, on
+               a local Ray of --cores CPUs;
+  - baseline:  `torch.utils.data.DataLoader(num_workers=--cores)`, each sample through a
+               `torchvision.transforms.v2.Compose` of the same ops, v2.MixUp on each batch in
+               collate, one torch thread per worker;
+on two data sets: synthetic 3x64x64 images (model input 64) and the bundled digits (1x8x8,
+model input 16, as the demo). Images/s are counted after the first batch (steady state; the
+start-up time is printed beside), best of --repeats, variants interleaved so that load drifts
+on a shared machine hit both alike.
+
+Then a short real teacher run (the demo's resnet10t, ZeRO-3 on 2 Ray Train workers, the same
+ops on the digits) reports `data_wait_fraction`: rank 0's time waiting for the next batch over
+its training-step time (first batch apart).
+
+Targets: ours >= 1.5x the DataLoader's images/s (each data set); data wait < 5% of step time.
+
+    python bench/augment_throughput.py [--quick] [--cores 2] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OPS = [
+    {"op": "random_resized_crop", "scale": [0.6, 1.0]},
+    {"op": "flip"},
+    {"op": "rotation", "degrees": 15},
+    {"op": "color_jitter", "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.05},
+    {"op": "gaussian_noise", "std": 0.05},
+    {"op": "random_erasing", "p": 0.5},
+    {"op": "mixup", "lambda_range": [0.0, 0.4]},
+]
+
+
+def config(image_size: int, cpus_per_task: float, aug_batch: int | None, extra: list[str] = ()):
+    import yaml
+
+    from raydistill.config import load_config
+
+    return load_config(REPO / "configs" / "demo.yaml", [
+        f"data.augment={yaml.safe_dump(OPS, default_flow_style=True).strip()}", "sweep.num_trials=0",
+        f"data.image_size={image_size}", f"data.cpus_per_task={cpus_per_task}",
+        *([f"data.batch_size={aug_batch}"] if aug_batch else []), *extra])
+
+
+def datasets(quick: bool) -> dict:
+    """name -> (Split, num_classes, model input size)."""
+    import numpy as np
+
+    from raydistill.config import load_config
+    from raydistill.data import Split, load_dataset, write_digits_parquet
+
+    n = 2048 if quick else 8192
+    rng = np.random.default_rng(0)
+    synthetic = Split(rng.integers(0, 256, (n, 3, 64, 64), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int64))
+    path = write_digits_parquet(Path(tempfile.mkdtemp()) / "digits.parquet")
+    digits = load_dataset(load_config(None), str(path))
+    # All 1,797 digits (the train split is 1,258): repeated to n rows, so both sets run as long.
+    x = np.concatenate([digits.train.images, digits.val.images, digits.test.images])
+    y = np.concatenate([digits.train.labels, digits.val.labels, digits.test.labels])
+    reps = -(-n // len(y))
+    return {"synthetic 3x64x64": (synthetic, 10, 64),
+            "digits 1x8x8 -> 16": (Split(np.tile(x, (reps, 1, 1, 1))[:n], np.tile(y, reps)[:n]), 10, 16)}
+
+
+def _count(batches) -> dict:
+    """Images/s of an iterator of (images, labels) batches, after its first batch."""
+    start = time.perf_counter()
+    first, n = None, 0
+    for x, y in batches:
+        if first is None:
+            first = time.perf_counter()
+        else:
+            n += len(x)
+        assert y.dim() == 2, "mixup must give soft labels"
+    end = time.perf_counter()
+    return {"images_per_s": n / (end - first), "first_batch_s": first - start}
+
+
+def ours(split, num_classes: int, size: int, args) -> dict:
+    from raydistill.data import train_stream
+
+    cfg = config(size, args.cpus_per_task, args.aug_batch)
+    stream = train_stream(cfg, split, epochs=1, num_classes=num_classes)
+    batches = stream.iter_torch_batches(batch_size=args.batch, drop_last=True,
+                                        prefetch_batches=cfg.data.prefetch_batches)
+    return _count((b["image"], b["label"]) for b in batches)
+
+
+class _PerSample:
+    """A map-style data set: each uint8 image through a torchvision v2 pipeline."""
+
+    def __init__(self, split, transform):
+        self.split, self.transform = split, transform
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        import torch
+
+        return self.transform(torch.from_numpy(self.split.images[i])), int(self.split.labels[i])
+
+
+def torchvision_ops(size: int, channels: int):
+    """OPS as torchvision.transforms.v2, per sample (mixup is per batch, in collate)."""
+    import torch
+    from torchvision.transforms import v2
+
+    spec = {op["op"]: op for op in OPS}
+    return v2.Compose([
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Resize((size, size), antialias=False),
+        v2.RandomResizedCrop((size, size), scale=tuple(spec["random_resized_crop"]["scale"]), antialias=False),
+        v2.RandomHorizontalFlip(),
+        v2.RandomRotation(spec["rotation"]["degrees"]),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
+        v2.GaussianNoise(sigma=spec["gaussian_noise"]["std"], clip=True),
+        v2.RandomErasing(p=0.5, scale=(0.02, 0.2)),
+        v2.Normalize([0.5] * channels, [0.5] * channels),
+    ])
+
+
+def _one_thread(_worker_id: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def baseline(split, num_classes: int, size: int, args) -> dict:
+    import torch
+    from torch.utils.data import DataLoader, default_collate
+    from torchvision.transforms import v2
+
+    mixup = v2.MixUp(alpha=0.2, num_classes=num_classes)
+
+    def collate(rows):
+        return mixup(*default_collate(rows))
+
+    loader = DataLoader(_PerSample(split, torchvision_ops(size, split.images.shape[1])), batch_size=args.batch,
+                        shuffle=True, num_workers=args.cores, collate_fn=collate, drop_last=True,
+                        worker_init_fn=_one_thread, prefetch_factor=4,
+                        generator=torch.Generator().manual_seed(0))
+    return _count(loader)
+
+
+def teacher_wait(args) -> dict:
+    """A short real teacher run on the digits with the same ops: rank 0's data-wait figures."""
+    from raydistill import pipeline
+
+    epochs = 1 if args.quick else 3
+    cfg = config(16, 0.25, args.aug_batch, [f"teacher.epochs={epochs}", "teacher.checkpoint_every_steps=1000000"])
+    storage = tempfile.mkdtemp()
+    summary = pipeline.run_stages(cfg, storage, "bench", ("teacher",))["teacher"]
+    return {k: summary[k] for k in ("data_wait_fraction", "data_wait_ms_per_step", "data_first_batch_s",
+                                    "data_wait_fraction_with_start", "samples_per_s", "steps", "accuracy")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2,048 images per set, 2 repeats, a 1-epoch teacher")
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="CPUs for both pipelines")
+    parser.add_argument("--batch", type=int, default=64, help="batch size the consumer takes (both pipelines)")
+    parser.add_argument("--aug-batch", type=int, default=None,
+                        help="ours: rows per augmentation task (data.batch_size; default: the config's)")
+    parser.add_argument("--cpus-per-task", type=float, default=1.0, help="ours: CPUs per Ray Data augmentation task")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per variant; the best counts")
+    parser.add_argument("--no-teacher", action="store_true", help="skip the teacher data-wait run")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats = min(args.repeats, 2)
+
+    import logging
+
+    import ray
+
+    sets = datasets(args.quick)
+    ray.init(address="local", num_cpus=args.cores, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO line per execution otherwise
+    runs: dict = {(s, v): [] for s in sets for v in ("ours", "DataLoader")}
+    wait = None
+    try:
+        for _ in range(args.repeats):
+            for name, (split, classes, size) in sets.items():
+                runs[(name, "ours")].append(ours(split, classes, size, args))
+                runs[(name, "DataLoader")].append(baseline(split, classes, size, args))
+        if not args.no_teacher:
+            wait = teacher_wait(args)
+    finally:
+        ray.shutdown()
+
+    best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in runs.items()}
+    ratios = {s: best[(s, "ours")]["images_per_s"] / best[(s, "DataLoader")]["images_per_s"] for s in sets}
+    aug_batch = args.aug_batch or config(64, 1, None).data.batch_size
+    print(f"\nops: {', '.join(op['op'] for op in OPS)}; batch {args.batch} (ours augments {aug_batch} rows "
+          f"per task, {args.cpus_per_task} CPU each); {args.cores} cores; "
+          f"{len(next(iter(sets.values()))[0])} images per set; best of {args.repeats}\n")
+    print(f"{'data set':22} {'pipeline':12} {'images/s':>9} {'vs DataLoader':>14} {'first batch s':>14}   all runs "
+          "(images/s after the first batch)")
+    for (name, variant), row in best.items():
+        ratio = f"{ratios[name]:.2f}x" if variant == "ours" else ""
+        all_runs = " ".join(f"{r['images_per_s']:.0f}" for r in runs[(name, variant)])
+        print(f"{name:22} {variant:12} {row['images_per_s']:9.0f} {ratio:>14} {row['first_batch_s']:14.2f}   {all_runs}")
+    if wait:
+        print(f"\nteacher (resnet10t, ZeRO-3, 2 workers, digits, same ops): data wait "
+              f"{100 * wait['data_wait_fraction']:.2f}% of step time ({wait['data_wait_ms_per_step']:.1f} ms/step; "
+              f"first batch {wait['data_first_batch_s']:.2f} s apart; with it "
+              f"{100 * wait['data_wait_fraction_with_start']:.1f}%), {wait['samples_per_s']:.0f} samples/s, "
+              f"{wait['steps']} steps")
+    throughput_met = all(r >= 1.5 for r in ratios.values())
+    wait_met = None if wait is None else wait["data_wait_fraction"] < 0.05  # None: not measured (--no-teacher)
+    print(json.dumps({
+        "bench": "augment_throughput",
+        "target": "ours >= 1.5x a torchvision.transforms.v2 DataLoader (images/s, each data set); "
+                  "teacher data wait < 5% of step time",
+        "met": bool(throughput_met and wait_met),
+        "throughput_met": throughput_met, "wait_met": wait_met,
+        "cores": args.cores, "batch": args.batch, "aug_batch": aug_batch, "cpus_per_task": args.cpus_per_task, "repeats": args.repeats,
+        "ops": [op["op"] for op in OPS],
+        "images_per_s": {f"{s} / {v}": round(r["images_per_s"], 1) for (s, v), r in best.items()},
+        "images_per_s_all_runs": {f"{s} / {v}": [round(r["images_per_s"], 1) for r in rs] for (s, v), rs in runs.items()},
+        "ratio": {s: round(r, 3) for s, r in ratios.items()},
+        "teacher": wait,
+    }))
+
+
+if __name__ == "__main__":
+    main()
