@@ -1,6 +1,8 @@
 """End to end, the way users run it on a cluster: a real Ray head (`ray start --head`, token
-authentication on), the pipeline submitted with `ray job submit`, the deployment queried over
-HTTP, then bad input against the same run. The test stops only the head it started.
+authentication on), the pipeline submitted with `ray job submit`, stopped with `ray job stop`
+while the teacher trains, submitted again (it resumes from the teacher's checkpoint), the
+deployment queried over HTTP, then bad input against the same run. The test stops only the
+head it started.
 """
 
 from __future__ import annotations
@@ -9,21 +11,40 @@ import json
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
-from raydistill.artifacts import sha256
+from raydistill.artifacts import Run, sha256
+from raydistill.config import load_config
 from raydistill.localcluster import LocalCluster
+from raydistill.models import ModelSpec, load_network
+from raydistill.training import StepPlan
 
-from conftest import BIN, REPO, png_bytes
+from conftest import BIN, REPO, png_bytes, registered_checkpoint
 
 pytestmark = pytest.mark.e2e
 
-# Small but complete: every stage runs for real (ZeRO-3 on 2 workers, Tune with ASHA, KD).
-QUICK = ["sweep.num_trials=2", "sweep.epochs=1", "teacher.epochs=2", "student.epochs=2", "student.prune_finetune_epochs=1"]
+# Small but complete: every stage runs for real (ZeRO-3 on 2 workers, Tune with ASHA, KD,
+# pruning kept whatever it costs so that its path runs too). The teacher trains 2 epochs of
+# 9 steps on the digits' 1,258 training rows, with a checkpoint every 3 steps.
+KEEP = 2
+QUICK = ["sweep.num_trials=2", "sweep.epochs=1", "teacher.epochs=2", "teacher.checkpoint_every_steps=3",
+         f"teacher.keep_checkpoints={KEEP}", "student.epochs=2", "student.prune_finetune_epochs=1",
+         "student.prune_max_drop=1.0"]
+TEACHER_STEPS = StepPlan.of(1258, 2, 64, 2).total_steps
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    return sorted(p for p in run.glob("teacher/ray/teacher-*/checkpoint_*") if p.is_dir())
+
+
+def _hashes(run: Path) -> dict:
+    return {str(p.relative_to(run)): sha256(p) for p in sorted(run.rglob("*"))
+            if p.is_file() and p.suffix in (".json", ".safetensors", ".yaml") and "ray" not in p.parts}
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +61,27 @@ def head():
 
 @pytest.fixture(scope="module")
 def submitted(head, tmp_path_factory):
-    """The pipeline, submitted as a job; returns (run dir, serve URL, job output)."""
+    """The pipeline submitted as a job, stopped with `ray job stop` once the teacher has
+    registered a checkpoint, then submitted again under the same run name.
+    Returns (run dir, serve URL, second job's output, what the stop left)."""
     storage = tmp_path_factory.mktemp("runs")
+    run = storage / "e2e"
     sets = [*QUICK, f"deploy.port={head.serve_port}"]
-    out = head.submit("e2e-pipeline", [
-        "python", "jobs/pipeline.py", "--config", "configs/demo.yaml", "--storage", str(storage),
-        "--name", "e2e", *[a for s in sets for a in ("--set", s)],
-    ], cwd=REPO, wait=True)
-    return storage / "e2e", f"http://127.0.0.1:{head.serve_port}", out.stdout
+    job = ["python", "jobs/pipeline.py", "--config", "configs/demo.yaml", "--storage", str(storage),
+           "--name", "e2e", *[a for s in sets for a in ("--set", s)]]
+
+    head.submit("e2e-stopped", job, cwd=REPO)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not (len(_checkpoints(run)) >= 2 and registered_checkpoint(run)):
+        time.sleep(0.5)
+    status = head.job_status("e2e-stopped")
+    assert status == "RUNNING" and registered_checkpoint(run), head.ray("job", "logs", "e2e-stopped").stdout[-3000:]
+    head.ray("job", "stop", "e2e-stopped", timeout=120)  # waits until the job has stopped
+    stopped = {"status": head.job_status("e2e-stopped"), "manifest": json.loads((run / "manifest.json").read_text()),
+               "hashes": _hashes(run), "logs": head.ray("job", "logs", "e2e-stopped").stdout}
+
+    out = head.submit("e2e-pipeline", job, cwd=REPO, wait=True)
+    return run, f"http://127.0.0.1:{head.serve_port}", out.stdout, stopped
 
 
 def test_job_without_token_is_refused(head):
@@ -64,7 +98,7 @@ def test_job_without_token_is_refused(head):
 
 
 def test_pipeline_job_writes_every_stage(submitted):
-    run, _, _ = submitted
+    run, *_ = submitted
     manifest = json.loads((run / "manifest.json").read_text())
     assert {s: r["status"] for s, r in manifest["stages"].items()} == dict.fromkeys(
         ["data", "sweep", "teacher", "student", "deploy"], "done")
@@ -88,15 +122,83 @@ def test_pipeline_job_writes_every_stage(submitted):
     assert teacher["accuracy"] > 0.8
 
     student = json.loads((run / "student" / "summary.json").read_text())
+    for key in ("arch", "params_total", "accuracy", "teacher_accuracy", "retention", "params_ratio",
+                "latency_ms_p50", "kd"):  # as DESIGN fixes them
+        assert key in student
     assert student["params_ratio"] > 10
     assert student["accuracy"] > 0.5  # 2 epochs only; the demo's figures are in README
     assert student["retention"] == pytest.approx(student["accuracy"] / student["teacher_accuracy"])
     assert set(student["latency_ms_p50"]) == {"teacher", "student"}
-    assert student["kd"]["T"] == 4.0
+    assert set(student["latency_ms_p50_exported"]) == {"student_onnx", "student_int8"}
+    assert student["kd"] == {**student["kd"], "mode": "online", "T": 4.0}
+    assert student["pruning"]["status"] == "kept"
+    assert student["pruning"]["params_after"] < student["pruning"]["params_before"]
+    tolerance = load_config(REPO / "configs" / "demo.yaml", QUICK).student.onnx_tolerance
+    assert student["onnx"]["max_abs_logit_diff"] <= tolerance and student["int8_accuracy"] is not None
+    assert "| teacher |" in (run / "student" / "report.md").read_text()
+    assert not list((run / "student").glob("*.measure"))
+
+
+def test_stored_student_is_the_pruned_one_and_rebuilds_from_its_file(submitted):
+    from raydistill import compress
+    from raydistill.artifacts import load_weights
+
+    run, *_ = submitted
+    cfg = load_config(REPO / "configs" / "demo.yaml", QUICK)
+    outputs = json.loads((run / "manifest.json").read_text())["stages"]["student"]["outputs"]
+    for name in ("student.safetensors", "student.onnx", "student.int8.onnx", "report.md", "report.png", "summary.json"):
+        assert outputs[f"student/{name}"] == sha256(run / "student" / name)
+    state, meta = load_weights(run / "student" / "student.safetensors", outputs["student/student.safetensors"])
+    net = load_network(state, meta)
+    summary = json.loads((run / "student" / "summary.json").read_text())
+    assert sum(p.numel() for p in net.parameters()) == summary["params_total"]
+    spec = ModelSpec.from_meta(meta)
+    images = np.random.default_rng(0).integers(0, 256, (16, *spec.input_shape), dtype=np.uint8)
+    compress.check_onnx(net, spec, run / "student" / "student.onnx", images, cfg.student.onnx_tolerance)
+    # Unchanged: a rerun skips the stage; a changed output file makes it run again.
+    record = Run(run.parent, run.name)
+    digest = json.loads((run / "manifest.json").read_text())["stages"]["student"]["config_hash"]
+    assert record.is_done("student", digest)
+    onnx = run / "student" / "student.onnx"
+    original = onnx.read_bytes()
+    try:
+        onnx.write_bytes(b"changed")
+        assert not record.is_done("student", digest)
+    finally:
+        onnx.write_bytes(original)
+
+
+def test_stopped_job_left_its_outputs_and_the_resubmitted_one_resumed_the_teacher(submitted):
+    run, _, out, stopped = submitted
+    # `ray job stop` sent SIGTERM: the driver recorded the teacher as interrupted, and earlier
+    # stages' outputs stayed as they were (the second job reused them: they are unchanged).
+    assert stopped["status"] == "STOPPED"
+    stages = stopped["manifest"]["stages"]
+    assert stages["teacher"]["status"] == "interrupted", stopped["logs"][-3000:]
+    assert {stages[s]["status"] for s in ("data", "sweep")} == {"done"}
+    assert "teacher/teacher.safetensors" not in stopped["hashes"]
+    now = _hashes(run)
+    assert all(now[path] == digest for path, digest in stopped["hashes"].items()
+               if path.startswith(("data/", "sweep/")))
+
+    teacher = json.loads((run / "teacher" / "summary.json").read_text())
+    assert teacher["resumes"] >= 1 and teacher["resumed_from_step"] >= 3, out[-3000:]
+    assert teacher["restarts"] == 0  # a rerun is a resume, not a restart after a worker failure
+    assert teacher["steps"] == TEACHER_STEPS  # the same count as an uninterrupted run
+    assert "resumed from the checkpoint at step" in out
+    # The plain torch model built from teacher.safetensors gives the sharded engine's logits.
+    assert teacher["export_check"]["max_abs_logit_diff"] <= 1e-4
+    # Rank 0 measured how long it waited for augmented batches (a share of its step time).
+    assert 0.0 <= teacher["data_wait_fraction"] < 1.0 and teacher["data_first_batch_s"] > 0
+    # Old checkpoints are deleted: the rerun keeps its latest K. Folders Ray Train never
+    # registered stay (it manages only the K it knows): the one the stopped run was writing,
+    # and the one it may have written in the moment before its controller stopped.
+    assert len(_checkpoints(run)) <= KEEP + 2
+    assert list((run / "teacher" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_deployment_answers_over_http(submitted, digits_parquet):
-    _, url, _ = submitted
+    _, url, *_ = submitted
     assert requests.get(f"{url}/v2/health/ready", timeout=30).status_code == 200
     from raydistill.config import load_config
     from raydistill.data import load_dataset
@@ -122,13 +224,8 @@ def _cli(head, *args, timeout=600):
                           timeout=timeout, cwd=REPO)
 
 
-def _hashes(run: Path) -> dict:
-    return {str(p.relative_to(run)): sha256(p) for p in sorted(run.rglob("*"))
-            if p.is_file() and p.suffix in (".json", ".safetensors", ".yaml") and "ray" not in p.parts}
-
-
 def test_bad_input_fails_clearly_and_keeps_earlier_outputs(head, submitted):
-    run, _, _ = submitted
+    run, *_ = submitted
     storage = str(run.parent)
     kept = {k: v for k, v in _hashes(run).items() if k != "manifest.json"}
 

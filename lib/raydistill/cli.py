@@ -1,13 +1,16 @@
 """`raydistill`: run the pipeline or one stage, query a deployment, show a run's status.
 
 Exit codes: 0 ok, 1 a stage failed (bad data, a broken artifact, a failed worker),
-2 a bad config or command line, 130 interrupted.
+2 a bad config or command line, 130 interrupted (Ctrl-C, or SIGTERM from `ray job stop` or
+Kubernetes: the running stage is recorded as interrupted, and a rerun resumes it).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 STAGE_COMMANDS = {
@@ -95,12 +98,20 @@ def _data_preview(args) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     from raydistill.artifacts import ArtifactError
     from raydistill.config import ConfigError
     from raydistill.data import DataError
 
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # `ray job stop` and Kubernetes send SIGTERM: stop as on Ctrl-C, so the running stage
+        # is recorded as interrupted (not left "running") before Ray's SIGKILL follows.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.command == "query":
             from raydistill.client import query

@@ -23,8 +23,10 @@ from pathlib import Path
 BIN = Path(sys.executable).parent  # the venv's `ray` and `python`
 
 # Env for every node. Few idle workers per node: on a 2-core machine, cold-starting one Python
-# worker per CPU slot (Ray's default pool) costs more than the work itself.
-NODE_ENV = {"RAY_num_workers_soft_limit": "4"}
+# worker per CPU slot (Ray's default pool) costs more than the work itself. No drain on SIGTERM
+# (Ray's default waits up to 30 s for Serve replicas to migrate): these clusters are stopped
+# whole, with nowhere to migrate to.
+NODE_ENV = {"RAY_num_workers_soft_limit": "4", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 # The GCS probes each raylet every second instead of every 3 s, so a lost node is declared dead
 # after ~5 failed probes (~5 s, not ~15 s). The probe timeout stays at Ray's default: a node
 # that is merely slow on a loaded machine must not be declared dead.
