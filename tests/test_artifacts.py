@@ -56,3 +56,17 @@ def test_done_stage_reruns_when_output_changed_or_config_differs(tmp_path):
     assert not run.is_done("teacher", "other-config")
     (run.root / "teacher" / "summary.json").write_text("{}")
     assert not run.is_done("teacher", "h")
+
+
+@pytest.mark.parametrize("stop, status", [(KeyboardInterrupt(), "interrupted"), (SystemExit(15), "interrupted"),
+                                          (ValueError("bad rows"), "failed")])
+def test_a_stopped_stage_is_recorded_as_interrupted_a_broken_one_as_failed(tmp_path, stop, status):
+    """Ctrl-C raises KeyboardInterrupt; SIGTERM from `ray job stop` raises SystemExit once Ray's
+    handler is installed. Either way a rerun knows the stage did not finish, and why."""
+    run = Run(tmp_path, "r")
+    with pytest.raises(type(stop)):
+        with run.stage("teacher", "h"):
+            raise stop
+    record = run.manifest()["stages"]["teacher"]
+    assert record["status"] == status and record["end"] is not None
+    assert not run.is_done("teacher", "h")

@@ -128,7 +128,9 @@ class Run:
         try:
             yield outputs
         except BaseException as err:
-            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            # Ctrl-C, or SIGTERM (`ray job stop`, Kubernetes): after ray.init, Ray's own SIGTERM
+            # handler raises SystemExit; before it, the CLI's raises KeyboardInterrupt.
+            status = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed"
             self._update_stage(stage, status=status, end=time.time(), error=str(err)[:500])
             raise
         self._update_stage(

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         # `ray job stop` and Kubernetes send SIGTERM: stop as on Ctrl-C, so the running stage
-        # is recorded as interrupted (not left "running") before Ray's SIGKILL follows.
+        # is recorded as interrupted (not left "running"). ray.init replaces this handler with
+        # one raising SystemExit, which Run.stage records the same way.
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.command == "query":

@@ -213,8 +213,9 @@ class LocalCluster:
     def job_status(self, job_id: str) -> str:
         """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
         out = self.ray("job", "status", job_id, timeout=120).stdout
-        # A running job: "Status for job 'ID': RUNNING"; an ended one: "Job 'ID' succeeded".
-        match = re.search(r"Status for job '[^']+': (\w+)|Job '[^']+' (succeeded|failed|stopped)", out)
+        # A running job: "Status for job 'ID': RUNNING"; an ended one: "Job 'ID' succeeded"
+        # (or "failed"), and a stopped one "Job 'ID' was stopped".
+        match = re.search(r"Status for job '[^']+': (\w+)|Job '[^']+' (?:was )?(succeeded|failed|stopped)", out)
         if not match:
             raise RuntimeError(f"unexpected `ray job status` output: {out[-500:]}")
         return (match.group(1) or match.group(2)).upper()
