@@ -161,7 +161,7 @@ def main() -> int:
     from ray import serve
 
     from raydistill.config import DeployConfig
-    from raydistill.serving import build_app
+    from raydistill.serving import ServedModel, build_app
 
     cpus = 1.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,7 +173,7 @@ def main() -> int:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             results["naive"] = served("naive", naive_app(path, cpus), port, requests_at, max_s)
             ours = DeployConfig(port=port, replica_cpus=cpus, max_batch_size=32, max_ongoing_requests=128)
-            results["ours"] = served("ours", build_app(path, digest, ours, "bench"), port, requests_at, max_s)
+            results["ours"] = served("ours", build_app(ServedModel(path, digest), ours, "bench"), port, requests_at, max_s)
         finally:
             serve.shutdown()
             ray.shutdown()

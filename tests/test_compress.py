@@ -127,6 +127,28 @@ def test_int8_keeps_a_trained_students_predictions(tmp_path, trained, digits):
     assert int8.stat().st_size < fp32.stat().st_size
 
 
+def test_served_predictor_runs_the_onnx_files_like_torch(tmp_path, trained, digits):
+    from raydistill.serving import Predictor, ServedModel
+
+    images, _ = digits
+    weights = save_weights(tmp_path / "s.safetensors", trained.state_dict(), SPEC.to_meta())
+    fp32 = compress.export_onnx(trained, SPEC, tmp_path / "s.onnx")
+    int8 = compress.quantize_int8(fp32, tmp_path / "s.int8.onnx", images[:512])
+    pixels = (images[1500:] / 255.0).astype(np.float32)
+
+    def served(onnx=None):
+        files = (str(onnx), sha256(onnx)) if onnx else ()
+        return Predictor(ServedModel(str(weights), sha256(weights), *files), threads=1)
+
+    by_torch, by_fp32, by_int8 = served()(pixels), served(fp32)(pixels), served(int8)(pixels)
+    assert served(int8).platform == "onnxruntime_onnx" and served().platform == "pytorch_torchscript"
+    np.testing.assert_allclose(by_fp32, by_torch, atol=1e-5)
+    np.testing.assert_allclose(by_int8.sum(axis=1), 1.0, atol=1e-5)
+    assert (by_int8.argmax(1) == by_torch.argmax(1)).mean() > 0.95
+    with pytest.raises(ArtifactError, match="sha256"):  # a replica refuses a file that changed
+        Predictor(ServedModel(str(weights), sha256(weights), str(int8), sha256(fp32)), threads=1)
+
+
 def test_finetune_after_pruning_recovers_accuracy(trained, digits):
     import copy
 

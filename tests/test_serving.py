@@ -22,25 +22,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _student_files(folder):
+    """A small student's safetensors and its static int8 ONNX (calibrated on random pixels)."""
+    from raydistill.compress import export_onnx, quantize_int8
+
+    spec = ModelSpec("test_efficientnet", 10, (1, 8, 8), 16)
+    net = build_network(spec).eval()
+    path = save_weights(folder / "student.safetensors", net.state_dict(), spec.to_meta())
+    calibration = np.random.default_rng(0).integers(0, 256, (64, 1, 8, 8), dtype=np.uint8)
+    onnx = quantize_int8(export_onnx(net, spec, folder / "student.onnx"), folder / "student.int8.onnx", calibration)
+    return path, onnx
+
+
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     import ray
     from ray import serve
 
-    from raydistill.serving import build_app
+    from raydistill.serving import ServedModel, build_app
 
-    spec = ModelSpec("test_efficientnet", 10, (1, 8, 8), 16)
-    path = save_weights(tmp_path_factory.mktemp("w") / "student.safetensors", build_network(spec).state_dict(),
-                        spec.to_meta())
+    path, onnx = _student_files(tmp_path_factory.mktemp("w"))
+    int8 = ServedModel(str(path), sha256(path), str(onnx), sha256(onnx))  # as deploy.runtime=int8 serves it
     deploy = DeployConfig(port=free_port(), model_name="digits", replica_cpus=0.5, max_request_images=8)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": deploy.port})
-        serve.run(build_app(str(path), sha256(path), deploy, "v1"), name="digits", route_prefix="/")
+        serve.run(build_app(int8, deploy, "v1"), name="digits", route_prefix="/")
         key_file = path.parent / "api_key"
         key_file.write_text("s3cret\n")
         secure = deploy.model_copy(update={"api_key_file": str(key_file)})
-        serve.run(build_app(str(path), sha256(path), secure, "v1"), name="secure", route_prefix="/secure")
+        torch_model = ServedModel(str(path), sha256(path))  # deploy.runtime=torch
+        serve.run(build_app(torch_model, secure, "v1"), name="secure", route_prefix="/secure")
         yield f"http://127.0.0.1:{deploy.port}"
     finally:
         serve.shutdown()
@@ -59,6 +71,9 @@ def test_health_and_metadata(url):
     assert meta["name"] == "digits" and meta["versions"] == ["v1"]
     assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert {o["name"] for o in meta["outputs"]} == {"probabilities", "label"}
+    assert meta["platform"] == "onnxruntime_onnx"
+    secure = requests.get(f"{url}/secure/v2/models/digits", headers={"Authorization": "Bearer s3cret"}).json()
+    assert secure["platform"] == "pytorch_torchscript"
     assert requests.get(f"{url}/openapi.json").status_code == 200
     assert requests.get(f"{url}/docs").status_code == 200
 
@@ -172,6 +187,30 @@ def test_deploy_config_refuses_inconsistent_settings():
     assert DeployConfig().autoscaling_config() is None
 
 
+def test_deploy_runtime_serves_int8_when_the_student_stage_wrote_it(tmp_path):
+    from pydantic import ValidationError
+
+    from raydistill.artifacts import ArtifactError, Run, write_json
+    from raydistill.pipeline import serving_runtime
+
+    def run_with(name, *files):
+        run = Run(tmp_path, name)
+        with run.stage("student", "h") as outputs:
+            outputs.extend(write_json(run.dir("student") / f, {}) for f in files)
+        return run
+
+    quantized = run_with("q", "student.safetensors", "student.onnx", "student.int8.onnx")
+    assert serving_runtime(quantized, DeployConfig()) == ("int8", quantized.root / "student" / "student.int8.onnx")
+    assert serving_runtime(quantized, DeployConfig(runtime="onnx")) == ("onnx", quantized.root / "student" / "student.onnx")
+    assert serving_runtime(quantized, DeployConfig(use_gpu=True)) == ("torch", None)
+    plain = run_with("p", "student.safetensors", "student.onnx")  # student.quantize=false
+    assert serving_runtime(plain, DeployConfig()) == ("torch", None)
+    with pytest.raises(ArtifactError, match=r"deploy.runtime=int8 needs student/student.int8.onnx.*quantize=false"):
+        serving_runtime(plain, DeployConfig(runtime="int8"))
+    with pytest.raises(ValidationError, match="runs on CPU"):
+        DeployConfig(runtime="int8", use_gpu=True)
+
+
 def test_generated_requests_never_get_a_server_error(url):
     """Schemathesis against /openapi.json, every operation: bounded (25 cases each), on loopback.
     (Driven by hand: schemathesis' pytest plugin does not load under pytest 9.)"""
@@ -218,12 +257,15 @@ def test_serve_config_builds_the_same_app(tmp_path):
     from raydistill.config import load_config
     from raydistill.pipeline import _write_serve_config
 
-    spec = ModelSpec("test_efficientnet", 10, (1, 8, 8), 16)
-    weights = save_weights(tmp_path / "s.safetensors", build_network(spec).state_dict(), spec.to_meta())
-    path = _write_serve_config(tmp_path / "serve_config.yaml", weights, sha256(weights), load_config(None), "v9")
+    from raydistill.serving import ServedModel
+
+    weights, onnx = _student_files(tmp_path)
+    model = ServedModel(str(weights), sha256(weights), str(onnx), sha256(onnx))
+    path = _write_serve_config(tmp_path / "serve_config.yaml", model, load_config(None), "v9")
     config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     app = config.applications[0]
     assert app.import_path == "serve.app:build" and app.route_prefix == "/"
+    assert app.args["onnx"] == str(onnx) and app.args["onnx_sha256"] == sha256(onnx)
     from serve.app import build  # the repo root is on sys.path (pytest rootdir)
 
     assert build(app.args) is not None

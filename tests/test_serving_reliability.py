@@ -73,11 +73,11 @@ class Load:
 def _deploy(cluster, index: int, version: str):
     from ray import serve
 
-    from raydistill.serving import build_app
+    from raydistill.serving import ServedModel, build_app
 
     deploy, weights, _ = cluster
     path, digest = weights[index]
-    serve.run(build_app(path, digest, deploy, version), name="digits", route_prefix="/")
+    serve.run(build_app(ServedModel(path, digest), deploy, version), name="digits", route_prefix="/")
 
 
 def test_version_swap_under_load_loses_no_request(cluster):

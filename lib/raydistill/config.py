@@ -441,8 +441,14 @@ class DeployConfig(_Section):
     target_ongoing_requests: float = Field(
         32.0, gt=0, description="autoscaling target of in-flight requests per replica"
     )
-    replica_cpus: float = Field(0.5, gt=0, description="CPUs per replica; torch uses as many threads")
-    use_gpu: bool = Field(False, description="one GPU per replica")
+    replica_cpus: float = Field(0.5, gt=0, description="CPUs per replica; torch or ONNX Runtime uses as many threads")
+    use_gpu: bool = Field(False, description="one GPU per replica (runtime torch)")
+    runtime: Literal["auto", "int8", "onnx", "torch"] = Field(
+        "auto",
+        description="what replicas run: int8, the student's static int8 ONNX (ONNX Runtime, CPU); onnx, its "
+        "fp32 ONNX; torch, the PyTorch student (the one for GPUs); auto: int8 on CPU when the student stage "
+        "wrote it (student.quantize), else torch",
+    )
     max_batch_size: int = Field(32, ge=1, description="@serve.batch: most requests per forward pass")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0,
@@ -471,6 +477,9 @@ class DeployConfig(_Section):
             raise ValueError("deploy.min_replicas must not exceed deploy.max_replicas")
         if self.api_key_env and self.api_key_file:
             raise ValueError("set one of deploy.api_key_env and deploy.api_key_file, not both")
+        if self.use_gpu and self.runtime in ("int8", "onnx"):
+            raise ValueError(f"deploy.runtime={self.runtime} runs on CPU (ONNX Runtime); with deploy.use_gpu "
+                             "set deploy.runtime to torch or auto")
         return self
 
     def autoscaling_config(self) -> dict | None:

@@ -145,25 +145,45 @@ def _verify(run: Run, stage: str, path: Path) -> str:
 def stage_deploy(cfg: Config, run: Run) -> dict:
     from ray import serve
 
-    from raydistill.serving import build_app, read_api_key
+    from raydistill.serving import ServedModel, build_app, read_api_key
 
     out = run.dir("deploy")
+    dcfg = cfg.deploy
     weights = run.root / "student" / "student.safetensors"
-    with run.stage("deploy", cfg.stage_digest("deploy"), inputs=[weights]) as outputs:
+    runtime, onnx = serving_runtime(run, dcfg)
+    with run.stage("deploy", cfg.stage_digest("deploy"), inputs=[weights, *([onnx] if onnx else [])]) as outputs:
         digest = _verify(run, "student", weights)
+        model = ServedModel(str(weights), digest, *((str(onnx), _verify(run, "student", onnx)) if onnx else ()))
         version = digest[:12]
-        dcfg = cfg.deploy
         read_api_key(dcfg)  # a configured but unreadable key fails here, not in every replica
         serve.start(http_options={"host": dcfg.host, "port": dcfg.port})
-        serve.run(build_app(str(weights), digest, dcfg, version), name=dcfg.model_name, route_prefix="/")
+        serve.run(build_app(model, dcfg, version), name=dcfg.model_name, route_prefix="/")
         host = "127.0.0.1" if dcfg.host in ("0.0.0.0", "::") else dcfg.host
         url = f"http://{host}:{dcfg.port}"
         _wait_ready(url)
         summary = {"url": url, "model": dcfg.model_name, "version": version, "replicas": dcfg.num_replicas,
-                   "weights": str(weights)}
+                   "runtime": runtime, "weights": str(weights), "onnx": model.onnx}
         outputs.append(write_json(out / "summary.json", summary))
-        outputs.append(_write_serve_config(out / "serve_config.yaml", weights, digest, cfg, version))
+        outputs.append(_write_serve_config(out / "serve_config.yaml", model, cfg, version))
     return summary
+
+
+def serving_runtime(run: Run, dcfg) -> tuple[str, Path | None]:
+    """What the replicas run (deploy.runtime, `auto` resolved) and the ONNX file it needs, if any."""
+    from raydistill.artifacts import ArtifactError
+
+    written = run.manifest().get("stages", {}).get("student", {}).get("outputs", {})
+    files = {"int8": "student/student.int8.onnx", "onnx": "student/student.onnx"}
+    runtime = dcfg.runtime
+    if runtime == "auto":
+        runtime = "int8" if files["int8"] in written and not dcfg.use_gpu else "torch"
+    if runtime == "torch":
+        return runtime, None
+    if files[runtime] not in written:
+        hint = " (student.quantize=false)" if runtime == "int8" else ""
+        raise ArtifactError(f"deploy.runtime={runtime} needs {files[runtime]}, which the student stage "
+                            f"did not write{hint}")
+    return runtime, run.root / files[runtime]
 
 
 def _wait_ready(url: str, timeout_s: float = 120.0) -> None:
@@ -180,7 +200,7 @@ def _wait_ready(url: str, timeout_s: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def _write_serve_config(path: Path, weights: Path, digest: str, cfg: Config, version: str) -> Path:
+def _write_serve_config(path: Path, model: "ServedModel", cfg: Config, version: str) -> Path:
     """A config for `serve deploy` that serves the same student on a running cluster."""
     dcfg = cfg.deploy
     config = {
@@ -189,8 +209,7 @@ def _write_serve_config(path: Path, weights: Path, digest: str, cfg: Config, ver
             "name": dcfg.model_name,
             "route_prefix": "/",
             "import_path": "serve.app:build",
-            "args": {"weights": str(weights), "sha256": digest, "version": version,
-                     "deploy": dcfg.model_dump(mode="json")},
+            "args": {**model._asdict(), "version": version, "deploy": dcfg.model_dump(mode="json")},
         }],
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -11,6 +11,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -125,25 +126,67 @@ def read_api_key(deploy: DeployConfig) -> str | None:
     return key
 
 
-@serve.deployment
-@serve.ingress(api)
-class StudentServer:
-    """One replica: the student classifier, with requests batched across callers."""
+class ServedModel(NamedTuple):
+    """The files a replica loads, each with the sha256 it must still have. With `onnx`, the
+    replicas run that file in ONNX Runtime; `weights` still gives the model's spec."""
 
-    def __init__(self, weights: str, sha256: str | None, deploy: dict, version: str):
+    weights: str
+    sha256: str | None
+    onnx: str | None = None
+    onnx_sha256: str | None = None
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Predictor:
+    """Raw pixels (B, C, H, W) float32 on 0..1 -> class probabilities (B, classes), with the
+    student's ONNX file (fp32 or int8) in ONNX Runtime, or its PyTorch weights. Every file is
+    checked against its sha256 before use."""
+
+    def __init__(self, model: ServedModel, threads: int, use_gpu: bool = False):
         import torch
 
         from raydistill.artifacts import load_weights
         from raydistill.models import Classifier, ModelSpec, load_network
 
+        state, meta = load_weights(Path(model.weights), model.sha256)
+        self.spec = ModelSpec.from_meta(meta)
+        if model.onnx is not None:
+            from raydistill.compress import INPUT_NAME, OUTPUT_NAME, onnx_session
+
+            self.platform, self.onnx_names = "onnxruntime_onnx", (INPUT_NAME, OUTPUT_NAME)
+            self.session = onnx_session(Path(model.onnx), model.onnx_sha256, threads=threads)
+            return
+        self.platform, self.session = "pytorch_torchscript", None
+        torch.set_num_threads(threads)
+        net = load_network(state, meta)  # rebuilds a pruned student's shapes too
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = Classifier(net, self.spec).eval().to(self.device)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        if self.session is not None:
+            name_in, name_out = self.onnx_names
+            return softmax(self.session.run([name_out], {name_in: pixels})[0])
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(pixels).to(self.device))
+            return torch.softmax(logits, dim=-1).float().cpu().numpy()
+
+
+@serve.deployment
+@serve.ingress(api)
+class StudentServer:
+    """One replica: the student classifier, with requests batched across callers."""
+
+    def __init__(self, model: ServedModel, deploy: dict, version: str):
         self.cfg = DeployConfig.model_validate(deploy)
         self.api_key = read_api_key(self.cfg)
-        torch.set_num_threads(max(1, int(self.cfg.replica_cpus)))
-        state, meta = load_weights(Path(weights), sha256)
-        self.spec = ModelSpec.from_meta(meta)
-        net = load_network(state, meta)  # rebuilds a pruned student's shapes too
-        self.device = torch.device("cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = Classifier(net, self.spec).eval().to(self.device)
+        self.predict_probs = Predictor(model, max(1, int(self.cfg.replica_cpus)), self.cfg.use_gpu)
+        self.spec = self.predict_probs.spec
         self.version = version
         self._forward.set_max_batch_size(self.cfg.max_batch_size)
         self._forward.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -151,12 +194,8 @@ class StudentServer:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # both set from config in __init__
     async def _forward(self, requests: list[np.ndarray]) -> list[np.ndarray]:
         """Many requests' (B_i, C, H, W) arrays -> one forward pass -> per-request probabilities."""
-        import torch
-
         sizes = [len(r) for r in requests]
-        with torch.inference_mode():
-            pixels = torch.from_numpy(np.concatenate(requests)).to(self.device)
-            probs = torch.softmax(self.model(pixels), dim=-1).float().cpu().numpy()
+        probs = self.predict_probs(np.concatenate(requests)).astype(np.float32, copy=False)
         return np.split(probs, np.cumsum(sizes)[:-1])
 
     def _authorize(self, request: Request) -> None:
@@ -219,7 +258,7 @@ class StudentServer:
         return {
             "name": self.cfg.model_name,
             "versions": [self.version],
-            "platform": "pytorch_torchscript",
+            "platform": self.predict_probs.platform,
             "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *self.spec.input_shape]}],
             "outputs": [
                 {"name": PROBS_NAME, "datatype": "FP32", "shape": [-1, self.spec.num_classes]},
@@ -306,8 +345,8 @@ class StudentServer:
                 "predictions": top_k(await self._forward(pixels))}
 
 
-def build_app(weights: str, sha256: str | None, deploy: DeployConfig, version: str):
-    """The bound Serve application for a student's weights."""
+def build_app(model: ServedModel, deploy: DeployConfig, version: str):
+    """The bound Serve application for a student's files."""
     options = {
         "name": deploy.model_name,
         "ray_actor_options": {"num_cpus": deploy.replica_cpus, "num_gpus": 1 if deploy.use_gpu else 0},
@@ -318,4 +357,4 @@ def build_app(weights: str, sha256: str | None, deploy: DeployConfig, version: s
         options["autoscaling_config"] = autoscaling
     else:
         options["num_replicas"] = deploy.num_replicas
-    return StudentServer.options(**options).bind(weights, sha256, deploy.model_dump(mode="json"), version)
+    return StudentServer.options(**options).bind(model, deploy.model_dump(mode="json"), version)
