@@ -138,6 +138,9 @@ def test_pipeline_job_writes_every_stage(submitted):
     assert "| teacher |" in (run / "student" / "report.md").read_text()
     assert not list((run / "student").glob("*.measure"))
 
+    deploy = json.loads((run / "deploy" / "summary.json").read_text())
+    assert deploy["runtime"] == "int8" and deploy["onnx"] == str(run / "student" / "student.int8.onnx")
+
 
 def test_stored_student_is_the_pruned_one_and_rebuilds_from_its_file(submitted):
     from raydistill import compress
@@ -200,6 +203,7 @@ def test_stopped_job_left_its_outputs_and_the_resubmitted_one_resumed_the_teache
 def test_deployment_answers_over_http(submitted, digits_parquet):
     _, url, *_ = submitted
     assert requests.get(f"{url}/v2/health/ready", timeout=30).status_code == 200
+    assert requests.get(f"{url}/v2/models/digits", timeout=30).json()["platform"] == "onnxruntime_onnx"  # int8
     from raydistill.config import load_config
     from raydistill.data import load_dataset
 
