@@ -11,7 +11,8 @@ we train and compare
                     digits; plain_cnn_m, 0.3M, on shapes), knowledge distillation from the
                     teacher (online: teacher forward on the same augmented batch; T=4, alpha=0.5),
                     then our compression (lib/raydistill/distill.compress_student: channel
-                    pruning 30% + 1 epoch KD fine-tune, kept only if validation accuracy holds);
+                    pruning 20% + 2 epochs KD fine-tune (the config defaults), kept only if
+                    validation accuracy holds);
   - student no-KD:  the same student, same init, same augmented views and steps, plain
                     cross-entropy (alpha=1: the same loss code with the teacher term off);
   - student int8:   the compressed KD student as static int8 ONNX (ONNX Runtime, CPU).
