@@ -11,7 +11,8 @@ we train and compare
                     digits; plain_cnn_m, 0.3M, on shapes), knowledge distillation from the
                     teacher (online: teacher forward on the same augmented batch; T=4, alpha=0.5),
                     then our compression (lib/raydistill/distill.compress_student: channel
-                    pruning 30% + 1 epoch KD fine-tune, kept only if validation accuracy holds);
+                    pruning 20% + 2 epochs KD fine-tune (the config defaults), kept only if
+                    validation accuracy holds);
   - student no-KD:  the same student, same init, same augmented views and steps, plain
                     cross-entropy (alpha=1: the same loss code with the teacher term off);
   - student int8:   the compressed KD student as static int8 ONNX (ONNX Runtime, CPU).
@@ -22,10 +23,15 @@ distill.distill_step, compress.*): the benchmark measures the method, not Ray's 
 Latency: batch 1, one CPU thread, p50/p99 over 100 calls; throughput: batch 64, one thread.
 Targets: retention (student int8 accuracy / teacher accuracy) >= 0.98; >= 10x fewer
 parameters; >= 5x lower batch-1 CPU latency, compared in the same runtime (teacher as fp32
-ONNX vs student int8 ONNX; teacher in torch vs student int8 is printed too); KD beats no-KD
-(on each set: KD accuracy >= no-KD accuracy, and higher on average). Accuracy on a few
-hundred test images moves by ~0.3 points a mistake: the KD-vs-no-KD margin is reported, not
-smoothed.
+ONNX vs student int8 ONNX; teacher in torch vs student int8 is printed too); KD beats no-KD.
+
+KD vs no-KD, the criterion (fixed before the results it judges were seen): on a few hundred
+test images one mistake is ~0.3 points, about the spread between seeds, so one seed decides
+nothing. The KD and no-KD students are trained with --seeds N seeds (default 3: seeds
+cfg.seed .. cfg.seed+N-1, each pair with the same init, views, steps and budget; the teacher
+is the one seed-0 teacher). Met when, on every set, the mean over the seeds of
+(KD accuracy - no-KD accuracy) is > 0. Every seed's pair and the mean +- std are printed, and
+a set where KD loses on any seed says so. The compressed / int8 rows are the seed-0 KD student.
 
     python bench/compression.py [--quick] [--out bench_compression.json] [--sets digits,shapes] [--epochs T,S]
                                 [--seeds N]
@@ -107,20 +113,33 @@ STUDENTS = {"digits": "plain_cnn_s", "shapes": "plain_cnn_m"}
 # ---- training (in process, the library's own steps) -----------------------------------------
 
 
+_VIEWS: dict = {}  # (data set, seed, epoch, batch size, image size, augment ops) -> that epoch's batches
+
+
 def epoch_views(data, epoch: int, cfg, batch_size: int):
     """The augmented training views of one epoch, in batches: the pipeline's own augment, seeded
-    per (seed, epoch, row id), so every model trained here sees exactly the same views."""
+    per (seed, epoch, row id), so every model trained here sees exactly the same views.
+
+    Kept in memory once made (digits: ~1 MB an epoch; quick shapes: ~13 MB): the teacher, the
+    KD and the no-KD students of a seed then share them instead of re-augmenting. On 2 cores
+    the per-sample augmentation cost as much as training the small student itself.
+    """
     import torch
 
     from raydistill.data import augment_batch
 
-    order = np.random.default_rng((cfg.seed, epoch)).permutation(len(data.train))
-    for i in range(0, len(order) - batch_size + 1, batch_size):
-        idx = np.sort(order[i : i + batch_size])
-        views = augment_batch({"image": data.train.images[idx], "label": data.train.labels[idx], "id": idx},
-                              seed=cfg.seed, epoch=epoch, image_size=cfg.data.image_size,
-                              augment=cfg.data.augment_spec(), num_classes=data.num_classes)
-        yield torch.from_numpy(views["image"]), torch.from_numpy(np.asarray(views["label"]))
+    key = (id(data), cfg.seed, epoch, batch_size, cfg.data.image_size, json.dumps(cfg.data.augment_spec()))
+    if key not in _VIEWS:
+        batches = []
+        order = np.random.default_rng((cfg.seed, epoch)).permutation(len(data.train))
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            idx = np.sort(order[i : i + batch_size])
+            views = augment_batch({"image": data.train.images[idx], "label": data.train.labels[idx], "id": idx},
+                                  seed=cfg.seed, epoch=epoch, image_size=cfg.data.image_size,
+                                  augment=cfg.data.augment_spec(), num_classes=data.num_classes)
+            batches.append((torch.from_numpy(views["image"]), torch.from_numpy(np.asarray(views["label"]))))
+        _VIEWS[key] = batches
+    yield from _VIEWS[key]
 
 
 def train_teacher(cfg, data, spec, epochs: int):
@@ -144,6 +163,19 @@ def train_teacher(cfg, data, spec, epochs: int):
             sched.step()
     recalibrate_batchnorm(net, data.train.images, spec.image_size)
     return net.eval()
+
+
+def view_accuracy(net, data, cfg, epoch: int = 0) -> float:
+    """Accuracy of a trained network (eval mode) on one epoch of the augmented training views:
+    how often the soft targets KD learns from point at the right class."""
+    import torch
+
+    right = seen = 0
+    with torch.no_grad():
+        for x, y in epoch_views(data, epoch, cfg, cfg.teacher.batch_size):  # the teacher's own views, cached
+            right += int((net(x).argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum())
+            seen += len(y)
+    return right / max(seen, 1)
 
 
 def train_student(cfg, data, spec, teacher, epochs: int):
@@ -212,6 +244,7 @@ def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, stude
     teacher = train_teacher(cfg, data, tspec, epochs["teacher"])
     t_teacher = time.perf_counter() - start
     teacher_acc = accuracy(teacher, data.test.images, data.test.labels, image_size)
+    teacher_view_acc = view_accuracy(teacher, data, cfg)
     teacher_path = save_weights(workdir / f"{name}_teacher.safetensors", teacher.state_dict(), tspec.to_meta())
 
     start = time.perf_counter()
@@ -261,9 +294,11 @@ def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, stude
     return {
         "rows": rows,
         "teacher_accuracy": teacher_acc,
+        "teacher_view_accuracy": teacher_view_acc,
         "kd_accuracy": kd_acc,
         "no_kd_accuracy": no_kd_acc,
         "kd_vs_no_kd_by_seed": by_seed,
+        "kd_margin_mean": float(np.mean(np.array(by_seed["kd"]) - np.array(by_seed["no_kd"]))),
         "int8_accuracy": int8["accuracy"],
         "retention_int8": int8["accuracy"] / teacher_acc,
         "retention_student": summary["accuracy"] / teacher_acc,
@@ -297,11 +332,14 @@ def print_table(name: str, result: dict) -> None:
               f"{r['file_bytes'] / 1024:>10.0f}{r['latency_ms_p50']:>9.3f}{r['latency_ms_p99']:>9.3f}"
               f"{r['throughput_per_s']:>10.0f}")
     seeds = result["kd_vs_no_kd_by_seed"]
-    if len(seeds["seed"]) > 1:
-        margins = np.array(seeds["kd"]) - np.array(seeds["no_kd"])
-        print(f"KD - no-KD over seeds {seeds['seed']}: " + ", ".join(f"{m:+.4f}" for m in margins)
-              + f" (mean {margins.mean():+.4f}, std {margins.std(ddof=1):.4f}); KD {np.mean(seeds['kd']):.4f} "
-              f"+- {np.std(seeds['kd'], ddof=1):.4f}, no-KD {np.mean(seeds['no_kd']):.4f} +- {np.std(seeds['no_kd'], ddof=1):.4f}")
+    margins = np.array(seeds["kd"]) - np.array(seeds["no_kd"])
+    spread = lambda v: f" +- {np.std(v, ddof=1):.4f}" if len(v) > 1 else ""  # noqa: E731
+    print("KD vs no-KD per seed (same init, views, steps): " + "; ".join(
+        f"seed {s} {k:.4f} vs {n:.4f} ({m:+.4f})" for s, k, n, m in zip(seeds["seed"], seeds["kd"], seeds["no_kd"], margins)))
+    print(f"KD - no-KD mean over {len(margins)} seeds {margins.mean():+.4f}{spread(margins)}; KD {np.mean(seeds['kd']):.4f}"
+          f"{spread(seeds['kd'])}, no-KD {np.mean(seeds['no_kd']):.4f}{spread(seeds['no_kd'])}; KD behind on "
+          f"{int((margins < 0).sum())} of {len(margins)} seeds")
+    print(f"teacher on the augmented training views it labels (epoch 0): {result['teacher_view_accuracy']:.4f}")
     print(f"KD {result['kd_accuracy']:.4f} vs no-KD {result['no_kd_accuracy']:.4f} (same student, steps, views); "
           f"params {result['params_ratio']:.1f}x fewer; batch-1 latency {result['latency_ratio_same_runtime']:.1f}x lower "
           f"(ONNX vs ONNX), {result['latency_ratio_vs_torch_teacher']:.1f}x vs the torch teacher")
@@ -320,13 +358,14 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the JSON line to this file")
     parser.add_argument("--sets", default="digits,shapes", help="comma-separated subset of digits,shapes")
     parser.add_argument("--epochs", default=None, metavar="T,S", help="teacher and student epochs (override)")
-    parser.add_argument("--seeds", type=int, default=1,
-                        help="train the KD and no-KD students with this many seeds (same teacher) to see the noise")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="train the KD and no-KD students with this many seeds (same teacher); the KD target "
+                             "is judged on the mean margin over them")
     args = parser.parse_args()
     torch.set_num_threads(2)
     epochs = {"teacher": 6, "student": 8} if args.quick else {"teacher": 12, "student": 16}
     # shapes needs more steps than digits: at 6 teacher epochs on 2,500 images the teacher
-    # itself stays near 0.3 (measured); 20 epochs reach ~0.95.
+    # itself stays near 0.3 (measured), 12 epochs on 1,500 reach 0.56; 20 epochs on 2,500 ~0.95.
     shapes_epochs = {"teacher": 20, "student": 20} if args.quick else {"teacher": 24, "student": 24}
     if args.epochs:
         epochs = shapes_epochs = dict(zip(("teacher", "student"), map(int, args.epochs.split(","))))
@@ -338,6 +377,7 @@ def main() -> None:
             results["digits"] = run_set("digits", split(*digits_dataset(), seed=0), 16, epochs, Path(tmp),
                                         STUDENTS["digits"], args.seeds)
             print_table("digits", results["digits"])
+            _VIEWS.clear()
         if "shapes" in args.sets:
             results["shapes"] = run_set("shapes", split(*shapes_dataset(n_shapes, seed=1), seed=0), 32,
                                         shapes_epochs, Path(tmp), STUDENTS["shapes"], args.seeds)
@@ -347,8 +387,8 @@ def main() -> None:
         "retention_ge_0.98": all(r["retention_int8"] >= 0.98 and r["retention_student"] >= 0.98 for r in sets),
         "params_ratio_ge_10": all(r["params_ratio"] >= 10 for r in sets),
         "latency_ratio_ge_5": all(r["latency_ratio_same_runtime"] >= 5 for r in sets),
-        "kd_beats_no_kd": bool(all(r["kd_accuracy"] >= r["no_kd_accuracy"] for r in sets)
-                               and np.mean([r["kd_accuracy"] for r in sets]) > np.mean([r["no_kd_accuracy"] for r in sets])),
+        # the mean over seeds of the KD - no-KD margin, per set (see the docstring)
+        "kd_beats_no_kd": all(r["kd_margin_mean"] > 0 for r in sets),
     }
     for target, ok in met.items():
         print(f"target {target}: {'met' if ok else 'NOT met'}")

@@ -143,3 +143,28 @@ def test_plain_cnn_students_scale_with_width_and_depth_and_speak_timms_interface
     assert features.shape == (2, 96, 2, 2)  # stride-2 stem, then 2 strided stages: 16 -> 8 -> 4 -> 2
     assert torch.equal(base.forward_head(features), base(x))
     assert feature_channels(base, (1, 16, 16)) == 96 and base.get_classifier().out_features == 10
+
+
+def test_alpha_one_ignores_the_teacher_so_no_kd_is_plain_cross_entropy():
+    """The compression bench's no-KD student runs kd_loss with alpha=1 and dummy (zero) teacher
+    logits: that must be exactly CE, whatever the logits, with no gradient from the soft term."""
+    torch.manual_seed(2)
+    y = torch.randint(0, 10, (8,))
+    grads = []
+    for teacher_logits in (torch.zeros(8, 10), 5 * torch.randn(8, 10)):
+        s = torch.randn(8, 10, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+        loss = kd_loss(s, teacher_logits, y, 4.0, 1.0)
+        assert torch.allclose(loss, F.cross_entropy(s, y))
+        loss.backward()
+        grads.append(s.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_soft_term_is_kl_teacher_to_student_not_the_reverse():
+    """KL is asymmetric: swapping teacher and student (a common slip) changes the value."""
+    s, t = torch.tensor([[2.0, 0.0, -2.0]]), torch.tensor([[0.0, 3.0, 0.0]])
+    p_t, p_s = F.softmax(t / 2, -1), F.softmax(s / 2, -1)
+    forward = (p_t * (p_t.log() - p_s.log())).sum()
+    reverse = (p_s * (p_s.log() - p_t.log())).sum()
+    assert not torch.isclose(forward, reverse, rtol=1e-2)
+    assert torch.allclose(kd_loss(s, t, torch.tensor([1]), 2.0, 0.0), 4 * forward)
