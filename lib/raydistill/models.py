@@ -262,19 +262,34 @@ class Classifier(nn.Module):
 
 
 @torch.no_grad()
-def predict_logits(net: nn.Module, images: np.ndarray, image_size: int, batch: int = 256) -> torch.Tensor:
-    """Logits of a network on uint8 (N, C, H, W) images, in eval mode."""
+def device_of(net) -> torch.device:
+    """Where a module's parameters live; CPU for a callable that places its inputs itself."""
+    if isinstance(net, nn.Module):
+        for param in net.parameters():
+            return param.device
+    return torch.device("cpu")
+
+
+def _clean_inputs(images: np.ndarray, image_size: int, device: torch.device, batch: int = 256):
+    """uint8 (N, C, H, W) images -> batches of model inputs on `device`."""
+    for i in range(0, len(images), batch):
+        yield to_model_input(torch.tensor(images[i : i + batch], device=device).float() / 255.0, image_size)
+
+
+@torch.no_grad()
+def predict_logits(net: nn.Module, images: np.ndarray, image_size: int) -> torch.Tensor:
+    """Logits (on the CPU) of a network on uint8 (N, C, H, W) images, in eval mode, on the
+    network's own device (a GPU worker's model stays on its GPU)."""
     net.eval()
-    out = [net(to_model_input(torch.tensor(images[i : i + batch]).float() / 255.0, image_size))
-           for i in range(0, len(images), batch)]
+    out = [net(x).float().cpu() for x in _clean_inputs(images, image_size, device_of(net))]
     return torch.cat(out) if out else torch.empty(0)
 
 
-def accuracy(net: nn.Module, images: np.ndarray, labels: np.ndarray, image_size: int, batch: int = 256) -> float:
+def accuracy(net: nn.Module, images: np.ndarray, labels: np.ndarray, image_size: int) -> float:
     """Top-1 accuracy of a network on uint8 (N, C, H, W) images."""
     if len(labels) == 0:
         return 0.0
-    predicted = predict_logits(net, images, image_size, batch).argmax(1).numpy()
+    predicted = predict_logits(net, images, image_size).argmax(1).numpy()
     return float((predicted == labels).mean())
 
 
@@ -301,8 +316,8 @@ def recalibrate_batchnorm(model: nn.Module, images: np.ndarray, image_size: int,
         m.momentum = None  # cumulative average over all batches
     model.train()
     forward = forward or model
-    for i in range(0, len(images), batch):
-        forward(to_model_input(torch.tensor(images[i : i + batch]).float() / 255.0, image_size))
+    for x in _clean_inputs(images, image_size, device_of(model), batch):
+        forward(x)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.eval()

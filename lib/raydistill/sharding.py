@@ -142,8 +142,10 @@ def gather_counts(value: int) -> list[int]:
     """Every rank's value, in rank order (a collective: all ranks must call it)."""
     if not dist.is_initialized():
         return [value]
-    out = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, torch.tensor([value], dtype=torch.long))
+    # NCCL moves only GPU tensors; gloo only CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    out = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.long, device=device))
     return [int(t.item()) for t in out]
 
 

@@ -1,0 +1,202 @@
+"""Teacher training on one GPU: MFU of our DeepSpeed step against a bare PyTorch loop.
+
+Issue 3's GPU figures: model FLOPs achieved / the GPU's bf16 dense peak (989 TFLOP/s on an
+H100 or H200 SXM), target >= 40%, for the gpu-single preset, beside the same model without
+offload and a bare PyTorch loop. In one run, on the same model, image size and synthetic
+batches already on the GPU (only the training step is measured):
+  bare    plain PyTorch: fp32 weights, bf16 autocast, fused AdamW, gradient clipping;
+  zero0   ours (sharding.wrap + training.teacher_step, what the Ray Train worker runs), ZeRO off, bf16;
+  zero3   ours, ZeRO-3, bf16, nothing offloaded;
+  preset  ours exactly as configs/gpu-single.yaml sets it: ZeRO-3 with parameters and optimizer
+          state offloaded to host memory, activation checkpointing, its micro-batch and
+          accumulation.
+A variant may name another arch after '@' (preset@vit_gigantic_patch14_clip_224) to find the
+largest teacher that trains. Each variant runs in its own process (world size 1, NCCL), so
+one that runs out of memory fails alone; its peak GPU memory and host RSS are reported.
+Model FLOPs per sample are counted once per arch with torch's FlopCounterMode on a forward +
+backward without recomputation (so activation checkpointing's extra forward earns no credit).
+
+    python bench/gpu_teacher.py [--variants bare,zero0,zero3,preset] [--steps 8] [--out gpu_teacher.json]
+On a machine without a GPU it runs the same code on the CPU (gloo, fp32; no MFU): a dry run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PRESET = Path(__file__).resolve().parents[1] / "configs" / "gpu-single.yaml"
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # bf16 dense, SXM
+
+
+def teacher_config(variant: str, arch: str | None, cpu: bool):
+    """The preset's teacher settings, changed as the variant says."""
+    from raydistill.config import load_config
+
+    sets = [f"teacher.arch={arch}"] if arch else []
+    if variant in ("bare", "zero0", "zero3"):
+        sets += ["teacher.offload_optimizer=none", "teacher.offload_param=none",
+                 "teacher.activation_checkpointing=false", "teacher.grad_accum_steps=1",
+                 f"teacher.zero_stage={3 if variant == 'zero3' else 0}"]
+    if cpu:  # dry run: what DeepSpeed allows on a CPU
+        sets += ["teacher.use_gpu=false", "teacher.precision=fp32", "teacher.offload_optimizer=none",
+                 "teacher.offload_param=none", "data.image_size=32", "teacher.batch_size=4",
+                 "teacher.cpus_per_worker=2"]
+    return load_config(PRESET, sets)
+
+
+def flops_per_sample(net, image_size: int, device, dtype) -> float:
+    """Model FLOPs of one training sample (forward + backward), counted by torch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 1, image_size, image_size, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        net(x).float().sum().backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def run_variant(name: str, steps: int, warmup: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from raydistill import sharding
+    from raydistill.models import ModelSpec
+    from raydistill.training import _teacher_network, teacher_step
+
+    variant, _, arch = name.partition("@")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    cfg = teacher_config(variant, arch or None, cpu=not cuda)
+    tcfg = cfg.teacher
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1, device_id=device if cuda else None)
+    dtype = sharding.torch_dtype(tcfg)
+    spec = ModelSpec(tcfg.arch, 10, (1, 8, 8), cfg.data.image_size)
+    with device:  # build on the GPU: initialising 1B parameters on the host takes long
+        net = _teacher_network(cfg.with_values({"teacher.activation_checkpointing": False}), spec)
+    per_sample = flops_per_sample(net, spec.image_size, device, dtype)
+    net.set_grad_checkpointing(tcfg.activation_checkpointing)
+    params = sum(p.numel() for p in net.parameters())
+    micro, accum = tcfg.batch_size, tcfg.grad_accum_steps
+    total = (steps + warmup) * accum
+    gen = torch.Generator(device=device).manual_seed(0)
+    batches = [(torch.randn(micro, 1, spec.image_size, spec.image_size, device=device, generator=gen),
+                torch.randint(0, 10, (micro,), device=device, generator=gen)) for _ in range(4)]
+
+    if variant == "bare":
+        opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=cuda)
+
+        def step(x, y):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = F.cross_entropy(net(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip)
+            opt.step()
+            return loss.item()
+    else:
+        engine = sharding.wrap(net, sharding.deepspeed_config(tcfg, 1, total // accum))
+
+        def step(x, y):
+            return teacher_step(engine, x, y, dtype)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for i in range(warmup * accum):
+        step(*batches[i % len(batches)])
+    sync()
+    start = time.perf_counter()
+    for i in range(steps * accum):
+        loss = step(*batches[i % len(batches)])
+    sync()
+    seconds = time.perf_counter() - start
+    samples_per_s = steps * accum * micro / seconds
+    gpu = torch.cuda.get_device_name(0) if cuda else None
+    peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
+    achieved = per_sample * samples_per_s / 1e12
+    dist.destroy_process_group()
+    return {
+        "variant": name, "arch": tcfg.arch, "params": params, "device": gpu or "cpu",
+        "precision": tcfg.dtype_name, "zero_stage": 0 if variant == "bare" else tcfg.zero_stage,
+        "offload": f"optimizer={tcfg.offload_optimizer} param={tcfg.offload_param}" if variant != "bare" else "none",
+        "activation_checkpointing": tcfg.activation_checkpointing, "micro_batch": micro, "accum": accum,
+        "image_size": spec.image_size, "step_s": seconds / steps, "samples_per_s": samples_per_s,
+        "model_gflops_per_sample": per_sample / 1e9, "achieved_tflops": achieved,
+        "mfu": achieved / peak if peak else None, "last_loss": loss,
+        "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(name: str, args) -> dict:
+    """One variant in a fresh process: a failure (out of memory, say) costs only its row."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    start = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"variant": name, "error": f"timed out after {args.timeout}s"}
+    rows = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not rows:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+        return {"variant": name, "error": f"exit {out.returncode}: " + " | ".join(tail)}
+    return {**json.loads(rows[-1]), "wall_s": time.perf_counter() - start}
+
+
+def _fmt(value, spec: str, width: int) -> str:
+    return ("-" if value is None else format(value, spec)).rjust(width)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="bare,zero0,zero3,preset",
+                        help="comma-separated; VARIANT@ARCH runs it on another timm arch")
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before timing")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per variant")
+    parser.add_argument("--out", help="also write the rows as JSON to this file")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print its row
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_variant(args.one, args.steps, args.warmup)), flush=True)
+        return
+    rows = []
+    for name in args.variants.split(","):
+        row = spawn(name, args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1))
+    print(f"\n{'variant':<34} {'params':>7} {'zero':>4} {'batch':>8} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{'GPU GiB':>8} {'host GiB':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:<34} failed: {r['error'][:200]}")
+            continue
+        print(f"{r['variant']:<34} {r['params'] / 1e9:>6.2f}B {r['zero_stage']:>4} {r['micro_batch']:>4}x{r['accum']:<3} "
+              f"{r['samples_per_s']:>10.1f} {r['achieved_tflops']:>8.1f} {_fmt(r['mfu'], '.1%', 6)} "
+              f"{_fmt(r['gpu_peak_gib'], '.1f', 8)} {r['host_peak_rss_gib']:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
