@@ -29,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 GPU_SETS = ["teacher.use_gpu=true", "teacher.precision=bf16", "student.use_gpu=true", "deploy.use_gpu=true",
             "deploy.runtime=torch", "sweep.trial_workers=1"]
-SETS = ["teacher.num_workers=1", "student.num_workers=1", "sweep.num_trials=2", "deploy.foreground=never"]
+SETS = ["teacher.num_workers=1", "student.num_workers=1", "deploy.foreground=never"]
 
 
 def load(url: str, body: dict, concurrency: int, seconds: float) -> dict:
@@ -85,15 +85,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="load per concurrency level")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds the job may take")
     parser.add_argument("--out", help="also write the results as JSON to this file")
+    parser.add_argument("--trials", type=int, default=2, help="sweep trials (0 skips the sweep)")
     parser.add_argument("--cpu", action="store_true", help="GPU settings off: a dry run without a GPU")
     args = parser.parse_args()
 
+    import torch
+
     from raydistill.localcluster import LocalCluster, free_ports
+
+    if not (args.cpu or torch.cuda.is_available()):
+        print("no GPU here: nothing to measure (--cpu runs the same job with the GPU settings off)")
+        return
 
     root = Path(tempfile.mkdtemp(prefix="rdgpu-", dir="/tmp"))
     storage = root / "runs"
     (port,) = free_ports(1)
-    sets = [*SETS, f"deploy.port={port}", *([] if args.cpu else GPU_SETS)]
+    sets = [*SETS, f"sweep.num_trials={args.trials}", f"deploy.port={port}", *([] if args.cpu else GPU_SETS)]
     job = ["python", "jobs/pipeline.py", "--config", "configs/demo.yaml", "--storage", str(storage), "--name", "gpu"]
     for item in sets:
         job += ["--set", item]
@@ -113,13 +120,15 @@ def main() -> None:
         if status != "SUCCEEDED":
             raise SystemExit(f"the job ended {status} after {result['job']['wall_s']}s (log: {root / 'job.log'})")
         run = storage / "gpu"
-        summaries = {s: json.loads((run / s / "summary.json").read_text()) for s in ("sweep", "teacher", "student", "deploy")}
+        summaries = {s: json.loads((run / s / "summary.json").read_text()) for s in ("teacher", "student", "deploy")}
+        if args.trials:
+            sweep = json.loads((run / "sweep" / "summary.json").read_text())
+            result["sweep"] = {"trials": len(sweep.get("trials", [])), "best": sweep.get("best_metric")}
         teacher, student = summaries["teacher"], summaries["student"]
         result["teacher"] = {k: teacher.get(k) for k in ("arch", "precision", "zero_stage", "world_size", "steps", "accuracy",
                                                            "samples_per_s", "train_time_s", "export_check")}
         result["student"] = {k: student.get(k) for k in ("arch", "accuracy", "retention", "int8_accuracy", "samples_per_s",
                                                            "train_time_s")}
-        result["sweep"] = {"trials": len(summaries["sweep"].get("trials", [])), "best": summaries["sweep"].get("best_metric")}
         deploy = summaries["deploy"]
         result["deploy"] = {k: deploy.get(k) for k in ("url", "runtime", "replicas")}
         base = deploy["url"].rstrip("/")

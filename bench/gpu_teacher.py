@@ -17,7 +17,8 @@ Model FLOPs per sample are counted once per arch with torch's FlopCounterMode on
 backward without recomputation (so activation checkpointing's extra forward earns no credit).
 
     python bench/gpu_teacher.py [--variants bare,zero0,zero3,preset] [--steps 8] [--out gpu_teacher.json]
-On a machine without a GPU it runs the same code on the CPU (gloo, fp32; no MFU): a dry run.
+Without a GPU it measures nothing, unless variants are named: then it runs them on the CPU
+(gloo, fp32, 32x32 images; no MFU), a dry run of the same code.
 """
 
 from __future__ import annotations
@@ -179,6 +180,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_variant(args.one, args.steps, args.warmup)), flush=True)
+        return
+    import torch
+
+    if not torch.cuda.is_available() and args.variants == parser.get_default("variants"):
+        print("no GPU here: nothing to measure (a CPU dry run: --variants bare@resnet10t,zero3@resnet10t)")
         return
     rows = []
     for name in args.variants.split(","):
