@@ -17,8 +17,9 @@ SUMMARIES = {
     "teacher": {"arch": "resnet10t", "params_total": 4927186, "zero_stage": 3, "world_size": 2, "accuracy": 0.9861,
                 "steps": 100, "samples_per_s": 512.3, "restarts": 1, "resumes": 0},
     "student": {"arch": "test_efficientnet", "params_total": 101370, "accuracy": 0.9777, "retention": 0.9915,
-                "params_ratio": 48.6, "latency_ms_p50": {"teacher": 2.11, "student": 0.85}},
-    "deploy": {"url": "http://127.0.0.1:8000", "model": "digits", "version": "1a2b3c4d5e6f", "replicas": 1},
+                "params_ratio": 48.6, "latency_ms_p50": {"teacher": 2.11, "student": 0.85}, "int8_accuracy": 0.9805},
+    "deploy": {"url": "http://127.0.0.1:8000", "model": "digits", "version": "1a2b3c4d5e6f", "replicas": 1,
+               "runtime": "int8"},
 }
 
 
@@ -54,7 +55,8 @@ def test_finished_run_shows_states_times_and_figures(tmp_path, capsys):
     teacher = _row(out, "teacher")
     assert all(s in teacher for s in ("resnet10t 4.93M", "ZeRO-3 x2", "acc 0.9861", "100 steps", "restarts 1"))
     assert "retention 0.992" in _row(out, "student") and "48.6x smaller" in _row(out, "student")
-    assert "http://127.0.0.1:8000" in _row(out, "deploy")
+    assert "int8 acc 0.9805" in _row(out, "student")
+    assert "http://127.0.0.1:8000" in _row(out, "deploy") and "runtime int8" in _row(out, "deploy")
 
 
 def test_running_teacher_shows_elapsed_time_and_latest_checkpoint(tmp_path, capsys):

@@ -88,6 +88,7 @@ def _figures(stage: str, s: dict) -> str:
             parts.append(f"{s.get('arch', '?')} {_params(s['params_total'])}")
         add("acc {:.4f}", "accuracy")
         add("retention {:.3f}", "retention")
+        add("int8 acc {:.4f}", "int8_accuracy")
         add("{:.1f}x smaller", "params_ratio")
         lat = s.get("latency_ms_p50") or {}
         if "student" in lat:
@@ -97,6 +98,7 @@ def _figures(stage: str, s: dict) -> str:
         add("model {}", "model")
         add("version {}", "version")
         add("{} replicas", "replicas")
+        add("runtime {}", "runtime")
     return ", ".join(parts)
 
 
