@@ -261,7 +261,6 @@ class Classifier(nn.Module):
         return self.net(to_model_input(pixels, self.spec.image_size))
 
 
-@torch.no_grad()
 def device_of(net) -> torch.device:
     """Where a module's parameters live; CPU for a callable that places its inputs itself."""
     if isinstance(net, nn.Module):
