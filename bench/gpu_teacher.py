@@ -7,6 +7,9 @@ batches already on the GPU (only the training step is measured):
   bare    plain PyTorch: fp32 weights, bf16 autocast, fused AdamW, gradient clipping;
   zero0   ours (sharding.wrap + training.teacher_step, what the Ray Train worker runs), ZeRO off, bf16;
   zero3   ours, ZeRO-3, bf16, nothing offloaded;
+  autocast  ours without ZeRO, but in DeepSpeed's torch_autocast mode (fp32 weights, bf16
+          autocast compute, as the bare loop) instead of its bf16 mode (bf16 weights): which
+          of the two costs our step its speed on a GPU;
   preset  ours exactly as configs/gpu-single.yaml sets it: ZeRO-3 with parameters and optimizer
           state offloaded to host memory, activation checkpointing, its micro-batch and
           accumulation.
@@ -16,7 +19,7 @@ one that runs out of memory fails alone; its peak GPU memory and host RSS are re
 Model FLOPs per sample are counted once per arch with torch's FlopCounterMode on a forward +
 backward without recomputation (so activation checkpointing's extra forward earns no credit).
 
-    python bench/gpu_teacher.py [--variants bare,zero0,zero3,preset] [--steps 8] [--out gpu_teacher.json]
+    python bench/gpu_teacher.py [--variants bare,zero0,autocast,zero3,preset] [--steps 8] [--out gpu_teacher.json]
 Without a GPU it measures nothing, unless variants are named: then it runs them on the CPU
 (gloo, fp32, 32x32 images; no MFU), a dry run of the same code.
 """
@@ -42,7 +45,7 @@ def teacher_config(variant: str, arch: str | None, cpu: bool):
     from raydistill.config import load_config
 
     sets = [f"teacher.arch={arch}"] if arch else []
-    if variant in ("bare", "zero0", "zero3"):
+    if variant in ("bare", "zero0", "zero3", "autocast"):
         sets += ["teacher.offload_optimizer=none", "teacher.offload_param=none",
                  "teacher.activation_checkpointing=false", "teacher.grad_accum_steps=1",
                  f"teacher.zero_stage={3 if variant == 'zero3' else 0}"]
@@ -106,10 +109,16 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
             opt.step()
             return loss.item()
     else:
-        engine = sharding.wrap(net, sharding.deepspeed_config(tcfg, 1, total // accum))
+        ds_config = sharding.deepspeed_config(tcfg, 1, total // accum)
+        step_dtype = dtype
+        if variant == "autocast":
+            ds_config["bf16"]["enabled"] = False
+            ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+            step_dtype = torch.float32  # fp32 inputs and weights; autocast picks bf16 per op
+        engine = sharding.wrap(net, ds_config)
 
         def step(x, y):
-            return teacher_step(engine, x, y, dtype)
+            return teacher_step(engine, x, y, step_dtype)
 
     def sync():
         if cuda:
@@ -130,7 +139,7 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
     dist.destroy_process_group()
     return {
         "variant": name, "arch": tcfg.arch, "params": params, "device": gpu or "cpu",
-        "precision": tcfg.dtype_name, "zero_stage": 0 if variant == "bare" else tcfg.zero_stage,
+        "precision": f"{tcfg.dtype_name} autocast" if variant in ("bare", "autocast") else tcfg.dtype_name, "zero_stage": 0 if variant == "bare" else tcfg.zero_stage,
         "offload": f"optimizer={tcfg.offload_optimizer} param={tcfg.offload_param}" if variant != "bare" else "none",
         "activation_checkpointing": tcfg.activation_checkpointing, "micro_batch": micro, "accum": accum,
         "image_size": spec.image_size, "step_s": seconds / steps, "samples_per_s": samples_per_s,
