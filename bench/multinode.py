@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,28 +40,24 @@ TARGET = 0.8
 
 def run_layout(name: str, epochs: int, index: int) -> dict:
     head_cpus, workers = LAYOUTS[name]
-    root = Path(tempfile.mkdtemp(prefix="rd-b", dir="/tmp"))  # short: Ray's socket paths are bounded
-    try:
-        started = time.perf_counter()
-        with LocalCluster(root, head_cpus=head_cpus) as cluster:
-            for cpus in workers:
-                cluster.add_node(cpus)
-            nodes = len(cluster.alive_nodes())
-            up_s = time.perf_counter() - started
-            storage = root / "storage"
-            sets = [f"teacher.epochs={epochs}", "teacher.cpus_per_worker=0.75", "data.cpus_per_task=0.25"]
-            job_start = time.perf_counter()
-            cluster.submit(f"bench-{index}", [
-                "python", "jobs/train.py", "--config", "configs/demo.yaml", "--storage", str(storage),
-                "--name", "bench", *[a for s in sets for a in ("--set", s)]], cwd=REPO, wait=True)
-            job_s = time.perf_counter() - job_start
-            summary = json.loads((storage / "bench" / "teacher" / "summary.json").read_text())
-        return {"layout": name, "nodes": nodes, "cluster_up_s": round(up_s, 1), "job_s": round(job_s, 1),
-                "train_time_s": summary["train_time_s"], "samples_per_s": round(summary["samples_per_s"], 1),
-                "steps": summary["steps"], "accuracy": summary["accuracy"],
-                "params_per_rank": summary["params_per_rank"]}
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    started = time.perf_counter()
+    with LocalCluster.temporary(head_cpus=head_cpus) as cluster:
+        for cpus in workers:
+            cluster.add_node(cpus)
+        nodes = len(cluster.alive_nodes())
+        up_s = time.perf_counter() - started
+        storage = cluster.root / "storage"
+        sets = [f"teacher.epochs={epochs}", "teacher.cpus_per_worker=0.75", "data.cpus_per_task=0.25"]
+        job_start = time.perf_counter()
+        cluster.submit(f"bench-{index}", [
+            "python", "jobs/train.py", "--config", "configs/demo.yaml", "--storage", str(storage),
+            "--name", "bench", *[a for s in sets for a in ("--set", s)]], cwd=REPO, wait=True)
+        job_s = time.perf_counter() - job_start
+        summary = json.loads((storage / "bench" / "teacher" / "summary.json").read_text())
+    return {"layout": name, "nodes": nodes, "cluster_up_s": round(up_s, 1), "job_s": round(job_s, 1),
+            "train_time_s": summary["train_time_s"], "samples_per_s": round(summary["samples_per_s"], 1),
+            "steps": summary["steps"], "accuracy": summary["accuracy"],
+            "params_per_rank": summary["params_per_rank"]}
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -73,41 +67,37 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 def run_with_node_loss(epochs: int, index: int) -> dict:
     """2 one-CPU nodes; after 2 checkpoints the worker node's raylet is SIGKILLed, and a new node
     joins once the head has noticed. Times the recovery as a user sees it."""
-    root = Path(tempfile.mkdtemp(prefix="rd-b", dir="/tmp"))
-    try:
-        with LocalCluster(root, head_cpus=1) as cluster:
-            second = cluster.add_node(1)
-            storage = root / "storage"
-            run_dir = storage / "bench"
-            sets = [f"teacher.epochs={epochs}", "teacher.cpus_per_worker=0.75", "data.cpus_per_task=0.25",
-                    "teacher.checkpoint_every_steps=3", "teacher.keep_checkpoints=2"]
-            job_id = f"bench-loss-{index}"
-            job_start = time.perf_counter()
-            cluster.submit(job_id, ["python", "jobs/train.py", "--config", "configs/demo.yaml", "--storage",
-                                    str(storage), "--name", "bench", *[a for s in sets for a in ("--set", s)]], cwd=REPO)
-            while len(_checkpoints(run_dir)) < 2:
-                if time.perf_counter() - job_start > 900:
-                    raise RuntimeError("no checkpoint after 15 minutes")
-                time.sleep(0.5)
-            killed_at = time.perf_counter()
-            second.kill_raylet()
-            cluster.wait_for_nodes(1)
-            noticed_s = time.perf_counter() - killed_at
-            cluster.add_node(1)
-            replaced_s = time.perf_counter() - killed_at
-            while (state := cluster.job_status(job_id)) in ("PENDING", "RUNNING"):
-                time.sleep(2)
-            done_s = time.perf_counter() - killed_at
-            if state != "SUCCEEDED":
-                raise RuntimeError(f"the job {state} after the node loss")
-            summary = json.loads((run_dir / "teacher" / "summary.json").read_text())
-        return {"layout": "2 nodes, one lost mid-run", "job_s": round(time.perf_counter() - job_start, 1),
-                "loss_noticed_s": round(noticed_s, 1), "node_replaced_s": round(replaced_s, 1),
-                "kill_to_end_s": round(done_s, 1), "restarts": summary["restarts"], "steps": summary["steps"],
-                "train_time_s": summary["train_time_s"], "samples_per_s": round(summary["samples_per_s"], 1),
-                "accuracy": summary["accuracy"]}
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with LocalCluster.temporary(head_cpus=1) as cluster:
+        second = cluster.add_node(1)
+        storage = cluster.root / "storage"
+        run_dir = storage / "bench"
+        sets = [f"teacher.epochs={epochs}", "teacher.cpus_per_worker=0.75", "data.cpus_per_task=0.25",
+                "teacher.checkpoint_every_steps=3", "teacher.keep_checkpoints=2"]
+        job_id = f"bench-loss-{index}"
+        job_start = time.perf_counter()
+        cluster.submit(job_id, ["python", "jobs/train.py", "--config", "configs/demo.yaml", "--storage",
+                                str(storage), "--name", "bench", *[a for s in sets for a in ("--set", s)]], cwd=REPO)
+        while len(_checkpoints(run_dir)) < 2:
+            if time.perf_counter() - job_start > 900:
+                raise RuntimeError("no checkpoint after 15 minutes")
+            time.sleep(0.5)
+        killed_at = time.perf_counter()
+        second.kill_raylet()
+        cluster.wait_for_nodes(1)
+        noticed_s = time.perf_counter() - killed_at
+        cluster.add_node(1)
+        replaced_s = time.perf_counter() - killed_at
+        while (state := cluster.job_status(job_id)) in ("PENDING", "RUNNING"):
+            time.sleep(2)
+        done_s = time.perf_counter() - killed_at
+        if state != "SUCCEEDED":
+            raise RuntimeError(f"the job {state} after the node loss")
+        summary = json.loads((run_dir / "teacher" / "summary.json").read_text())
+    return {"layout": "2 nodes, one lost mid-run", "job_s": round(time.perf_counter() - job_start, 1),
+            "loss_noticed_s": round(noticed_s, 1), "node_replaced_s": round(replaced_s, 1),
+            "kill_to_end_s": round(done_s, 1), "restarts": summary["restarts"], "steps": summary["steps"],
+            "train_time_s": summary["train_time_s"], "samples_per_s": round(summary["samples_per_s"], 1),
+            "accuracy": summary["accuracy"]}
 
 
 def main() -> None:

@@ -8,9 +8,7 @@ head it started.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,13 +48,8 @@ def _hashes(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def head():
     """A real Ray head of 2 CPUs, token auth on (raydistill.localcluster)."""
-    root = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))  # short: Ray's socket paths are bounded
-    cluster = LocalCluster(root, head_cpus=2)
-    try:
+    with LocalCluster.temporary(head_cpus=2) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

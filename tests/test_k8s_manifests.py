@@ -6,7 +6,6 @@ auth, no exposed head, the shared storage claim mounted everywhere, the pinned i
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import jsonschema
 import pytest

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,13 +43,8 @@ def _where_workers_run(cluster: LocalCluster) -> dict[str, int]:
 
 @pytest.fixture
 def cluster():
-    root = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))  # short: Ray's socket paths are bounded
-    c = LocalCluster(root, head_cpus=1)
-    try:
+    with LocalCluster.temporary(head_cpus=1) as c:
         yield c
-    finally:
-        c.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_teacher_spans_two_nodes_and_survives_losing_one(cluster, tmp_path):

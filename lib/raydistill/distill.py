@@ -20,7 +20,7 @@ from torch import nn
 
 from raydistill.config import Config, StudentConfig
 from raydistill.kd import HintProjection, features_and_logits, feature_channels, kd_loss  # noqa: F401 (re-export)
-from raydistill.training import EpochLog, StepPlan, set_threads
+from raydistill.training import EpochLog, StepPlan, worker_start
 
 STUDENT_FILE, ONNX_FILE, INT8_FILE = "student.safetensors", "student.onnx", "student.int8.onnx"
 MEASURE_FILE = "before_pruning.safetensors.measure"  # transient: only its size is reported
@@ -91,15 +91,8 @@ def student_worker(loop_config: dict) -> None:
     from raydistill.models import ModelSpec, accuracy, build_network, recalibrate_batchnorm
     from raydistill.soft_targets import LOGITS_COLUMN
 
-    cfg = Config.model_validate(loop_config["cfg"])
+    cfg, spec, plan, (val_images, val_labels), train_images, rank, world, device = worker_start(loop_config, "student")
     scfg = cfg.student
-    spec = ModelSpec(**loop_config["spec"])
-    plan = StepPlan(**loop_config["plan"])
-    (val_images, val_labels), train_images = ray.get(loop_config["eval"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    set_threads(scfg.cpus_per_worker)
-    device = ray.train.torch.get_device()
     online = scfg.teacher_mode == "online"
     view_shape = (spec.input_shape[0], spec.image_size, spec.image_size)
 

@@ -9,14 +9,17 @@ node is stopped through its own process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -270,6 +273,19 @@ class LocalCluster:
         """Worker nodes first, then the head: each through its own process, never `ray stop`."""
         for node in reversed(self.nodes):
             node.stop()
+
+    @classmethod
+    @contextlib.contextmanager
+    def temporary(cls, head_cpus: float = 2, extra_env: dict | None = None):
+        """A cluster under a new folder in /tmp (short: Ray's socket paths are bounded to ~107
+        characters), stopped and its folder removed on exit; `cluster.root` holds anything
+        else that should go with it."""
+        root = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))
+        try:
+            with cls(root, head_cpus, extra_env) as cluster:
+                yield cluster
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
 
     def __enter__(self) -> "LocalCluster":
         return self

@@ -12,11 +12,15 @@ import os
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from raydistill.artifacts import Run, read_json, write_json
 from raydistill.config import Config, dump_yaml
+
+if TYPE_CHECKING:  # serving imports Ray Serve: only the deploy stage pays for it
+    from raydistill.serving import ServedModel
 
 PIPELINE = ("sweep", "teacher", "student", "deploy")
 
@@ -200,7 +204,7 @@ def _wait_ready(url: str, timeout_s: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def _write_serve_config(path: Path, model: "ServedModel", cfg: Config, version: str) -> Path:
+def _write_serve_config(path: Path, model: ServedModel, cfg: Config, version: str) -> Path:
     """A config for `serve deploy` that serves the same student on a running cluster."""
     dcfg = cfg.deploy
     config = {

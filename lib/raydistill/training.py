@@ -12,6 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -202,6 +203,33 @@ def set_threads(cpus: float) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class WorkerStart(NamedTuple):
+    cfg: Config
+    spec: object  # models.ModelSpec
+    plan: StepPlan
+    val: tuple  # (images, labels)
+    train_images: object  # for precise BN
+    rank: int
+    world: int
+    device: torch.device
+
+
+def worker_start(loop_config: dict, stage: str) -> WorkerStart:
+    """What every worker of train_on_ray starts from (its torch threads set for its CPUs)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from raydistill.models import ModelSpec
+
+    cfg = Config.model_validate(loop_config["cfg"])
+    val, train_images = ray.get(loop_config["eval"])
+    ctx = ray.train.get_context()
+    set_threads(getattr(cfg, stage).cpus_per_worker)
+    return WorkerStart(cfg, ModelSpec(**loop_config["spec"]), StepPlan(**loop_config["plan"]), val, train_images,
+                       ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+
 def _trainer(loop, loop_config: dict, stage_cfg, datasets: dict, run_config):
     """A TorchTrainer (Train V2): gloo on CPU, NCCL on GPU."""
     from ray.train import ScalingConfig
@@ -381,23 +409,14 @@ def teacher_step(engine, x, y, dtype) -> float:
 def teacher_worker(loop_config: dict) -> None:
     """One Ray Train worker: ZeRO engine, streamed batches, per-epoch val accuracy, sharded
     checkpoints every N steps, and a consolidated export at the end."""
-    import ray
     import ray.train
-    import ray.train.torch
 
     from raydistill import sharding
     from raydistill.artifacts import save_weights
-    from raydistill.models import ModelSpec, recalibrate_batchnorm
+    from raydistill.models import recalibrate_batchnorm
 
-    cfg = Config.model_validate(loop_config["cfg"])
+    cfg, spec, plan, (val_images, val_labels), train_images, rank, world, device = worker_start(loop_config, "teacher")
     tcfg = cfg.teacher
-    spec = ModelSpec(**loop_config["spec"])
-    plan = StepPlan(**loop_config["plan"])
-    (val_images, val_labels), train_images = ray.get(loop_config["eval"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    set_threads(tcfg.cpus_per_worker)
-    device = ray.train.torch.get_device()
     dtype = sharding.torch_dtype(tcfg)
 
     engine = sharding.wrap(_teacher_network(cfg, spec), sharding.deepspeed_config(tcfg, world, plan.total_steps))
