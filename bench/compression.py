@@ -6,10 +6,13 @@ In one run, on each of two held-out test sets:
              triangle, plus, cross, bars, hollow square) at random position, size and colour
              on a random background with heavy pixel noise, 3x32x32;
 we train and compare
-  - teacher:        timm resnet10t (4.9M params), cross-entropy;
+  - teacher:        cross-entropy; timm resnet10t (4.9M params) on digits, plain_cnn_l (4.7M,
+                    models.SMALL_ARCHS: a plain CNN sized as a teacher) on shapes, where
+                    resnet10t's ImageNet stem leaves too little of a 32x32 image (see TEACHERS);
   - student KD:     a plain shallow CNN (models.SMALL_ARCHS: plain_cnn_s, 59K params, on
                     digits; plain_cnn_m, 0.3M, on shapes), knowledge distillation from the
-                    teacher (online: teacher forward on the same augmented batch; T=4, alpha=0.5),
+                    teacher (online: teacher forward on the same augmented batch; T and alpha
+                    the config's, T=4, alpha=0.5, unless --temperature / --alpha say otherwise),
                     then our compression (lib/raydistill/distill.compress_student: channel
                     pruning 20% + 2 epochs KD fine-tune (the config defaults), kept only if
                     validation accuracy holds);
@@ -34,7 +37,10 @@ is the one seed-0 teacher). Met when, on every set, the mean over the seeds of
 a set where KD loses on any seed says so. The compressed / int8 rows are the seed-0 KD student.
 
     python bench/compression.py [--quick] [--out bench_compression.json] [--sets digits,shapes] [--epochs T,S]
-                                [--seeds N]
+                                [--seeds N] [--temperature T] [--alpha A]
+
+--quick: digits 6 teacher / 8 student epochs; shapes 2,500 images, 40 teacher / 20 student
+epochs (~20-25 min for shapes on 2 shared cores).
 """
 
 from __future__ import annotations
