@@ -40,7 +40,8 @@ a set where KD loses on any seed says so. The compressed / int8 rows are the see
                                 [--seeds N] [--temperature T] [--alpha A]
 
 --quick: digits 6 teacher / 8 student epochs; shapes 2,500 images, 40 teacher / 20 student
-epochs (~20-25 min for shapes on 2 shared cores).
+epochs (shapes took 42 min, the teacher 34 of them, on 2 cores shared with another job's
+Ray workers, load 4-7; over the ~25 min aim: at lower load expect less).
 """
 
 from __future__ import annotations
