@@ -6,10 +6,13 @@ In one run, on each of two held-out test sets:
              triangle, plus, cross, bars, hollow square) at random position, size and colour
              on a random background with heavy pixel noise, 3x32x32;
 we train and compare
-  - teacher:        timm resnet10t (4.9M params), cross-entropy;
+  - teacher:        cross-entropy; timm resnet10t (4.9M params) on digits, plain_cnn_l (4.7M,
+                    models.SMALL_ARCHS: a plain CNN sized as a teacher) on shapes, where
+                    resnet10t's ImageNet stem leaves too little of a 32x32 image (see TEACHERS);
   - student KD:     a plain shallow CNN (models.SMALL_ARCHS: plain_cnn_s, 59K params, on
                     digits; plain_cnn_m, 0.3M, on shapes), knowledge distillation from the
-                    teacher (online: teacher forward on the same augmented batch; T=4, alpha=0.5),
+                    teacher (online: teacher forward on the same augmented batch; T and alpha
+                    the config's, T=4, alpha=0.5, unless --temperature / --alpha say otherwise),
                     then our compression (lib/raydistill/distill.compress_student: channel
                     pruning 20% + 2 epochs KD fine-tune (the config defaults), kept only if
                     validation accuracy holds);
@@ -34,7 +37,11 @@ is the one seed-0 teacher). Met when, on every set, the mean over the seeds of
 a set where KD loses on any seed says so. The compressed / int8 rows are the seed-0 KD student.
 
     python bench/compression.py [--quick] [--out bench_compression.json] [--sets digits,shapes] [--epochs T,S]
-                                [--seeds N]
+                                [--seeds N] [--temperature T] [--alpha A]
+
+--quick: digits 6 teacher / 8 student epochs; shapes 2,500 images, 40 teacher / 20 student
+epochs (shapes took 42 min, the teacher 34 of them, on 2 cores shared with another job's
+Ray workers, load 4-7; over the ~25 min aim: at lower load expect less).
 """
 
 from __future__ import annotations
@@ -108,6 +115,14 @@ def split(images, labels, seed: int, test_fraction: float = 0.2, val_fraction: f
 # The student per set: the smallest plain CNN that keeps the teacher's accuracy there. Digits
 # (16x16, 1 channel) needs little; shapes (32x32, 3 channels, noisy) needs more width and depth.
 STUDENTS = {"digits": "plain_cnn_s", "shapes": "plain_cnn_m"}
+# The teacher per set, with its peak LR. On shapes (32x32) timm's resnet10t takes the image to
+# 8x8 before its first stage and to 1x1 in its last (most of its 4.9M parameters are 3x3 convs
+# on a 1x1 map): at 20 epochs it reached 0.930 against the 0.3M student's 0.958 (no KD, mean of 3
+# seeds). plain_cnn_l (4.7M) keeps 16x16 in its first stage; LR and epochs from one-seed probes
+# (20 epochs: 0.962 at LR 3e-3, 0.948 at 6e-3; 40 epochs at 3e-3: 0.988; README has the
+# table). One training step (batch 64, 2 threads, load ~6) took 0.4 s against resnet10t's 2.4 s
+# here, which pays for its longer schedule.
+TEACHERS = {"digits": ("resnet10t", None), "shapes": ("plain_cnn_l", 3e-3)}  # (arch, lr; None: config default)
 
 
 # ---- training (in process, the library's own steps) -----------------------------------------
@@ -228,7 +243,8 @@ def interleaved_latency(runners: dict, input_shape: tuple, rounds: int = 7, runs
 
 
 def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, student_arch: str,
-            seeds: int = 1) -> dict:
+            seeds: int = 1, teacher_choice: tuple = ("resnet10t", None), kd: tuple = (None, None)) -> dict:
+    """teacher_choice: (timm or SMALL_ARCHS name, peak LR or None); kd: (T, alpha), None: the config's."""
     import torch
 
     from raydistill import compress, report
@@ -237,8 +253,13 @@ def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, stude
     from raydistill.distill import compress_student
     from raydistill.models import Classifier, ModelSpec, accuracy, count_params
 
-    cfg = load_config(None, [f"data.image_size={image_size}", "student.lr=0.006", f"student.arch={student_arch}"])
-    tspec = ModelSpec("resnet10t", data.num_classes, data.input_shape, image_size)
+    teacher_arch, teacher_lr = teacher_choice
+    overrides = [f"data.image_size={image_size}", "student.lr=0.006", f"student.arch={student_arch}",
+                 f"teacher.arch={teacher_arch}"]
+    overrides += [f"teacher.lr={teacher_lr}"] if teacher_lr else []
+    overrides += [f"student.{k}={v}" for k, v in zip(("temperature", "alpha"), kd) if v is not None]
+    cfg = load_config(None, overrides)
+    tspec = ModelSpec(cfg.teacher.arch, data.num_classes, data.input_shape, image_size)
     sspec = ModelSpec(cfg.student.arch, data.num_classes, data.input_shape, image_size)
     start = time.perf_counter()
     teacher = train_teacher(cfg, data, tspec, epochs["teacher"])
@@ -310,6 +331,9 @@ def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, stude
         "latency_ratio_rounds": {k: [round(r, 2) for r in v] for k, v in ratio_rounds.items()},
         "latency_ratio_vs_torch_teacher": rows["teacher"]["latency_ms_p50"] / int8["latency_ms_p50"],
         "pruning": summary["pruning"]["status"],
+        "teacher_arch": cfg.teacher.arch, "teacher_lr": cfg.teacher.lr, "student_arch": cfg.student.arch,
+        "student_lr": cfg.student.lr, "temperature": cfg.student.temperature, "alpha": cfg.student.alpha,
+        "epochs": epochs,
         "test_images": len(data.test),
         "train_s": {"teacher": round(t_teacher, 1), "student_kd": round(t_kd, 1), "student_no_kd": round(t_no_kd, 1)},
     }
@@ -358,29 +382,36 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the JSON line to this file")
     parser.add_argument("--sets", default="digits,shapes", help="comma-separated subset of digits,shapes")
     parser.add_argument("--epochs", default=None, metavar="T,S", help="teacher and student epochs (override)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="KD temperature T for both sets (default: the config's student.temperature)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="KD hard-label weight alpha for both sets (default: the config's student.alpha)")
     parser.add_argument("--seeds", type=int, default=3,
                         help="train the KD and no-KD students with this many seeds (same teacher); the KD target "
                              "is judged on the mean margin over them")
     args = parser.parse_args()
     torch.set_num_threads(2)
     epochs = {"teacher": 6, "student": 8} if args.quick else {"teacher": 12, "student": 16}
-    # shapes needs more steps than digits: at 6 teacher epochs on 2,500 images the teacher
-    # itself stays near 0.3 (measured), 12 epochs on 1,500 reach 0.56; 20 epochs on 2,500 ~0.95.
-    shapes_epochs = {"teacher": 20, "student": 20} if args.quick else {"teacher": 24, "student": 24}
+    # shapes needs more steps than digits: at 6 teacher epochs on 2,500 images resnet10t stays
+    # near 0.3 (measured), 12 epochs on 1,500 reach 0.56, 20 on 2,500 0.93. The shapes teacher
+    # (plain_cnn_l) gets twice the student's epochs: both nets sit near chance for the first
+    # 5-10 epochs here, and the teacher must be clearly ahead of the student it teaches.
+    shapes_epochs = {"teacher": 40, "student": 20} if args.quick else {"teacher": 48, "student": 24}
     if args.epochs:
         epochs = shapes_epochs = dict(zip(("teacher", "student"), map(int, args.epochs.split(","))))
     n_shapes = 2500 if args.quick else 6000
+    kd = (args.temperature, args.alpha)
     results = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if "digits" in args.sets:
             results["digits"] = run_set("digits", split(*digits_dataset(), seed=0), 16, epochs, Path(tmp),
-                                        STUDENTS["digits"], args.seeds)
+                                        STUDENTS["digits"], args.seeds, TEACHERS["digits"], kd)
             print_table("digits", results["digits"])
             _VIEWS.clear()
         if "shapes" in args.sets:
             results["shapes"] = run_set("shapes", split(*shapes_dataset(n_shapes, seed=1), seed=0), 32,
-                                        shapes_epochs, Path(tmp), STUDENTS["shapes"], args.seeds)
+                                        shapes_epochs, Path(tmp), STUDENTS["shapes"], args.seeds, TEACHERS["shapes"], kd)
             print_table("shapes (synthetic, 3x32x32, noisy, shifted)", results["shapes"])
     sets = list(results.values())
     met = {
@@ -400,6 +431,8 @@ def main() -> None:
         "targets": met,
         "quick": args.quick,
         "epochs": epochs,
+        "shapes_epochs": shapes_epochs,
+        "temperature": args.temperature, "alpha": args.alpha,  # None: the config's default
         "wall_s": round(time.perf_counter() - start, 1),
         **{name: {k: v for k, v in r.items() if k != "rows"} | {"forms": r["rows"]} for name, r in results.items()},
     }

@@ -85,12 +85,15 @@ class PlainCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# Small named students (not timm): arch -> (stage channels, conv blocks per stage); width and
-# depth scale both, so they sweep like timm's multipliers.
+# Small named plain convnets (not timm): arch -> (stage channels, conv blocks per stage); width
+# and depth scale both, so they sweep like timm's multipliers. xs-m are students; plain_cnn_l
+# (4.7M params) is a teacher for small inputs (32x32): its stem halves the map once, where
+# timm's ImageNet ResNets take 32x32 down to 8x8 before their first stage and 1x1 by the last.
 SMALL_ARCHS: dict[str, tuple[tuple[int, ...], int]] = {
     "plain_cnn_xs": ((16, 32, 64), 1),
     "plain_cnn_s": ((24, 48, 96), 1),
     "plain_cnn_m": ((32, 64, 128), 2),
+    "plain_cnn_l": ((64, 128, 256, 512), 2),
 }
 
 
