@@ -5,11 +5,11 @@ H100 or H200 SXM), target >= 40%, for the gpu-single preset, beside the same mod
 offload and a bare PyTorch loop. In one run, on the same model, image size and synthetic
 batches already on the GPU (only the training step is measured):
   bare    plain PyTorch: fp32 weights, bf16 autocast, fused AdamW, gradient clipping;
-  zero0   ours (sharding.wrap + training.teacher_step, what the Ray Train worker runs), ZeRO off, bf16;
-  zero3   ours, ZeRO-3, bf16, nothing offloaded;
-  autocast  ours without ZeRO, but in DeepSpeed's torch_autocast mode (fp32 weights, bf16
-          autocast compute, as the bare loop) instead of its bf16 mode (bf16 weights): which
-          of the two costs our step its speed on a GPU;
+  zero0   ours (sharding.wrap + training.teacher_step, what the Ray Train worker runs), ZeRO off,
+          bf16 in DeepSpeed's torch_autocast mode (fp32 weights, bf16 autocast compute);
+  zero3   ours, ZeRO-3, bf16 autocast, nothing offloaded;
+  bf16mode  zero0 in DeepSpeed's bf16 mode instead (bf16 weights, fp32 master copy): what we
+          used before torch_autocast; kept for the side-by-side (fails on BatchNorm nets);
   preset  ours exactly as configs/gpu-single.yaml sets it: ZeRO-3 with parameters and optimizer
           state offloaded to host memory, activation checkpointing, its micro-batch and
           accumulation.
@@ -19,7 +19,7 @@ one that runs out of memory fails alone; its peak GPU memory and host RSS are re
 Model FLOPs per sample are counted once per arch with torch's FlopCounterMode on a forward +
 backward without recomputation (so activation checkpointing's extra forward earns no credit).
 
-    python bench/gpu_teacher.py [--variants bare,zero0,autocast,zero3,preset] [--steps 8] [--out gpu_teacher.json]
+    python bench/gpu_teacher.py [--variants bare,zero0,bf16mode,zero3,preset] [--steps 8] [--out gpu_teacher.json]
 Without a GPU it measures nothing, unless variants are named: then it runs them on the CPU
 (gloo, fp32, 32x32 images; no MFU), a dry run of the same code.
 """
@@ -45,7 +45,7 @@ def teacher_config(variant: str, arch: str | None, cpu: bool):
     from raydistill.config import load_config
 
     sets = [f"teacher.arch={arch}"] if arch else []
-    if variant in ("bare", "zero0", "zero3", "autocast"):
+    if variant in ("bare", "zero0", "zero3", "bf16mode"):
         sets += ["teacher.offload_optimizer=none", "teacher.offload_param=none",
                  "teacher.activation_checkpointing=false", "teacher.grad_accum_steps=1",
                  f"teacher.zero_stage={3 if variant == 'zero3' else 0}"]
@@ -84,7 +84,7 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
     cfg = teacher_config(variant, arch or None, cpu=not cuda)
     tcfg = cfg.teacher
     dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1, device_id=device if cuda else None)
-    dtype = sharding.torch_dtype(tcfg)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[tcfg.dtype_name]
     spec = ModelSpec(tcfg.arch, 10, (1, 8, 8), cfg.data.image_size)
     with device:  # build on the GPU: initialising 1B parameters on the host takes long
         net = _teacher_network(cfg.with_values({"teacher.activation_checkpointing": False}), spec)
@@ -110,15 +110,15 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
             return loss.item()
     else:
         ds_config = sharding.deepspeed_config(tcfg, 1, total // accum)
-        step_dtype = dtype
-        if variant == "autocast":
-            ds_config["bf16"]["enabled"] = False
-            ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-            step_dtype = torch.float32  # fp32 inputs and weights; autocast picks bf16 per op
+        in_dtype = torch.float32  # fp32 inputs and weights; autocast picks bf16 per op
+        if variant == "bf16mode":
+            ds_config["torch_autocast"]["enabled"] = False
+            ds_config["bf16"] = {"enabled": True}
+            in_dtype = torch.bfloat16
         engine = sharding.wrap(net, ds_config)
 
         def step(x, y):
-            return teacher_step(engine, x, y, step_dtype)
+            return teacher_step(engine, x.to(in_dtype), y)
 
     def sync():
         if cuda:
@@ -139,7 +139,7 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
     dist.destroy_process_group()
     return {
         "variant": name, "arch": tcfg.arch, "params": params, "device": gpu or "cpu",
-        "precision": f"{tcfg.dtype_name} autocast" if variant in ("bare", "autocast") else tcfg.dtype_name, "zero_stage": 0 if variant == "bare" else tcfg.zero_stage,
+        "precision": "bf16 weights" if variant == "bf16mode" else tcfg.dtype_name + (" autocast" if cuda else ""), "zero_stage": 0 if variant == "bare" else tcfg.zero_stage,
         "offload": f"optimizer={tcfg.offload_optimizer} param={tcfg.offload_param}" if variant != "bare" else "none",
         "activation_checkpointing": tcfg.activation_checkpointing, "micro_batch": micro, "accum": accum,
         "image_size": spec.image_size, "step_s": seconds / steps, "samples_per_s": samples_per_s,

@@ -93,7 +93,7 @@ def ours_worker(config: dict) -> None:
     total = config["steps"] + config["warmup"]
     engine = sharding.wrap(net, sharding.deepspeed_config(tcfg, world, total))
     batches = _batches(total, config["batch"], config["image_size"], seed=rank)
-    secs = _timed(lambda x, y: teacher_step(engine, x, y, torch.float32), batches, config["warmup"])
+    secs = _timed(lambda x, y: teacher_step(engine, x, y), batches, config["warmup"])
     samples = config["steps"] * config["batch"] * world
     secs = max(sharding.gather_counts(int(secs * 1e6))) / 1e6  # the slowest rank sets the pace
     metrics = {"samples_per_s": samples / secs,

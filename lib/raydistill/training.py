@@ -394,13 +394,13 @@ def _report(metrics: dict, engine=None, step: int = 0, counters: dict | None = N
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
 
 
-def teacher_step(engine, x, y, dtype) -> float:
+def teacher_step(engine, x, y) -> float:
     """One micro-step of the teacher; DeepSpeed steps the optimizer at accumulation boundaries.
     y: class ids (B,) or soft labels (B, classes) from mixup / cutmix."""
     import torch.nn.functional as F
 
     engine.train()
-    loss = F.cross_entropy(engine(x.to(dtype)).float(), y)
+    loss = F.cross_entropy(engine(x).float(), y)  # fp32 in: the engine autocasts 16-bit runs
     engine.backward(loss)
     engine.step()
     return loss.item()
@@ -417,8 +417,6 @@ def teacher_worker(loop_config: dict) -> None:
 
     cfg, spec, plan, (val_images, val_labels), train_images, rank, world, device = worker_start(loop_config, "teacher")
     tcfg = cfg.teacher
-    dtype = sharding.torch_dtype(tcfg)
-
     engine = sharding.wrap(_teacher_network(cfg, spec), sharding.deepspeed_config(tcfg, world, plan.total_steps))
     per_rank = sharding.gather_counts(sharding.local_param_count(engine))
     counters = {"fit_id": loop_config["fit_id"]}
@@ -429,7 +427,7 @@ def teacher_worker(loop_config: dict) -> None:
     start_step = _restore(engine, log, counters, attempt, rank, world)
     log.start_step = start_step
     every = tcfg.checkpoint_every_steps
-    adapter = _EvalAdapter(engine, dtype, device)
+    adapter = _EvalAdapter(engine, device)
 
     shard = ray.train.get_dataset_shard("train")
     loss_sum, seen, shown = 0.0, 0, {}
@@ -437,7 +435,7 @@ def teacher_worker(loop_config: dict) -> None:
     micro_steps = stream_batches(shard, tcfg.batch_size, plan.total_steps * plan.accum, device,
                                  skip=start_step * plan.accum, prefetch_batches=cfg.data.prefetch_batches, wait=wait)
     for micro, x, y in micro_steps:
-        loss_sum, seen = loss_sum + wait.timed(teacher_step, engine, x, y, dtype), seen + 1
+        loss_sum, seen = loss_sum + wait.timed(teacher_step, engine, x, y), seen + 1
         if micro % plan.accum:
             continue
         step = micro // plan.accum
@@ -481,14 +479,14 @@ def teacher_worker(loop_config: dict) -> None:
 class _EvalAdapter:
     """Lets models.accuracy call a DeepSpeed engine like a plain module."""
 
-    def __init__(self, engine, dtype, device):
-        self.engine, self.dtype, self.device = engine, dtype, device
+    def __init__(self, engine, device):
+        self.engine, self.device = engine, device
 
     def eval(self):
         self.engine.eval()
 
     def __call__(self, x):
-        return self.engine(x.to(self.device, self.dtype)).float().cpu()
+        return self.engine(x.to(self.device)).float().cpu()
 
 
 def teacher_spec(cfg: Config, data):
