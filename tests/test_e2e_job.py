@@ -131,8 +131,12 @@ def test_pipeline_job_writes_every_stage(submitted):
     assert "| teacher |" in (run / "student" / "report.md").read_text()
     assert not list((run / "student").glob("*.measure"))
 
+    # deploy.runtime=auto: int8 if it held its validation accuracy, else the fp32 ONNX.
+    held = student["int8_val_accuracy"] >= student["val_accuracy"] - load_config(REPO / "configs" / "demo.yaml").deploy.int8_max_drop
+    expected = ("int8", "student.int8.onnx") if held else ("onnx", "student.onnx")
     deploy = json.loads((run / "deploy" / "summary.json").read_text())
-    assert deploy["runtime"] == "int8" and deploy["onnx"] == str(run / "student" / "student.int8.onnx")
+    assert (deploy["runtime"], deploy["onnx"]) == (expected[0], str(run / "student" / expected[1]))
+    assert deploy["runtime_reason"].startswith("auto: int8 val accuracy")
 
 
 def test_stored_student_is_the_pruned_one_and_rebuilds_from_its_file(submitted):
@@ -196,7 +200,7 @@ def test_stopped_job_left_its_outputs_and_the_resubmitted_one_resumed_the_teache
 def test_deployment_answers_over_http(submitted, digits_parquet):
     _, url, *_ = submitted
     assert requests.get(f"{url}/v2/health/ready", timeout=30).status_code == 200
-    assert requests.get(f"{url}/v2/models/digits", timeout=30).json()["platform"] == "onnxruntime_onnx"  # int8
+    assert requests.get(f"{url}/v2/models/digits", timeout=30).json()["platform"] == "onnxruntime_onnx"  # int8 or fp32 ONNX
     from raydistill.config import load_config
     from raydistill.data import load_dataset
 

@@ -187,24 +187,34 @@ def test_deploy_config_refuses_inconsistent_settings():
     assert DeployConfig().autoscaling_config() is None
 
 
-def test_deploy_runtime_serves_int8_when_the_student_stage_wrote_it(tmp_path):
+def test_deploy_runtime_auto_serves_int8_only_when_it_holds_its_accuracy(tmp_path):
     from pydantic import ValidationError
 
     from raydistill.artifacts import ArtifactError, Run, write_json
     from raydistill.pipeline import serving_runtime
 
-    def run_with(name, *files):
+    def run_with(name, files, **summary):
         run = Run(tmp_path, name)
         with run.stage("student", "h") as outputs:
             outputs.extend(write_json(run.dir("student") / f, {}) for f in files)
+            outputs.append(write_json(run.dir("student") / "summary.json", summary))
         return run
 
-    quantized = run_with("q", "student.safetensors", "student.onnx", "student.int8.onnx")
-    assert serving_runtime(quantized, DeployConfig()) == ("int8", quantized.root / "student" / "student.int8.onnx")
-    assert serving_runtime(quantized, DeployConfig(runtime="onnx")) == ("onnx", quantized.root / "student" / "student.onnx")
-    assert serving_runtime(quantized, DeployConfig(use_gpu=True)) == ("torch", None)
-    plain = run_with("p", "student.safetensors", "student.onnx")  # student.quantize=false
-    assert serving_runtime(plain, DeployConfig()) == ("torch", None)
+    both = ("student.safetensors", "student.onnx", "student.int8.onnx")
+    held = run_with("held", both, val_accuracy=0.97, int8_val_accuracy=0.962)  # 0.008 below: within 0.01
+    runtime, path, why = serving_runtime(held, DeployConfig())
+    assert (runtime, path) == ("int8", held.root / "student" / "student.int8.onnx") and "within" in why
+    lost = run_with("lost", both, val_accuracy=0.97, int8_val_accuracy=0.955)  # 0.015 below
+    runtime, path, why = serving_runtime(lost, DeployConfig())
+    assert (runtime, path) == ("onnx", lost.root / "student" / "student.onnx") and "more than deploy.int8_max_drop" in why
+    assert serving_runtime(lost, DeployConfig(int8_max_drop=0.02))[0] == "int8"
+    assert serving_runtime(lost, DeployConfig(runtime="int8"))[:2] == ("int8", lost.root / "student" / "student.int8.onnx")
+    assert serving_runtime(held, DeployConfig(use_gpu=True))[:2] == ("torch", None)
+    assert serving_runtime(held, DeployConfig(runtime="torch"))[:2] == ("torch", None)
+    older = run_with("older", both)  # a student summary from before the validation figures
+    assert serving_runtime(older, DeployConfig())[0] == "onnx"
+    plain = run_with("plain", ("student.safetensors", "student.onnx"), val_accuracy=0.97)  # student.quantize=false
+    assert serving_runtime(plain, DeployConfig())[0] == "onnx"
     with pytest.raises(ArtifactError, match=r"deploy.runtime=int8 needs student/student.int8.onnx.*quantize=false"):
         serving_runtime(plain, DeployConfig(runtime="int8"))
     with pytest.raises(ValidationError, match="runs on CPU"):

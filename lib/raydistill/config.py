@@ -446,8 +446,13 @@ class DeployConfig(_Section):
     runtime: Literal["auto", "int8", "onnx", "torch"] = Field(
         "auto",
         description="what replicas run: int8, the student's static int8 ONNX (ONNX Runtime, CPU); onnx, its "
-        "fp32 ONNX; torch, the PyTorch student (the one for GPUs); auto: int8 on CPU when the student stage "
-        "wrote it (student.quantize), else torch",
+        "fp32 ONNX; torch, the PyTorch student (the one for GPUs); auto: on CPU int8 when the student stage "
+        "wrote it (student.quantize) and it holds deploy.int8_max_drop on validation, else onnx; torch on GPU",
+    )
+    int8_max_drop: float = Field(
+        0.01, ge=0, le=1,
+        description="runtime auto serves int8 only if its validation accuracy is at most this much below the "
+        "fp32 student's",
     )
     max_batch_size: int = Field(32, ge=1, description="@serve.batch: most requests per forward pass")
     batch_wait_timeout_s: float = Field(

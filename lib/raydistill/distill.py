@@ -236,6 +236,8 @@ def compress_student(cfg: Config, data, student: nn.Module, spec, teacher: nn.Mo
         forms["student int8 (ONNX)"] = (report.onnx_runner(compress.onnx_session(int8_path)),
                                         compress.onnx_accuracy(int8_path, test.images, test.labels),
                                         count_params(final), int8_path)
+        # Validation figures let deploy.runtime=auto choose int8 without looking at the test split.
+        int8_val = compress.onnx_accuracy(int8_path, val.images, val.labels)
     rows = {}
     with report.one_thread():
         for name, (fn, acc, params, path) in forms.items():
@@ -265,6 +267,8 @@ def compress_student(cfg: Config, data, student: nn.Module, spec, teacher: nn.Mo
         "pruning": pruning,
         "onnx": onnx_check,
         "int8_accuracy": rows["student int8 (ONNX)"]["accuracy"] if scfg.quantize else None,
+        "val_accuracy": pruning["val_accuracy_after"] if final is not student else distilled["val_accuracy"],
+        "int8_val_accuracy": int8_val if scfg.quantize else None,
         "forms": rows,
         "compress_time_s": round(time.perf_counter() - start, 2),
     }
