@@ -37,7 +37,7 @@ is the one seed-0 teacher). Met when, on every set, the mean over the seeds of
 a set where KD loses on any seed says so. The compressed / int8 rows are the seed-0 KD student.
 
     python bench/compression.py [--quick] [--out bench_compression.json] [--sets digits,shapes] [--epochs T,S]
-                                [--seeds N] [--temperature T] [--alpha A]
+                                [--seeds N] [--temperature T] [--alpha A] [--shapes-student ARCH[@WIDTH]]
 
 --quick: digits 6 teacher / 8 student epochs; shapes 2,500 images, 40 teacher / 40 student
 epochs (shapes: 20 min on 2 idle cores, 3 seeds; the teacher 7 min, each KD student 3 min).
@@ -256,12 +256,13 @@ def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, stude
     from raydistill.distill import compress_student
     from raydistill.models import Classifier, ModelSpec, accuracy, count_params
 
-    overrides = [f"data.image_size={image_size}", "student.lr=0.006", f"student.arch={student_arch}"]
+    arch, _, width = student_arch.partition("@")  # ARCH or ARCH@WIDTH
+    overrides = [f"data.image_size={image_size}", "student.lr=0.006", f"student.arch={arch}", f"student.width={width or 1}"]
     overrides += [f"{k}={v}" for k, v in (teacher_overrides or {"teacher.arch": "resnet10t"}).items()]
     overrides += [f"student.{k}={v}" for k, v in zip(("temperature", "alpha"), kd) if v is not None]
     cfg = load_config(None, overrides)
     tspec = ModelSpec(cfg.teacher.arch, data.num_classes, data.input_shape, image_size)
-    sspec = ModelSpec(cfg.student.arch, data.num_classes, data.input_shape, image_size)
+    sspec = ModelSpec(cfg.student.arch, data.num_classes, data.input_shape, image_size, width=cfg.student.width)
     start = time.perf_counter()
     teacher = train_teacher(cfg, data, tspec, epochs["teacher"])
     t_teacher = time.perf_counter() - start
@@ -332,7 +333,7 @@ def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, stude
         "latency_ratio_rounds": {k: [round(r, 2) for r in v] for k, v in ratio_rounds.items()},
         "latency_ratio_vs_torch_teacher": rows["teacher"]["latency_ms_p50"] / int8["latency_ms_p50"],
         "pruning": summary["pruning"]["status"],
-        "teacher_arch": cfg.teacher.arch, "teacher_lr": cfg.teacher.lr, "teacher_weight_decay": cfg.teacher.weight_decay, "student_arch": cfg.student.arch,
+        "teacher_arch": cfg.teacher.arch, "teacher_lr": cfg.teacher.lr, "teacher_weight_decay": cfg.teacher.weight_decay, "student_arch": cfg.student.arch, "student_width": cfg.student.width,
         "student_lr": cfg.student.lr, "temperature": cfg.student.temperature, "alpha": cfg.student.alpha,
         "epochs": epochs,
         "test_images": len(data.test),
@@ -387,6 +388,9 @@ def main() -> None:
                         help="KD temperature T for both sets (default: the config's student.temperature)")
     parser.add_argument("--alpha", type=float, default=None,
                         help="KD hard-label weight alpha for both sets (default: the config's student.alpha)")
+    parser.add_argument("--shapes-student", default=STUDENTS["shapes"], metavar="ARCH[@WIDTH]",
+                        help=f"the shapes student (default {STUDENTS['shapes']}); e.g. plain_cnn_s@1.5 for a "
+                             "smaller one, which falls further behind the teacher")
     parser.add_argument("--seeds", type=int, default=3,
                         help="train the KD and no-KD students with this many seeds (same teacher); the KD target "
                              "is judged on the mean margin over them")
@@ -414,7 +418,7 @@ def main() -> None:
             _VIEWS.clear()
         if "shapes" in args.sets:
             results["shapes"] = run_set("shapes", split(*shapes_dataset(n_shapes, seed=1), seed=0), 32,
-                                        shapes_epochs, Path(tmp), STUDENTS["shapes"], args.seeds, TEACHERS["shapes"], kd)
+                                        shapes_epochs, Path(tmp), args.shapes_student, args.seeds, TEACHERS["shapes"], kd)
             print_table("shapes (synthetic, 3x32x32, noisy, shifted)", results["shapes"])
     sets = list(results.values())
     met = {
