@@ -64,8 +64,9 @@ def deepspeed_config(tcfg: TeacherConfig, world_size: int, total_steps: int) -> 
         # 16-bit runs use DeepSpeed's torch_autocast mode: fp32 weights, each op in bf16/fp16
         # where torch.autocast deems it safe, ZeRO's gathers and reductions of conv/linear
         # weights in the 16-bit type (fp16 adds a gradient scaler). Its bf16 mode (16-bit
-        # weights) leaves BatchNorm's running stats in fp32 and fails on the first step of any
-        # BN network; it was also 0.59x as fast on a 1B ViT (bench/gpu_teacher.py, H200).
+        # weights) left BatchNorm's running stats in fp32 under ZeRO-3 and failed on the first
+        # step of any BN network (stages 0-2 not checked); without ZeRO it was also 0.59x as
+        # fast on a 1B ViT (bench/gpu_teacher.py, H200).
         "torch_autocast": {"enabled": dtype != "fp32", "dtype": "float16" if dtype == "fp16" else "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
