@@ -11,7 +11,7 @@ ARGS ?=
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --no-cache-dir -c constraints.txt -e '.[dev]'
 	touch $@
 
 setup: $(STAMP)  ## create .venv with every dependency pinned
