@@ -15,8 +15,15 @@ continuous and keeps ranking models once accuracy saturates. (--data shapes trai
 bench/compression.py generates, at 3x16x16; at this budget test_efficientnet does not learn it,
 every trial stays near chance, so it is not the default.) The 5-dimensional space is wide, as a
 real first sweep's is: lr over 4.5 decades, weight decay over 5, batch size, warmup, rotation.
-Equal budget: the same number of trials, each allowed the same maximum epochs, run 2 at a time
-(--concurrent) in both. Repeated over --seeds seeds (searcher, splits and init).
+Equal budget (--budget):
+  - trial-epochs (default): equal compute. Random search + FIFO runs --trials trials of --epochs
+    epochs, which spends trials x epochs trial-epochs; TPE + ASHA gets the same number of
+    trial-epochs (sweep.trial_epoch_budget) and starts trials until it has spent them, so the
+    epochs ASHA saves by stopping trials early go to more trials, as in the Hyperband and ASHA
+    papers' comparisons at equal resources. Its random startup stays at trials // 6.
+  - trials: the same number of trials, each allowed the same maximum epochs (this benchmark's
+    earlier definition; ASHA's savings are then left unspent).
+Both run 2 trials at a time (--concurrent). Repeated over --seeds seeds (searcher, splits and init).
 
 Definitions (identical for both methods, from the same progress curve, raydistill.sweep.progress_curve):
   - a trial-epoch is one epoch of one trial: the unit of compute;
@@ -29,7 +36,8 @@ Target: TPE + ASHA reaches T in every seed, and the sum over seeds of its trial-
 T is at most 1/3 of random search's sum. Per-seed ratios and their median are printed too, and,
 as a second view of the same curves, each method's best at the trial-epochs TPE + ASHA spent.
 
-    python bench/hpo_efficiency.py [--quick] [--seeds 3] [--trials 24] [--epochs 4] [--data shapes|digits]
+    python bench/hpo_efficiency.py [--quick] [--seeds 3] [--trials 24] [--epochs 4] [--budget trial-epochs|trials]
+                                   [--data shapes|digits]
 Writes OUT/hpo_efficiency.json and OUT/hpo_efficiency.png (best-so-far curves of both).
 """
 
@@ -87,12 +95,18 @@ def load_data(name: str, seed: int, n: int, work: Path):
 
 
 def one_sweep(seed: int, searcher: str, scheduler: str, args, data, out: Path) -> dict:
-    from raydistill.config import load_config
+    from raydistill.config import SweepConfig, load_config
     from raydistill.sweep import run_sweep
 
+    trials = [f"sweep.num_trials={args.trials}"]
+    if args.budget == "trial-epochs" and scheduler != "fifo":
+        # As many trials as the budget affords (each runs at least one epoch); startup as at --trials.
+        budget = args.trials * args.epochs
+        trials = [f"sweep.num_trials={budget}", f"sweep.trial_epoch_budget={budget}",
+                  f"sweep.startup_trials={SweepConfig(num_trials=args.trials).resolved_startup_trials}"]
     cfg = load_config(REPO / "configs" / "demo.yaml", [
         f"seed={seed}", f"teacher.arch={args.arch}", f"sweep.searcher={searcher}", f"sweep.scheduler={scheduler}",
-        f"sweep.num_trials={args.trials}", f"sweep.epochs={args.epochs}", f"sweep.metric={args.metric}",
+        *trials, f"sweep.epochs={args.epochs}", f"sweep.metric={args.metric}",
         f"sweep.max_concurrent_trials={args.concurrent}", "sweep.mlflow=false", f"sweep.space={json.dumps(SPACE)}",
         *( [f"sweep.reduction_factor={args.reduction_factor}"] if args.reduction_factor else []),
     ])
@@ -110,6 +124,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=24, help="trials per sweep (both methods)")
     parser.add_argument("--epochs", type=int, default=4, help="max epochs per trial (both methods)")
+    parser.add_argument("--budget", choices=("trial-epochs", "trials"), default="trial-epochs",
+                        help="what both methods get equal of: trial-epochs (trials x epochs; TPE + ASHA spends "
+                             "ASHA's savings on more trials) or trials (the same --trials each)")
     parser.add_argument("--data", choices=("digits", "shapes"), default="digits",
                         help="shapes: bench/compression.py's set; test_efficientnet does not learn it in a few epochs")
     parser.add_argument("--shapes", type=int, default=2000, help="rows of the generated shapes set")
@@ -161,7 +178,8 @@ def main() -> None:
         ray.shutdown()
 
     print(f"\n{args.arch} on {args.data} ({settings['train_rows']} train / {settings['val_rows']} val rows); "
-          f"{args.trials} trials x up to {args.epochs} epochs per sweep, {args.concurrent} at once, {args.seeds} seeds; "
+          f"{args.trials} trials x up to {args.epochs} epochs per sweep, equal {args.budget}, {args.concurrent} at once, "
+          f"{args.seeds} seeds; "
           f"metric {args.metric} ({mode}); TPE startup {settings['startup_trials']} trials, ASHA reduction factor "
           f"{settings['reduction_factor']}\n")
     print(f"{'seed':>4}  {'method':14} {'best':>7} {'trial-epochs':>13} {'to reach random best':>21} "
@@ -187,17 +205,18 @@ def main() -> None:
           + f"; median {median:.2f}")
 
     plot = plot_progress(curves, out / "hpo_efficiency.png", args.metric,
-                         f"TPE + ASHA vs random + FIFO on {args.data}, {args.trials} trials x {args.epochs} epochs")
+                         f"TPE + ASHA vs random + FIFO on {args.data}, equal {args.budget} "
+                         f"({args.trials} x {args.epochs})")
     result = {
         "bench": "hpo_efficiency",
         "target": "TPE + ASHA reaches random search's final best in every seed with <= 1/3 of the trial-epochs "
-                  "random search needed (summed over seeds), at an equal budget of trials and epochs",
+                  f"random search needed (summed over seeds), at an equal budget of {args.budget}",
         "met": bool(ratio is not None and ratio <= 1 / 3),
         "ratio": None if ratio is None else round(ratio, 3),
         "per_seed_ratio": [None if r is None else round(r, 3) for r in per_seed],
         "median_ratio": None if median == float("inf") else round(median, 3),
         "data": args.data, "metric": args.metric, "mode": mode, "arch": args.arch, "trials": args.trials,
-        "epochs": args.epochs, "seeds": args.seeds, "concurrent": args.concurrent, **settings,
+        "epochs": args.epochs, "budget": args.budget, "seeds": args.seeds, "concurrent": args.concurrent, **settings,
         "mean_best": {m: round(sum(r["best"] for r in rows if r["method"] == m) / args.seeds, 4) for m in METHODS},
         "trial_epochs_total": {m: sum(r["trial_epochs"] for r in rows if r["method"] == m) for m in METHODS},
         "rows": rows,

@@ -153,6 +153,27 @@ def test_progress_curve_orders_reports_by_arrival_and_keeps_the_best_so_far():
     assert progress_curve([a, b], "min") == [[1, 0.5], [2, 0.5], [3, 0.5], [4, 0.5]]
 
 
+def test_trial_epoch_budget_counts_every_trials_epochs_and_survives_a_restore(tmp_path):
+    import pickle
+
+    from raydistill.sweep import TrialEpochBudget
+
+    ledger = tmp_path / "trial_epochs.json"
+    stop = TrialEpochBudget(5, ledger)
+    for trial, epoch in [("a", 1), ("b", 1), ("a", 2)]:
+        assert stop(trial, {"epoch": epoch, "val_loss": 1.0}) is False
+    assert (stop.spent(), stop.stop_all()) == (3, False)
+    # What Tune pickled when the sweep started, restored by --resume: it counts on from the ledger.
+    restored = pickle.loads(pickle.dumps(TrialEpochBudget(5, ledger)))
+    restored("b", {"epoch": 2})
+    assert (restored.spent(), restored.stop_all()) == (4, False)
+    restored("c", {"epoch": 1})
+    assert restored.stop_all()
+    assert load_config(DEMO, ["sweep.trial_epoch_budget=96"]).sweep.trial_epoch_budget == 96
+    with pytest.raises(ConfigError, match="sweep.trial_epoch_budget"):
+        load_config(DEMO, ["sweep.trial_epoch_budget=0"])
+
+
 # ---- real sweeps -----------------------------------------------------------------------------
 
 
@@ -214,6 +235,19 @@ def test_sweep_with_a_yaml_space_writes_summary_best_yaml_plot_and_mlflow(tmp_pa
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 4
     assert all({"val_accuracy", "val_loss", "loss"} <= set(r.data.metrics) and "teacher.lr" in r.data.params for r in runs)
+
+
+def test_trial_epoch_budget_ends_the_sweep_when_the_trials_have_spent_it(tmp_path, local_ray):
+    space = {"teacher.lr": {"loguniform": [3e-4, 1e-2]}}
+    cfg = load_config(_space(tmp_path, space, num_trials=8, epochs=2, scheduler="fifo", searcher="random",
+                             trial_epoch_budget=5, mlflow=False))
+    pipeline.run_stages(cfg, str(tmp_path), "b", ("sweep",))
+    summary = json.loads((tmp_path / "b" / "sweep" / "summary.json").read_text())
+    # FIFO runs every trial 2 epochs: without the budget, 8 trials and 16 trial-epochs. The
+    # concurrent trial may report once more while the stop is carried out.
+    assert 5 <= summary["trial_epochs"] <= 6, summary["trials"]
+    assert len(summary["trials"]) <= 4
+    assert summary["trial_epoch_budget"] == 5
 
 
 def test_trials_as_ray_train_runs_report_each_epoch_to_the_scheduler(tmp_path, local_ray):

@@ -241,6 +241,12 @@ class SweepConfig(_Section):
     time_budget_s: float | None = Field(
         None, gt=0, description="stop starting and running trials after this many seconds (None: no limit)"
     )
+    trial_epoch_budget: int | None = Field(
+        None, ge=1,
+        description="stop the sweep once its trials have run this many epochs in total (None: no "
+        "limit). An equal-compute budget: the epochs ASHA/HyperBand save by stopping trials early "
+        "go to further trials, up to num_trials",
+    )
     space: dict[str, Dist] = Field(
         default_factory=_default_space,
         description="dotted config key -> {uniform|loguniform|int|choice: ...} (see raydistill.space)",

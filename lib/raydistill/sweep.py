@@ -20,6 +20,7 @@ keep their results and are not run again.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ray.tune.stopper import Stopper
 
 from raydistill.config import Config, ConfigError, SweepConfig
 
@@ -181,6 +183,35 @@ def _scheduler(scfg: SweepConfig):
     return FIFOScheduler()
 
 
+class TrialEpochBudget(Stopper):
+    """A Tune stopper: ends the sweep once all its trials together have reported `budget`
+    epochs. The count lives in a JSON ledger beside the experiment, so a sweep continued with
+    --resume goes on counting from where the killed driver stopped."""
+
+    def __init__(self, budget: int, ledger: Path):
+        self.budget, self.ledger, self.epochs = budget, ledger, None
+
+    def __getstate__(self) -> dict:  # Tune pickles its stoppers: re-read the ledger after a restore
+        return {**self.__dict__, "epochs": None}
+
+    def _load(self) -> dict:
+        if self.epochs is None:
+            self.epochs = json.loads(self.ledger.read_text()) if self.ledger.exists() else {}
+        return self.epochs
+
+    def spent(self) -> int:
+        return sum(self._load().values())
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        epochs = self._load()
+        epochs[trial_id] = max(epochs.get(trial_id, 0), int(result.get(TIME_ATTR) or 0))
+        self.ledger.write_text(json.dumps(epochs))
+        return False  # no single trial is stopped here; the schedulers decide that
+
+    def stop_all(self) -> bool:
+        return self.spent() >= self.budget
+
+
 def trial_cpus(cfg: Config) -> float:
     """CPUs one running trial occupies: its workers, plus a Ray Data task for Ray Train trials."""
     if cfg.sweep.trial_workers == 0:
@@ -292,6 +323,9 @@ def _tuner(cfg: Config, data, out_dir: Path, resume: bool, run_name: str):
     resources = ray.cluster_resources()
     concurrent = max_concurrent(cfg, resources.get("CPU", 1), resources.get("GPU", 0))
     callbacks = _callbacks(cfg, out_dir, run_name)
+    ledger = storage / "trial_epochs.json"
+    ledger.unlink(missing_ok=True)  # a fresh sweep; a resumed one keeps counting (restored above)
+    stop = TrialEpochBudget(scfg.trial_epoch_budget, ledger) if scfg.trial_epoch_budget else None
     tuner = tune.Tuner(
         trainable,
         param_space=space,
@@ -300,9 +334,11 @@ def _tuner(cfg: Config, data, out_dir: Path, resume: bool, run_name: str):
             scheduler=_scheduler(scfg), num_samples=scfg.num_trials, max_concurrent_trials=concurrent,
             time_budget_s=scfg.time_budget_s, reuse_actors=scfg.trial_workers == 0,
         ),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(storage), verbose=1, callbacks=callbacks),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(storage), verbose=1, callbacks=callbacks,
+                                  stop=stop),
     )
-    log(f"sweep: {scfg.num_trials} trials, {scfg.searcher} + {scfg.scheduler}, "
+    budget = f" or {scfg.trial_epoch_budget} trial-epochs, whichever comes first" if stop else ""
+    log(f"sweep: {scfg.num_trials} trials{budget}, {scfg.searcher} + {scfg.scheduler}, "
         f"{'in-process' if scfg.trial_workers == 0 else f'Ray Train on {scfg.trial_workers} worker(s)'} "
         f"trials, up to {concurrent} at once")
     return tuner, False
@@ -409,6 +445,7 @@ def summarize(grid, cfg: Config, resumed: bool) -> dict:
         "trial_epochs": sum(t["epochs"] for t in trials),
         "curve": progress_curve(histories, mode),
         "time_budget_s": scfg.time_budget_s,
+        "trial_epoch_budget": scfg.trial_epoch_budget,
         "resumed": resumed,
     }
 
