@@ -6,9 +6,10 @@ In one run, on each of two held-out test sets:
              triangle, plus, cross, bars, hollow square) at random position, size and colour
              on a random background with heavy pixel noise, 3x32x32;
 we train and compare
-  - teacher:        cross-entropy; timm resnet10t (4.9M params) on digits, plain_cnn_l (4.7M,
-                    models.SMALL_ARCHS: a plain CNN sized as a teacher) on shapes, where
-                    resnet10t's ImageNet stem leaves too little of a 32x32 image (see TEACHERS);
+  - teacher:        cross-entropy; plain_cnn_l (4.7M params, models.SMALL_ARCHS: a plain CNN
+                    sized as a teacher) on both sets, one recipe; timm's resnet10t, the demo's
+                    teacher, was the bench's before, but its ImageNet stem leaves too little of
+                    a 16x16 or 32x32 image (see TEACHERS);
   - student KD:     a plain shallow CNN (models.SMALL_ARCHS: plain_cnn_s, 59K params, on
                     digits; plain_cnn_s at width 1.5, 131K, on shapes), knowledge distillation from the
                     teacher (online: teacher forward on the same augmented batch; T and alpha
@@ -126,10 +127,13 @@ STUDENTS = {"digits": "plain_cnn_s", "shapes": "plain_cnn_s@1.5"}
 # 0.3M student reaches alone in 40 epochs (0.986-0.990), so KD taught the student the
 # teacher's mistakes; LR 1e-3 reached 0.982, and with weight decay 0.05 (it overfits 1,750
 # images: 0.997 on its training views) 0.986.
-TEACHERS = {
-    "digits": {"teacher.arch": "resnet10t"},
-    "shapes": {"teacher.arch": "plain_cnn_l", "teacher.lr": 1e-3, "teacher.weight_decay": 0.05},
-}
+# On digits (16x16) resnet10t's first stage sees 4x4 and its last 1x1, the same flaw; at the
+# full budget its student alone matched it (0.9916 on test), so KD had nothing to teach (-0.0037
+# over 3 seeds). Digits now uses the shapes recipe as is, chosen blind to the test split: 2
+# teacher seeds each, on validation (179 images), resnet10t NLL 0.0331 / 0.0536, accuracy
+# 0.9832 / 0.9832; plain_cnn_l NLL 0.0362 / 0.0332, accuracy 0.9888 / 0.9832 (README: the probe).
+TEACHER = {"teacher.arch": "plain_cnn_l", "teacher.lr": 1e-3, "teacher.weight_decay": 0.05}
+TEACHERS = {"digits": TEACHER, "shapes": TEACHER}
 
 
 # ---- training (in process, the library's own steps) -----------------------------------------
@@ -251,7 +255,7 @@ def interleaved_latency(runners: dict, input_shape: tuple, rounds: int = 7, runs
 
 def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, student_arch: str,
             seeds: int = 1, teacher_overrides: dict | None = None, kd: tuple = (None, None)) -> dict:
-    """teacher_overrides: config overrides (teacher.arch, ...; default resnet10t); kd: (T, alpha), None: the config's."""
+    """teacher_overrides: config overrides (teacher.arch, ...; default TEACHER); kd: (T, alpha), None: the config's."""
     import torch
 
     from raydistill import compress, report
@@ -262,7 +266,7 @@ def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, stude
 
     arch, _, width = student_arch.partition("@")  # ARCH or ARCH@WIDTH
     overrides = [f"data.image_size={image_size}", "student.lr=0.006", f"student.arch={arch}", f"student.width={width or 1}"]
-    overrides += [f"{k}={v}" for k, v in (teacher_overrides or {"teacher.arch": "resnet10t"}).items()]
+    overrides += [f"{k}={v}" for k, v in (teacher_overrides or TEACHER).items()]
     overrides += [f"student.{k}={v}" for k, v in zip(("temperature", "alpha"), kd) if v is not None]
     cfg = load_config(None, overrides)
     tspec = ModelSpec(cfg.teacher.arch, data.num_classes, data.input_shape, image_size)
