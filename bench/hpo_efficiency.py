@@ -111,6 +111,7 @@ def expected_reach_iid(histories: list, target: float, mode: str, concurrent: in
     and it keeps the one it ran in)."""
     import numpy as np
 
+    histories = [h for h in histories if h]  # a trial that failed before its first report cost nothing
     rng = np.random.default_rng(0)
     reached = [replay_reach(histories, rng.permutation(len(histories)).tolist(), target, mode, concurrent)
                for _ in range(orders)]
