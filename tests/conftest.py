@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+# Every test starts its own Ray (`address="local"`, or a LocalCluster head of its own), so the
+# suite passes while another Ray head runs on the machine. A RAY_ADDRESS left in the shell
+# (for `ray job submit` to a cluster) would make the pipeline's own connect_ray join that one.
+os.environ.pop("RAY_ADDRESS", None)
 
 
 def registered_checkpoint(run_dir: Path) -> bool:

@@ -44,7 +44,7 @@ def url(tmp_path_factory):
     path, onnx = _student_files(tmp_path_factory.mktemp("w"))
     int8 = ServedModel(str(path), sha256(path), str(onnx), sha256(onnx))  # as deploy.runtime=int8 serves it
     deploy = DeployConfig(port=free_port(), model_name="digits", replica_cpus=0.5, max_request_images=8)
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": deploy.port})
         serve.run(build_app(int8, deploy, "v1"), name="digits", route_prefix="/")

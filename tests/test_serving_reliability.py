@@ -32,7 +32,7 @@ def cluster(tmp_path_factory):
         path = save_weights(root / f"v{seed}.safetensors", build_network(spec).state_dict(), spec.to_meta())
         weights.append((str(path), sha256(path)))
     deploy = DeployConfig(port=free_port(), replica_cpus=0.5)
-    ray.init(num_cpus=2)  # with the dashboard: the state API finds replica processes
+    ray.init(address="local", num_cpus=2)  # with the dashboard: the state API finds replica processes
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": deploy.port})
         yield deploy, weights, f"http://127.0.0.1:{deploy.port}"

@@ -88,3 +88,27 @@ def test_failed_stage_shows_its_error(tmp_path, capsys):
 def test_unknown_run_is_an_error(tmp_path, capsys):
     code, _, err = _status(tmp_path, "nope", capsys)
     assert code == 1 and "no run 'nope'" in err
+
+
+def test_status_json_holds_each_stage_record_and_summary(tmp_path, capsys):
+    run = Run(tmp_path, "demo")
+    run.start({"seed": 0}, "cafe0123456789ab")
+    for stage in ("data", "sweep", "teacher"):
+        _finish(run, stage)
+    with pytest.raises(RuntimeError), run.stage("student", "hash-student"):
+        raise RuntimeError("worker died")
+    assert main(["status", "--json", "--storage", str(tmp_path), "demo"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["config_hash"] == "cafe0123456789ab" and status["root"] == str(run.root)
+    stages = status["stages"]
+    assert list(stages) == ["data", "sweep", "teacher", "student", "deploy"]
+    assert stages["teacher"]["status"] == "done" and stages["teacher"]["summary"] == SUMMARIES["teacher"]
+    assert stages["teacher"]["outputs"] == {"teacher/summary.json": run.output_hash("teacher", "teacher/summary.json")}
+    assert stages["student"]["status"] == "failed" and "worker died" in stages["student"]["error"]
+    assert stages["student"]["summary"] is None
+    assert stages["deploy"] == {"status": "pending", "summary": None}
+
+
+def test_status_json_of_a_missing_run_is_an_error(tmp_path, capsys):
+    assert main(["status", "--json", "--storage", str(tmp_path), "nope"]) == 1
+    assert "no run 'nope'" in capsys.readouterr().err

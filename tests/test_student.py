@@ -28,7 +28,7 @@ QUICK = ["student.epochs=1", "student.num_workers=1", "student.cpus_per_worker=1
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -33,6 +33,7 @@ EPILOG = """examples:
   raydistill train --config runs/demo/sweep/best.yaml --name demo
   raydistill query --url http://127.0.0.1:8000 digit.png more_digits/
   raydistill status demo
+  raydistill status --json demo | jq .stages.teacher.summary.accuracy
   raydistill data preview --config configs/demo.yaml --out grid.png
 
 On a cluster: RAY_ADDRESS=... (or `ray job submit ... -- python jobs/pipeline.py ...`)."""
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raydistill", description="Labelled images -> small, fast model served over HTTP, on Ray.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from raydistill import __version__
+
+    parser.add_argument("--version", action="version", version=f"raydistill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in STAGE_COMMANDS:
         _stage_parser(sub, name)
@@ -71,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--out", required=True, help="PNG file to write, e.g. grid.png")
     pv.add_argument("--count", type=int, default=32, help="samples in the grid (default %(default)s)")
     s = sub.add_parser("status", help="stage table of a run, from its manifest.json")
-    s.add_argument("--storage", default="./runs")
+    s.add_argument("--storage", default="./runs", help="directory holding runs (default ./runs)")
+    s.add_argument("--json", action="store_true",
+                   help="print the manifest's stage records and each stage's summary as one JSON object")
     s.add_argument("name")
     return parser
 
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             from raydistill.status import status
 
-            return status(args.storage, args.name)
+            return status(args.storage, args.name, as_json=args.json)
         return _run_stages(args)
     except ConfigError as err:
         print(f"raydistill: config error: {err}", file=sys.stderr)

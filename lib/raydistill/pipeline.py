@@ -258,19 +258,14 @@ def serve_forever(summary: dict) -> None:
         log("stopping")
 
 
-def run_stages(cfg: Config, storage: str, name: str, stages: tuple[str, ...] = PIPELINE,
-               resume: bool = False) -> dict:
-    """Run the given stages in order on Ray (joined or started here). Returns their summaries.
-    `resume` continues an interrupted sweep (the teacher resumes from its checkpoints anyway)."""
-    import ray
-
-    start = time.perf_counter()
+def prepare(cfg: Config, storage: str, name: str, stages: tuple[str, ...]):
+    """Open the run and refuse bad input before any cluster work: the data, what earlier
+    stages left, and the sweep's and teacher's settings against the data. Returns (run, data);
+    data is None when no stage needs it."""
     run = Run(storage, name)
     run.start(cfg.model_dump(mode="json"), cfg.digest())
     log(f"run '{name}' in {run.root}")
-    # Bad input fails here, before any cluster work: the data, and what earlier stages left.
-    if {"sweep", "teacher", "student"} & set(stages):
-        data = load_data(cfg, run)
+    data = load_data(cfg, run) if {"sweep", "teacher", "student"} & set(stages) else None
     for stage, needs, path in (("student", "teacher", "teacher/teacher.safetensors"),
                                ("deploy", "student", "student/student.safetensors")):
         if stage in stages and needs not in stages:
@@ -283,17 +278,37 @@ def run_stages(cfg: Config, storage: str, name: str, stages: tuple[str, ...] = P
         from raydistill.training import check_teacher, teacher_spec
 
         check_teacher(cfg, teacher_spec(cfg, data), len(data.train))
-    started = connect_ray()
+    return run, data
+
+
+def execute(cfg: Config, run: Run, data, stages: tuple[str, ...], resume: bool = False) -> dict:
+    """Run the stages in order on the Ray this process is connected to; returns their
+    summaries. Neither starts, blocks on nor shuts down Ray."""
     summaries: dict = {}
+    if "sweep" in stages:
+        cfg = stage_sweep(cfg, data, run, resume)
+    if "teacher" in stages:
+        summaries["teacher"] = stage_teacher(cfg, data, run)
+    if "student" in stages:
+        summaries["student"] = stage_student(cfg, data, run)
+    if "deploy" in stages:
+        summaries["deploy"] = stage_deploy(cfg, run)
+    return summaries
+
+
+def run_stages(cfg: Config, storage: str, name: str, stages: tuple[str, ...] = PIPELINE,
+               resume: bool = False) -> dict:
+    """The CLI's path: run the given stages on Ray (joined or started here), then serve in the
+    foreground when deploy.foreground says so. Returns the summaries. `resume` continues an
+    interrupted sweep (the teacher resumes from its checkpoints anyway)."""
+    import ray
+
+    start = time.perf_counter()
+    run, data = prepare(cfg, storage, name, stages)
+    started = connect_ray()
     try:
-        if "sweep" in stages:
-            cfg = stage_sweep(cfg, data, run, resume)
-        if "teacher" in stages:
-            summaries["teacher"] = stage_teacher(cfg, data, run)
-        if "student" in stages:
-            summaries["student"] = stage_student(cfg, data, run)
+        summaries = execute(cfg, run, data, stages, resume)
         if "deploy" in stages:
-            summaries["deploy"] = stage_deploy(cfg, run)
             log(f"deployment ready at {summaries['deploy']['url']} "
                 f"({time.perf_counter() - start:.0f}s from start)")
             if cfg.deploy.foreground == "always" or (cfg.deploy.foreground == "auto" and started):

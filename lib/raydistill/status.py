@@ -152,9 +152,21 @@ def render(run: Run, now: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def status(storage: str, name: str) -> int:
+def as_dict(run: Run) -> dict:
+    """The manifest with each stage's summary beside its record: what `status --json` prints."""
+    manifest = run.manifest()
+    records = manifest.get("stages", {})
+    stages = {}
+    for stage in STAGES:
+        summary_path = run.root / stage / "summary.json"
+        stages[stage] = {**records.get(stage, {"status": "pending"}),
+                         "summary": _read(summary_path) if summary_path.exists() else None}
+    return {**{k: v for k, v in manifest.items() if k != "stages"}, "root": str(run.root), "stages": stages}
+
+
+def status(storage: str, name: str, as_json: bool = False) -> int:
     run = Run(storage, name)
     if not run.manifest_path.exists():
         raise ValueError(f"no run '{name}' under {Path(storage).expanduser().resolve()} (no manifest.json)")
-    print(render(run))
+    print(json.dumps(as_dict(run), indent=2, default=str) if as_json else render(run))
     return 0
