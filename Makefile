@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-report clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ test: $(STAMP)  ## the whole test suite (includes a real `ray job submit` end to
 test-fast: $(STAMP)  ## everything but the end-to-end job test
 	$(BIN)/python -m pytest -q -m "not e2e" $(ARGS)
 
-bench: $(STAMP)  ## every benchmark in bench/
-	@set -e; for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b $(ARGS); done
+bench: $(STAMP)  ## every benchmark in bench/ (each writes its record to bench/results/)
+	@set -e; for b in bench/*.py; do case $$b in bench/harness.py|bench/report.py) continue;; esac; \
+		echo "== $$b"; $(BIN)/python $$b $(ARGS); done
+
+bench-report: $(STAMP)  ## docs/benchmarks.md (tables and plots) from the records in bench/results/
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -15,7 +15,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 PAGE = REPO / "docs" / "benchmarks.md"
-PLOTS = REPO / "docs" / "benchmarks"
 META = {"bench", "target", "met", "compare", "unit", "notes", "quick", "command", "commit", "dirty", "date",
         "wall_s", "machine", "load_average"}
 
@@ -69,7 +68,7 @@ def anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
 
 
-def section(stem: str, record: dict) -> list[str]:
+def section(stem: str, record: dict, page: Path) -> list[str]:
     m, load = record.get("machine") or {}, record.get("load_average") or {}
     commit = (record.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if record.get("dirty") else "")
     lines = [f"## {title(record)}", "",
@@ -82,9 +81,9 @@ def section(stem: str, record: dict) -> list[str]:
     if record.get("notes"):
         lines += [record["notes"], ""]
     if record.get("compare"):
-        png = PLOTS / f"{stem}.png"
+        png = page.parent / "benchmarks" / f"{stem}.png"
         plot(record, png)
-        lines += [f"![{record['bench']}]({png.relative_to(PAGE.parent)})", ""]
+        lines += [f"![{record['bench']}]({png.relative_to(page.parent)})", ""]
     rows = flatten({k: v for k, v in record.items() if k not in META})
     if rows:
         lines += ["| figure | value |", "| --- | --- |", *(f"| {k} | {fmt(v)} |" for k, v in rows), ""]
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"- [{title(record)}](#{anchor(title(record))}): {'met' if record['met'] else 'not met'}")
     lines.append("")
     for path in records:
-        lines += section(path.stem, json.loads(path.read_text()))
+        lines += section(path.stem, json.loads(path.read_text()), args.out)
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out} from {len(records)} records")
     return 0
