@@ -87,3 +87,22 @@ def test_scanner_finds_planted_keys(line):
 ])
 def test_scanner_leaves_placeholders_and_code_alone(line):
     assert scan_text(line) == []
+
+
+def test_cluster_presets_that_listen_beyond_loopback_require_a_key():
+    import yaml
+
+    from raydistill.config import load_config
+
+    cluster = load_config(REPO / "configs" / "gpu-cluster.yaml").deploy
+    assert cluster.host == "0.0.0.0" and cluster.api_key_file
+    service = yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text())
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_config["http_options"]["host"] == "0.0.0.0"
+    var = serve_config["applications"][0]["args"]["deploy"]["api_key_env"]
+    spec = service["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for pod in pods:  # a replica may land on any of them, and reads the key from its own env
+        for container in pod["template"]["spec"]["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "raydistill-api-key", container["name"]

@@ -15,6 +15,8 @@ from raydistill.models import ModelSpec, build_network
 
 from conftest import png_bytes
 
+MAX_BYTES, MAX_PIXELS = 1 << 20, 1 << 22  # the test deployment's limits: 1 MiB bodies, 2048x2048 images
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -43,7 +45,8 @@ def url(tmp_path_factory):
 
     path, onnx = _student_files(tmp_path_factory.mktemp("w"))
     int8 = ServedModel(str(path), sha256(path), str(onnx), sha256(onnx))  # as deploy.runtime=int8 serves it
-    deploy = DeployConfig(port=free_port(), model_name="digits", replica_cpus=0.5, max_request_images=8)
+    deploy = DeployConfig(port=free_port(), model_name="digits", replica_cpus=0.5, max_request_images=8,
+                          max_request_bytes=MAX_BYTES, max_image_pixels=MAX_PIXELS)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": deploy.port})
@@ -279,3 +282,121 @@ def test_serve_config_builds_the_same_app(tmp_path):
     from serve.app import build  # the repo root is on sys.path (pytest rootdir)
 
     assert build(app.args) is not None
+
+
+# ---- hostile clients: each gets a 4xx with {"error"}, and the replica stays up -----------------
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header claims width x height: tiny on the wire, huge when decoded."""
+    import struct
+    import zlib
+
+    png = png_bytes(np.zeros((1, 1)))
+    ihdr = struct.pack(">II", width, height) + png[24:29]
+    return png[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + png[33:]
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _v2(**tensor) -> dict:
+    return {"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64, **tensor}]}
+
+
+def _chunked(total: int):
+    """A body sent with Transfer-Encoding: chunked (no Content-Length)."""
+    sent = 0
+    while sent < total:
+        sent += 64 << 10
+        yield b" " * (64 << 10)
+
+
+HOSTILE = {
+    "decompression bomb PNG": ("/predict", {"files": [("file", ("b.png", _bomb_png(100_000, 100_000)))]}, 413),
+    "81-megapixel PNG": ("/predict", {"files": [("file", ("big.png", png_bytes(np.zeros((9000, 9000)))))]}, 413),
+    "image just over the pixel limit": (
+        "/predict", {"files": [("file", ("o.png", _bomb_png(2049, 2048)))]}, 413),
+    "200k-deep JSON on infer": ("/v2/models/digits/infer", {"data": _deep(200_000)}, 400),
+    "200k-deep JSON on predict": ("/predict", {"data": _deep(200_000), "headers": {"content-type": "application/json"}}, 400),
+    "deep JSON inside data": ("/v2/models/digits/infer",
+                              {"data": '{"inputs":[{"name":"pixels","shape":[1],"datatype":"FP32","data":' + _deep(40) + "}]}"},
+                              400),
+    "parameters as a list": ("/v2/models/digits/infer", {"json": {**_v2(), "parameters": [1, 2]}}, 400),
+    "parameters as a string": ("/v2/models/digits/infer", {"json": {**_v2(), "parameters": "binary"}}, 400),
+    "input parameters as a list": ("/v2/models/digits/infer", {"json": _v2(parameters=["x"])}, 400),
+    "65 dimensions": ("/v2/models/digits/infer", {"json": _v2(shape=[1] * 65, data=[0.5])}, 400),
+    "shape product past 2**64": ("/v2/models/digits/infer", {"json": _v2(shape=[2**32, 2**32, 16, 1])}, 413),
+    "UINT8 of -1": ("/v2/models/digits/infer", {"json": _v2(datatype="UINT8", data=[-1] * 64)}, 400),
+    "INT64 of 2**70": ("/v2/models/digits/infer", {"json": _v2(datatype="INT64", data=[2**70] * 64)}, 400),
+    "output name as a list": ("/v2/models/digits/infer", {"json": {**_v2(), "outputs": [{"name": ["label"]}]}}, 400),
+    "duplicate input names": ("/v2/models/digits/infer",
+                              {"json": {"inputs": _v2()["inputs"] * 2}}, 400),
+    "chunked body past the limit": ("/v2/models/digits/infer", {"data": _chunked(2 * MAX_BYTES)}, 413),
+    "multipart body past the limit": (
+        "/predict", {"files": [("file", ("n.png", b"\x89PNG" + b"\0" * (MAX_BYTES + 10)))]}, 413),
+    "too many files": ("/predict", {"files": [("file", (f"{i}.png", png_bytes(np.zeros((8, 8))))) for i in range(9)]}, 413),
+    "too many instances": ("/predict", {"json": {"instances": [[0.5] * 64] * 9}}, 413),
+    "instances past INT range": ("/predict", {"json": {"instances": [[10**400] * 64]}}, 400),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_request_gets_a_4xx_and_the_replica_stays_ready(url, case):
+    path, kwargs, status = HOSTILE[case]
+    resp = requests.post(f"{url}{path}", timeout=60, **kwargs)
+    assert resp.status_code == status, (case, resp.status_code, resp.text[:300])
+    assert set(resp.json()) == {"error"} and resp.json()["error"], resp.text
+    assert requests.get(f"{url}/v2/health/ready", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("get", "/no/such/route", 404), ("get", "/v2/models/digits/infer", 405), ("delete", "/predict", 405),
+])
+def test_the_frameworks_own_errors_have_the_same_shape(url, method, path, status):
+    resp = getattr(requests, method)(f"{url}{path}", timeout=10)
+    assert resp.status_code == status and set(resp.json()) == {"error"}, resp.text
+
+
+def test_key_is_checked_before_anything_about_the_model(url):
+    """Without the key, a guessed version is not confirmed or denied: 401 either way."""
+    for version in ("v1", "v999"):
+        for suffix in ("", "/ready"):
+            resp = requests.get(f"{url}/secure/v2/models/digits/versions/{version}{suffix}", timeout=10)
+            assert resp.status_code == 401, (version, suffix, resp.text)
+    assert requests.get(f"{url}/secure/v2/models/other", timeout=10).status_code == 401
+
+
+def test_health_and_server_metadata_report_the_binary_extension(url):
+    for route in ("/v2", "/v2/health/ready", "/v2/health/live"):
+        assert requests.get(f"{url}{route}", timeout=10).json()["extensions"] == ["binary_tensor_data"]
+
+
+def test_forward_passes_never_exceed_max_batch_items():
+    from raydistill.serving import forward_in_chunks
+
+    seen = []
+
+    def predict(x):
+        seen.append(len(x))
+        return np.tile(x.reshape(len(x), -1)[:, :1], (1, 10))
+
+    pixels = np.random.default_rng(0).random((70, 1, 8, 8)).astype(np.float32)
+    out = forward_in_chunks(predict, pixels, max_items=32)
+    assert seen == [32, 32, 6] and out.shape == (70, 10) and out.dtype == np.float32
+    assert np.array_equal(out[:, 0], pixels.reshape(70, -1)[:, 0])
+
+
+def test_query_cli_sends_the_api_key(url, tmp_path, monkeypatch, capsys):
+    from raydistill.client import query
+
+    (tmp_path / "d.png").write_bytes(png_bytes(np.full((8, 8), 90)))
+    monkeypatch.delenv("RAYDISTILL_API_KEY", raising=False)
+    with pytest.raises(RuntimeError, match="401.*--api-key-file or \\$RAYDISTILL_API_KEY"):
+        query(f"{url}/secure", [str(tmp_path / "d.png")])
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    assert query(f"{url}/secure", [str(tmp_path / "d.png")], str(key_file)) == 0
+    monkeypatch.setenv("RAYDISTILL_API_KEY", "s3cret")
+    assert query(f"{url}/secure", [str(tmp_path / "d.png")]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         _stage_parser(sub, name)
     q = sub.add_parser("query", help="send images to a deployment and print predictions as a table")
     q.add_argument("--url", default="http://127.0.0.1:8000", help="deployment URL (default %(default)s)")
+    q.add_argument("--api-key-file", metavar="FILE",
+                   help="file holding the deployment's API key (default: $RAYDISTILL_API_KEY, if set)")
     q.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="PNG/JPEG files or folders of them")
     d = sub.add_parser("data", help="look at the data stage: `data preview` saves augmented samples as a PNG grid")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "query":
             from raydistill.client import query
 
-            return query(args.url, args.paths)
+            return query(args.url, args.paths, args.api_key_file)
         if args.command == "data":
             return _data_preview(args)
         if args.command == "status":

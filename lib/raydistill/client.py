@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 CHUNK = 64  # files per request
+KEY_ENV = "RAYDISTILL_API_KEY"
+
+
+def api_key(key_file: str | None = None) -> str | None:
+    """The key to send: from `key_file` when given, else from $RAYDISTILL_API_KEY, else none."""
+    if key_file:
+        try:
+            key = Path(key_file).expanduser().read_text().strip()
+        except OSError as err:
+            raise ValueError(f"--api-key-file: cannot read {key_file} ({err.strerror})") from None
+        if not key:
+            raise ValueError(f"--api-key-file: {key_file} is empty")
+        return key
+    return os.environ.get(KEY_ENV, "").strip() or None
 
 
 def _image_files(paths: list[str]) -> list[Path]:
@@ -23,10 +38,12 @@ def _image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def query(url: str, paths: list[str]) -> int:
+def query(url: str, paths: list[str], key_file: str | None = None) -> int:
     """POST images to /predict and print one row per image."""
     import requests
 
+    key = api_key(key_file)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     files = _image_files(paths)
     rows = []
     for i in range(0, len(files), CHUNK):
@@ -35,6 +52,7 @@ def query(url: str, paths: list[str]) -> int:
             resp = requests.post(
                 f"{url.rstrip('/')}/predict",
                 files=[("file", (p.name, p.read_bytes())) for p in chunk],
+                headers=headers,
                 timeout=60,
             )
         except requests.ConnectionError:
@@ -44,7 +62,9 @@ def query(url: str, paths: list[str]) -> int:
                 message = resp.json().get("error", resp.text)
             except ValueError:
                 message = resp.text
-            raise RuntimeError(f"{url}/predict answered {resp.status_code}: {message}")
+            hint = (f" (send the key with --api-key-file or ${KEY_ENV})" if resp.status_code == 401 and not key
+                    else "")
+            raise RuntimeError(f"{url}/predict answered {resp.status_code}: {message}{hint}")
         rows += zip(chunk, resp.json()["predictions"])
     width = max(len(str(p)) for p, _ in rows)
     print(f"{'image':<{width}}  label  prob    top-3")

@@ -467,7 +467,26 @@ class DeployConfig(_Section):
         "forward pass, so a lone request never waits",
     )
     max_ongoing_requests: int = Field(64, ge=1, description="per replica; at least max_batch_size")
-    max_request_images: int = Field(256, ge=1, description="largest batch one request may carry")
+    max_request_images: int = Field(256, ge=1, description="most images one request may carry (413 past it)")
+    max_batch_items: int = Field(
+        256, ge=1, description="most images per forward pass: a batch of requests is cut into forwards of at "
+        "most this many, so memory per forward is bounded whatever the requests carry",
+    )
+    max_request_bytes: int = Field(
+        16 * 2**20, ge=1024,
+        description="largest request body in bytes, counted as it streams in (chunked bodies and multipart "
+        "uploads too); 413 past it",
+    )
+    max_image_pixels: int = Field(
+        16 * 2**20, ge=1,
+        description="largest uploaded image, width x height, read from its header before decoding (a "
+        "decompression bomb is refused, 413)",
+    )
+    max_json_depth: int = Field(32, ge=2, description="deepest JSON nesting a request may have (400 past it)")
+    decode_threads: int = Field(
+        2, ge=1, description="threads decoding uploaded images off the replica's event loop (bounds the "
+        "memory decoding can take at once)",
+    )
     api_key_env: str | None = Field(
         None, description="name of an env var holding an API key; requests then need 'Authorization: Bearer KEY'"
     )

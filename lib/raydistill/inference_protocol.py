@@ -4,10 +4,14 @@ a JSON header of `Inference-Header-Content-Length` bytes, followed by raw little
 """
 
 import json
+import math
+import re
 
 import numpy as np
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+EXTENSIONS = ["binary_tensor_data"]  # what /v2 and health report, as KServe and Triton do
+MAX_DIMS = 16  # far past any image batch; numpy's own limit (64) fails with an error of its own
 DTYPES = {
     "BOOL": np.bool_, "UINT8": np.uint8, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
     "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
@@ -15,18 +19,67 @@ DTYPES = {
 
 
 class ProtocolError(ValueError):
-    """A malformed request; the message says what was wrong."""
+    """A malformed request (status 400), or one past a size limit (413); the message says what
+    was wrong."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
-def _shape(tensor: dict) -> list[int]:
-    shape = tensor.get("shape")
+# A JSON string literal (possessive: linear time on any input), and the bytes that are not brackets.
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def json_depth(body: bytes) -> int:
+    """How deeply the JSON text nests arrays and objects, measured without parsing it, so that a
+    200k-deep body is refused before the recursive decoder sees it."""
+    brackets = np.frombuffer(_STRING.sub(b"", body).translate(None, _NOT_BRACKETS), dtype=np.uint8)
+    if not brackets.size:
+        return 0
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max())
+
+
+def loads(body: bytes, max_depth: int):
+    """json.loads, refusing text that nests deeper than `max_depth`."""
+    depth = json_depth(body)
+    if depth > max_depth:
+        raise ProtocolError(f"request JSON nests {depth} levels deep, past the limit of {max_depth}")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise ProtocolError("request body is not valid JSON") from None
+
+
+def _parameters(obj: dict, where: str) -> dict:
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ProtocolError(f"{where}: 'parameters' must be an object, got {type(params).__name__}")
+    return params
+
+
+def _shape(tensor: dict, max_values: int) -> tuple[list[int], int]:
+    """The tensor's shape and element count, checked before anything is allocated."""
+    name, shape = tensor.get("name"), tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ProtocolError(f"input '{tensor.get('name')}': 'shape' must be a list of non-negative integers")
-    return shape
+        raise ProtocolError(f"input '{name}': 'shape' must be a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise ProtocolError(f"input '{name}': {len(shape)} dimensions; at most {MAX_DIMS} are accepted")
+    count = math.prod(shape)  # Python ints: a product past 2**63 cannot wrap around
+    if count > max_values:
+        raise ProtocolError(f"input '{name}': shape {shape} holds {count} values, which exceeds the limit of "
+                            f"{max_values} a request may carry", status=413)
+    return shape, count
 
 
-def decode_request(body: bytes, header_length: str | None) -> tuple[dict, dict[str, np.ndarray]]:
-    """(request JSON, {input name: array}) from a JSON or binary-extension request body."""
+def decode_request(body: bytes, header_length: str | None, max_depth: int = 32,
+                   max_values: int = 1 << 26) -> tuple[dict, dict[str, np.ndarray]]:
+    """(request JSON, {input name: array}) from a JSON or binary-extension request body.
+    `max_depth` bounds the JSON nesting, `max_values` the elements of any one input."""
     if header_length is not None:
         try:
             split = int(header_length)
@@ -37,22 +90,21 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[dict, dict[s
         head, blob = body[:split], memoryview(body)[split:]
     else:
         head, blob = body, memoryview(b"")
-    try:
-        payload = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ProtocolError("request body is not valid JSON") from None
+    payload = loads(head, max_depth)
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
         raise ProtocolError("request must be a JSON object with a list 'inputs'")
+    _parameters(payload, "request")
     arrays, offset = {}, 0
     for tensor in payload["inputs"]:
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise ProtocolError("each input must be an object with a 'name'")
         name, datatype = tensor["name"], tensor.get("datatype")
-        if datatype not in DTYPES:
+        if name in arrays:
+            raise ProtocolError(f"input '{name}' is given more than once")
+        if not isinstance(datatype, str) or datatype not in DTYPES:
             raise ProtocolError(f"input '{name}': unsupported datatype {datatype!r}")
-        shape = _shape(tensor)
-        count = int(np.prod(shape))
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        shape, count = _shape(tensor, max_values)
+        size = _parameters(tensor, f"input '{name}'").get("binary_data_size")
         if size is not None:
             dtype = np.dtype(DTYPES[datatype]).newbyteorder("<")
             if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(blob):
@@ -62,6 +114,8 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[dict, dict[s
         elif "data" in tensor:
             try:
                 arr = np.asarray(tensor["data"], dtype=DTYPES[datatype])
+            except OverflowError:  # UINT8 of -1, INT64 of 2**70
+                raise ProtocolError(f"input '{name}': 'data' holds a value out of {datatype}'s range") from None
             except (TypeError, ValueError):
                 raise ProtocolError(f"input '{name}': 'data' must hold {datatype} numbers only") from None
         else:
@@ -76,16 +130,17 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[dict, dict[s
 
 def requested_outputs(payload: dict, available: list[str]) -> list[tuple[str, bool]]:
     """[(output name, send as binary)] in request order (all outputs when none are named)."""
-    binary_default = bool((payload.get("parameters") or {}).get("binary_data_output", False))
+    binary_default = bool(_parameters(payload, "request").get("binary_data_output", False))
     asked = payload.get("outputs")
     if not asked:
         return [(name, binary_default) for name in available]
-    if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
-        raise ProtocolError("'outputs' must be a list of objects with a 'name'")
-    unknown = sorted({o.get("name") for o in asked} - set(available), key=str)
+    if not isinstance(asked, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in asked):
+        raise ProtocolError("'outputs' must be a list of objects, each with a string 'name'")
+    unknown = sorted({o["name"] for o in asked} - set(available))
     if unknown:
         raise ProtocolError(f"unknown output(s) {unknown}; available: {', '.join(available)}")
-    return [(o["name"], bool((o.get("parameters") or {}).get("binary_data", binary_default))) for o in asked]
+    return [(o["name"], bool(_parameters(o, f"output '{o['name']}'").get("binary_data", binary_default)))
+            for o in asked]
 
 
 def _datatype(arr: np.ndarray) -> str:

@@ -160,7 +160,7 @@ def stage_deploy(cfg: Config, run: Run) -> dict:
         digest = _verify(run, "student", weights)
         model = ServedModel(str(weights), digest, *((str(onnx), _verify(run, "student", onnx)) if onnx else ()))
         version = digest[:12]
-        read_api_key(dcfg)  # a configured but unreadable key fails here, not in every replica
+        read_api_key(dcfg)  # checked again: the key may have gone since the run started
         serve.start(http_options={"host": dcfg.host, "port": dcfg.port})
         serve.run(build_app(model, dcfg, version), name=dcfg.model_name, route_prefix="/")
         host = "127.0.0.1" if dcfg.host in ("0.0.0.0", "::") else dcfg.host
@@ -278,6 +278,10 @@ def prepare(cfg: Config, storage: str, name: str, stages: tuple[str, ...]):
         from raydistill.training import check_teacher, teacher_spec
 
         check_teacher(cfg, teacher_spec(cfg, data), len(data.train))
+    if "deploy" in stages:
+        from raydistill.serving import read_api_key
+
+        read_api_key(cfg.deploy)  # a configured but unreadable key fails now, not after training
     return run, data
 
 

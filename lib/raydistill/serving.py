@@ -1,25 +1,36 @@
 """Ray Serve: the student behind the Open Inference Protocol v2 (REST) and a /predict route
 for people. Requests are batched across callers with @serve.batch.
 
-Every client mistake is a 4xx whose body says what was wrong: {"error": "..."}.
+Every client mistake is a 4xx whose body says what was wrong: {"error": "..."}, FastAPI's own
+404/405/422 included. Each limit (deploy.max_request_bytes, max_request_images, max_image_pixels,
+max_json_depth, max_batch_items) is enforced before the work it guards: bodies are counted as
+they stream in, image sizes are read from headers before decoding, and decoding runs in a
+bounded thread pool, off the replica's event loop.
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types in the replica.
 
+import asyncio
 import hmac
 import io
-import json
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from raydistill.config import DeployConfig
-from raydistill.inference_protocol import HEADER_LENGTH, ProtocolError, decode_request, encode_response, requested_outputs
+from raydistill.inference_protocol import (EXTENSIONS, HEADER_LENGTH, ProtocolError, decode_request, encode_response,
+                                           loads, requested_outputs)
 
 INPUT_NAME, PROBS_NAME, LABEL_NAME = "pixels", "probabilities", "label"
 TOP_K = 3
@@ -66,6 +77,19 @@ async def _bad_request(_: Request, err: BadRequest) -> JSONResponse:
     return JSONResponse({"error": str(err)}, status_code=err.status)
 
 
+@api.exception_handler(HTTPException)  # the framework's own: unknown route (404), wrong method (405)
+async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
+    message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    return JSONResponse({"error": message.get(err.status_code, str(err.detail))}, status_code=err.status_code,
+                        headers=getattr(err, "headers", None))
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+    where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in err.errors())
+    return JSONResponse({"error": f"invalid request: {where}"}, status_code=422)
+
+
 def check_pixels(arr: np.ndarray, expected: tuple[int, int, int], max_images: int) -> np.ndarray:
     """A batch of images as float32 (B, C, H, W) on 0..1, or BadRequest saying what is wrong."""
     if arr.ndim != 4 or tuple(arr.shape[1:]) != expected:
@@ -82,16 +106,23 @@ def check_pixels(arr: np.ndarray, expected: tuple[int, int, int], max_images: in
     return arr
 
 
-def decode_upload(raw: bytes, expected: tuple[int, int, int]) -> np.ndarray:
-    """A PNG/JPEG upload -> float32 (C, H, W) on 0..1 at the model's input size."""
+def decode_upload(raw: bytes, expected: tuple[int, int, int], max_pixels: int) -> np.ndarray:
+    """A PNG/JPEG upload -> float32 (C, H, W) on 0..1 at the model's input size. Its size is
+    read from the header and refused past `max_pixels` before any pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     channels, height, width = expected
     try:
         with Image.open(io.BytesIO(raw)) as img:
+            if img.width * img.height > max_pixels:
+                raise BadRequest(f"image of {img.width}x{img.height} pixels exceeds the limit of {max_pixels} "
+                                 "(deploy.max_image_pixels)", status=413)
+            img.draft("L" if channels == 1 else "RGB", (width, height))  # JPEG: decode at a reduced scale
             img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError):
+    except Image.DecompressionBombError:  # past twice Pillow's own limit: refused by Image.open
+        raise BadRequest(f"image exceeds the limit of {max_pixels} pixels (deploy.max_image_pixels)", 413) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise BadRequest("upload is not a decodable PNG or JPEG image") from None
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
@@ -134,6 +165,13 @@ class ServedModel(NamedTuple):
     sha256: str | None
     onnx: str | None = None
     onnx_sha256: str | None = None
+
+
+def forward_in_chunks(predict, pixels: np.ndarray, max_items: int) -> np.ndarray:
+    """predict(pixels) run on slices of at most `max_items` images: memory per forward pass is
+    bounded by the config, not by how many images the batched requests carry together."""
+    parts = [predict(pixels[i : i + max_items]) for i in range(0, len(pixels), max_items)]
+    return np.concatenate(parts).astype(np.float32, copy=False)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -188,14 +226,16 @@ class StudentServer:
         self.predict_probs = Predictor(model, max(1, int(self.cfg.replica_cpus)), self.cfg.use_gpu)
         self.spec = self.predict_probs.spec
         self.version = version
+        self.decoder = ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="decode")
         self._forward.set_max_batch_size(self.cfg.max_batch_size)
         self._forward.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # both set from config in __init__
     async def _forward(self, requests: list[np.ndarray]) -> list[np.ndarray]:
-        """Many requests' (B_i, C, H, W) arrays -> one forward pass -> per-request probabilities."""
+        """Many requests' (B_i, C, H, W) arrays -> forward passes of at most deploy.max_batch_items
+        images -> per-request probabilities. (@serve.batch counts requests, not images.)"""
         sizes = [len(r) for r in requests]
-        probs = self.predict_probs(np.concatenate(requests)).astype(np.float32, copy=False)
+        probs = forward_in_chunks(self.predict_probs, np.concatenate(requests), self.cfg.max_batch_items)
         return np.split(probs, np.cumsum(sizes)[:-1])
 
     def _authorize(self, request: Request) -> None:
@@ -213,43 +253,66 @@ class StudentServer:
             raise BadRequest(f"model '{name}' has no version '{version}'; serving '{self.version}'", status=404)
 
     async def _read_body(self, request: Request) -> bytes:
-        limit = self._max_body_bytes()
+        """The body, counted as it streams in: a chunked body (no Content-Length) is cut off at
+        the limit, not read whole first."""
+        limit = self.cfg.max_request_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise BadRequest(f"request body of {declared} bytes exceeds the limit of {limit}", status=413)
-        body = await request.body()
-        if len(body) > limit:
-            raise BadRequest(f"request body of {len(body)} bytes exceeds the limit of {limit}", status=413)
-        return body
+            raise BadRequest(f"request body of {declared} bytes exceeds the limit of {limit} "
+                             "(deploy.max_request_bytes)", status=413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(f"request body exceeds the limit of {limit} bytes (deploy.max_request_bytes)", 413)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _read_json(self, request: Request) -> dict:
-        body = await self._read_body(request)
         try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BadRequest("request body is not valid JSON") from None
+            payload = loads(await self._read_body(request), self.cfg.max_json_depth)
+        except ProtocolError as err:
+            raise BadRequest(str(err), err.status) from None
         if not isinstance(payload, dict):
             raise BadRequest("request body must be a JSON object")
         return payload
 
-    def _max_body_bytes(self) -> int:
-        # Generous for JSON text (~20 bytes a number) or encoded images, bounded all the same.
-        return max(1 << 20, self.cfg.max_request_images * int(np.prod(self.spec.input_shape)) * 24)
+    async def _read_uploads(self, request: Request) -> np.ndarray:
+        """Multipart image files (form field `file`) -> (B, C, H, W): the count is checked while
+        the form is parsed, each image's size before it is decoded, in the decode pool."""
+        body = await self._read_body(request)
+
+        async def stream():
+            yield body
+
+        limit = self.cfg.max_request_images
+        try:
+            form = await MultiPartParser(request.headers, stream(), max_files=limit, max_fields=limit,
+                                         max_part_size=self.cfg.max_request_bytes).parse()
+        except MultiPartException as err:
+            raise BadRequest(f"multipart body: {err.message}", 413 if "Too many" in err.message else 400) from None
+        files = form.getlist("file")
+        if not files or not all(isinstance(f, UploadFile) for f in files):
+            raise BadRequest("multipart request needs one or more image files in form field 'file'")
+        loop = asyncio.get_running_loop()
+        images = [loop.run_in_executor(self.decoder, decode_upload, await f.read(), self.spec.input_shape,
+                                       self.cfg.max_image_pixels) for f in files]
+        return np.stack(await asyncio.gather(*images))
 
     # ---- Open Inference Protocol v2 ------------------------------------------------------
 
     @api.get("/v2/health/live")
     def live(self) -> dict:
-        return {"live": True}
+        return {"live": True, "extensions": EXTENSIONS}
 
     @api.get("/v2/health/ready")
     def ready(self) -> dict:
-        return {"ready": True}
+        return {"ready": True, "extensions": EXTENSIONS}
 
     @api.get("/v2")
     def server_metadata(self, request: Request) -> dict:
         self._authorize(request)
-        return {"name": "raydistill", "version": "2", "extensions": []}
+        return {"name": "raydistill", "version": "2", "extensions": EXTENSIONS}
 
     @api.get("/v2/models/{name}")
     def model_metadata(self, name: str, request: Request) -> dict:
@@ -268,6 +331,7 @@ class StudentServer:
 
     @api.get("/v2/models/{name}/versions/{version}")
     def model_version_metadata(self, name: str, version: str, request: Request) -> dict:
+        self._authorize(request)  # before the version check, which would tell the served version
         self._check_model(name, version)
         return self.model_metadata(name, request)
 
@@ -296,14 +360,15 @@ class StudentServer:
         self._check_model(name, version)
         body = await self._read_body(request)
         try:
-            payload, arrays = decode_request(body, request.headers.get(HEADER_LENGTH))
+            payload, arrays = decode_request(body, request.headers.get(HEADER_LENGTH), self.cfg.max_json_depth,
+                                             self.cfg.max_request_images * math.prod(self.spec.input_shape))
             if set(arrays) != {INPUT_NAME}:
                 raise ProtocolError(f"expected one input named '{INPUT_NAME}', got {sorted(arrays)}")
             if payload["inputs"][0]["datatype"] != "FP32":
                 raise ProtocolError(f"input datatype must be FP32, got {payload['inputs'][0]['datatype']!r}")
             wanted = requested_outputs(payload, [PROBS_NAME, LABEL_NAME])
         except ProtocolError as err:
-            raise BadRequest(str(err)) from None
+            raise BadRequest(str(err), err.status) from None
         probs = await self._forward(check_pixels(arrays[INPUT_NAME], self.spec.input_shape, self.cfg.max_request_images))
         tensors = {PROBS_NAME: probs.astype(np.float32), LABEL_NAME: probs.argmax(1).astype(np.int64)}
         header = {"model_name": self.cfg.model_name, "model_version": self.version}
@@ -320,21 +385,18 @@ class StudentServer:
         self._authorize(request)
         kind = request.headers.get("content-type", "")
         if kind.startswith("multipart/form-data"):
-            form = await request.form()
-            files = form.getlist("file")
-            if not files or any(isinstance(f, str) for f in files):
-                raise BadRequest("multipart request needs one or more image files in form field 'file'")
-            if len(files) > self.cfg.max_request_images:
-                raise BadRequest(f"{len(files)} files exceed the limit of {self.cfg.max_request_images}", 413)
-            pixels = np.stack([decode_upload(await f.read(), self.spec.input_shape) for f in files])
+            pixels = await self._read_uploads(request)
         else:
             payload = await self._read_json(request)
             instances = payload.get("instances")
             if not isinstance(instances, list) or not instances:
                 raise BadRequest("JSON body needs a non-empty list 'instances' of pixel arrays")
+            if len(instances) > self.cfg.max_request_images:
+                raise BadRequest(f"{len(instances)} instances exceed the limit of {self.cfg.max_request_images} "
+                                 "(deploy.max_request_images)", 413)
             try:
                 flat = [np.asarray(i, dtype=np.float32).ravel() for i in instances]
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise BadRequest("each instance must be an array of numbers") from None
             per = int(np.prod(self.spec.input_shape))
             if any(f.size != per for f in flat):
