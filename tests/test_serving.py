@@ -400,3 +400,52 @@ def test_query_cli_sends_the_api_key(url, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RAYDISTILL_API_KEY", "s3cret")
     assert query(f"{url}/secure", [str(tmp_path / "d.png")]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 4
+
+
+def _replica_process(app: str):
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        if (proc.info["cmdline"] or [""])[0].startswith(f"ray::ServeReplica:{app}:"):
+            return proc
+    raise AssertionError(f"no replica process of app {app!r}")
+
+
+def test_replica_memory_under_64_concurrent_worst_case_requests_stays_bounded(url):
+    """64 requests at once, each as large as the limits let a valid one be: the most images a
+    request may carry, each at the most pixels an image may have. The replica's RSS above its
+    level before must stay under DeployConfig.peak_request_memory_bytes."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    deploy = DeployConfig(max_request_images=8, max_request_bytes=MAX_BYTES, max_image_pixels=MAX_PIXELS)
+    buf = __import__("io").BytesIO()
+    Image.new("RGB", (2048, 2048), (200, 30, 90)).save(buf, format="PNG")
+    files = [("file", (f"{i}.png", buf.getvalue())) for i in range(deploy.max_request_images)]
+    assert 2048 * 2048 == deploy.max_image_pixels and len(buf.getvalue()) * 8 < deploy.max_request_bytes
+
+    replica = _replica_process("digits")
+    before = replica.memory_info().rss
+    peak, done = [before], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak.append(replica.memory_info().rss)
+            done.wait(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(64) as pool:
+            codes = list(pool.map(lambda _: requests.post(f"{url}/predict", files=files, timeout=300).status_code,
+                                  range(64)))
+    finally:
+        done.set()
+        sampler.join()
+    assert codes == [200] * 64
+    grew = max(peak) - before
+    bound = deploy.peak_request_memory_bytes()
+    print(f"replica RSS {before / 2**20:.0f} MiB before, peak +{grew / 2**20:.0f} MiB; bound {bound / 2**20:.0f} MiB")
+    assert grew < bound

@@ -512,6 +512,15 @@ class DeployConfig(_Section):
                              "set deploy.runtime to torch or auto")
         return self
 
+    def peak_request_memory_bytes(self) -> int:
+        """What in-flight requests may add to a replica's memory at most, by the limits: each of
+        max_ongoing_requests bodies held about twice (as read, and parsed), plus each decode
+        thread's image (RGB bytes, its converted copy and the float32 result of the resize at
+        worst: ~16 bytes a pixel), plus one forward's input. Enforced by a test."""
+        bodies = self.max_ongoing_requests * self.max_request_bytes * 2
+        decoding = self.decode_threads * self.max_image_pixels * 16
+        return bodies + decoding + 64 * 2**20  # + allocator slack and one forward's activations
+
     def autoscaling_config(self) -> dict | None:
         if not self.autoscale:
             return None
