@@ -41,8 +41,8 @@ def test_no_development_process_words_in_tracked_files():
     assert not hits, "words about how the work was organised:\n" + "\n".join(hits)
 
 
-@pytest.mark.parametrize("text", ["as measured this " + "stop", "since " + "stop 17", "see " + "issue 6",
-                                  "branch " + "issue6c", "/tmp/" + "d17/probe.py", "in " + "session 3"])
+@pytest.mark.parametrize("text", ["as measured this st" + "op", "since st" + "op 17", "see iss" + "ue 6",
+                                  "branch iss" + "ue6c", "/tmp/" + "d17/probe.py", "in sess" + "ion 3"])
 def test_the_process_word_check_catches(text):
     assert _PROCESS_WORDS.search(text)
 
