@@ -10,10 +10,11 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
-from conftest import REPO
+from conftest import BIN, REPO
 
 QUICK = ["sweep.num_trials=2", "sweep.epochs=1", "teacher.epochs=1", "student.epochs=1",
          "student.prune_finetune_epochs=1"]
@@ -74,18 +75,38 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def notebook(tmp_path_factory):
+    """Runs the notebook; while it trains, reads its manifest over and over and tries a second
+    `raydistill run` on the same run name. Returns (run dir, facts, what the watcher saw)."""
     storage = tmp_path_factory.mktemp("runs")
     script = storage / "notebook.py"
     script.write_text(NOTEBOOK)
-    proc = subprocess.run([sys.executable, str(script), str(storage), str(_free_port()), json.dumps(QUICK)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("FACTS ")]
-    assert proc.returncode == 0 and lines, (proc.stdout[-3000:], proc.stderr[-5000:])
-    return storage / "nb", json.loads(lines[-1][len("FACTS "):])
+    manifest = storage / "nb" / "manifest.json"
+    with open(storage / "out.txt", "w+") as out, open(storage / "err.txt", "w+") as err:
+        proc = subprocess.Popen([sys.executable, str(script), str(storage), str(_free_port()), json.dumps(QUICK)],
+                                cwd=REPO, stdout=out, stderr=err, text=True)
+        seen = {"reads": 0, "second": None}
+        deadline = time.monotonic() + 900
+        while proc.poll() is None and time.monotonic() < deadline:
+            if manifest.exists():
+                stages = json.loads(manifest.read_text())["stages"]  # valid JSON at every read
+                seen["reads"] += 1
+                if seen["second"] is None and stages.get("teacher", {}).get("status") == "running":
+                    seen["second"] = subprocess.run(
+                        [str(BIN / "raydistill"), "run", "--config", "configs/demo.yaml", "--storage", str(storage),
+                         "--name", "nb"], cwd=REPO, capture_output=True, text=True, timeout=120)
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    lines = [line for line in stdout.splitlines() if line.startswith("FACTS ")]
+    assert proc.returncode == 0 and lines, (stdout[-3000:], stderr[-5000:])
+    return storage / "nb", json.loads(lines[-1][len("FACTS "):]), {**seen, "pid": proc.pid}
 
 
 def test_run_returns_typed_summaries_as_written(notebook):
-    root, facts = notebook
+    root, facts, _ = notebook
     assert facts["typed"] and facts["stages"] == ["data", "sweep", "teacher", "student"]
     written = json.loads((root / "teacher" / "summary.json").read_text())
     assert facts["teacher"] == written  # every key, the typed ones and the extras
@@ -94,7 +115,7 @@ def test_run_returns_typed_summaries_as_written(notebook):
 
 
 def test_run_names_its_artifacts(notebook):
-    root, facts = notebook
+    root, facts, _ = notebook
     paths = facts["paths"]
     for key, rel in {"manifest": "manifest.json", "sweep_best": "sweep/best.yaml",
                      "teacher_weights": "teacher/teacher.safetensors", "student_weights": "student/student.safetensors",
@@ -104,21 +125,32 @@ def test_run_names_its_artifacts(notebook):
 
 
 def test_deploy_serves_and_shutdown_removes_only_the_app(notebook):
-    _, facts = notebook
+    _, facts, _ = notebook
     assert facts["url"].startswith("http://127.0.0.1:")
     assert facts["infer"] == [200, ["probabilities", "label"]]
     assert facts["after_shutdown"] in (404, 503, "refused")
 
 
 def test_a_ray_it_did_not_start_keeps_running(notebook):
-    _, facts = notebook
+    _, facts, _ = notebook
     assert facts["ray_alive_after_close"] and facts["ray_task_after"] == 42
 
 
 def test_a_ray_it_started_is_shut_down_on_close(notebook):
-    _, facts = notebook
+    _, facts, _ = notebook
     assert facts["own_started_ray"] and facts["own_ray_ready"] == 200
     assert facts["ray_alive_after_own"] is False
+
+
+def test_a_second_run_on_the_same_name_is_refused_while_the_first_runs(notebook):
+    """The first (the notebook's) finished; the second exited 1 naming it; every read of the
+    manifest while both ran was valid JSON."""
+    _, facts, seen = notebook
+    assert facts["own_ray_ready"] == 200  # the first ran to its end
+    second = seen["second"]
+    assert second is not None, "the teacher stage was never seen running"
+    assert second.returncode == 1 and f"run 'nb' is in use by pid {seen['pid']}" in second.stderr, second.stderr
+    assert seen["reads"] > 20
 
 
 def test_unknown_stage_is_refused_before_anything_runs(tmp_path):

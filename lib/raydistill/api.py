@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raydistill.artifacts import ArtifactError, read_json
+from raydistill.artifacts import Run as RunDir
 from raydistill.config import Config, load_config
 from raydistill.pipeline import PIPELINE, connect_ray, execute, prepare
 from raydistill.summaries import (DataSummary, DeploySummary, StudentSummary, SweepSummary, TeacherSummary,
@@ -117,10 +118,12 @@ class Pipeline:
         if unknown:
             raise ValueError(f"unknown stages {sorted(unknown)}; choose from {list(PIPELINE)}")
         ordered = tuple(s for s in PIPELINE if s in stages)
-        run, data = prepare(self.config, self.storage, self.name, ordered)
-        self._started_ray |= connect_ray()
-        with _keep_sigint():
-            execute(self.config, run, data, ordered, resume)
+        run = RunDir(self.storage, self.name)
+        with run.lock():
+            data = prepare(self.config, run, ordered)
+            self._started_ray |= connect_ray()
+            with _keep_sigint():
+                execute(self.config, run, data, ordered, resume)
         return Run.load(self.storage, self.name)
 
     def deploy(self) -> Deployment:

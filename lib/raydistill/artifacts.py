@@ -8,21 +8,34 @@ loaded with pickle.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import time
+import uuid
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 STAGES = ("data", "sweep", "teacher", "student", "deploy")
 _TRACKED_PACKAGES = ("raydistill", "ray", "torch", "torchvision", "deepspeed", "timm", "kornia", "optuna")
 
 
 class ArtifactError(RuntimeError):
-    """A stored artifact is missing, changed or unreadable."""
+    """A stored artifact is missing, changed or unreadable, or cannot be written."""
+
+
+class RunLocked(ArtifactError):
+    """Another command is writing the same run."""
+
+
+# Errors that mean "the storage is full", whatever the file: said plainly, not as a traceback.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def sha256(path: Path) -> str:
@@ -33,13 +46,43 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: Path, obj) -> Path:
-    """Atomic write: a crash never leaves half a summary behind."""
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` into a temp file of its own beside `path` (a unique name, so two writers
+    never share one), fsync it, rename it over `path`, fsync the folder. A reader sees the old
+    file or the new one, never half of one; a crash at any point (SIGKILL, power loss) leaves
+    at most a `.NAME.*.tmp` beside it. A full disk is an ArtifactError that says so."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            raise ArtifactError(f"{path}: cannot write it ({os.strerror(err.errno)}): free space on {path.parent} "
+                                "(or raise the file-size limit) and rerun; the files written before are intact") from None
+        raise
     return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, obj) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def read_json(path: Path) -> dict:
@@ -60,6 +103,14 @@ def _git_sha() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
+
+
+def _lock_holder(fd: int) -> dict:
+    """Who wrote the lock file last (empty when it was released cleanly or never held)."""
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
 
 
 def _versions() -> dict[str, str]:
@@ -88,8 +139,42 @@ class Run:
             return {"name": self.name, "stages": {}}
         return read_json(self.manifest_path)
 
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run for this command: one writer per run name. A second one gets RunLocked
+        naming the holder. The lock is the kernel's (flock on `.lock`; NFSv4 carries it too), so
+        a holder that dies, even by SIGKILL, releases it; the next writer takes it over and
+        says so."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                raise RunLocked(f"run '{self.name}' is in use by pid {holder.get('pid', '?')} on "
+                                f"{holder.get('host', '?')}, started {holder.get('started', '?')}; wait for it, "
+                                "or use another --name") from None
+            left = _lock_holder(fd)
+            if left:
+                print(f"[raydistill] run '{self.name}': taking over the lock left by pid {left.get('pid')} on "
+                      f"{left.get('host')} (started {left.get('started')}), which has ended", flush=True)
+            me = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "started": dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)  # an empty file: released cleanly
+        finally:
+            os.close(fd)  # releases the flock
+
     def start(self, config: dict, config_hash: str) -> None:
-        """Record the resolved config of this invocation (each stage also keeps its own hash)."""
+        """Record the resolved config of this invocation; each stage keeps its own beside its
+        record (Run.stage), so a later `deploy --set ...` does not rewrite how the teacher was
+        trained."""
         manifest = self.manifest()
         manifest.update(
             name=self.name, config=config, config_hash=config_hash, git_sha=_git_sha(),
@@ -118,11 +203,14 @@ class Run:
         write_json(self.manifest_path, manifest)
 
     @contextlib.contextmanager
-    def stage(self, stage: str, config_hash: str, inputs: list[Path] = ()) -> Iterator[list[Path]]:
-        """Run one stage: yields a list the stage appends its output paths to."""
+    def stage(self, stage: str, config_hash: str, inputs: list[Path] = (),
+              config: dict | None = None) -> Iterator[list[Path]]:
+        """Run one stage: yields a list the stage appends its output paths to. The record keeps
+        the config sections the stage read and the code's git sha."""
         outputs: list[Path] = []
         self._update_stage(
-            stage, status="running", config_hash=config_hash, start=time.time(), end=None, error=None,
+            stage, status="running", config_hash=config_hash, config=config, git_sha=_git_sha(),
+            start=time.time(), end=None, error=None,
             inputs={self._rel(p): sha256(p) for p in inputs if Path(p).is_file()}, outputs={},
         )
         try:
@@ -131,7 +219,10 @@ class Run:
             # Ctrl-C, or SIGTERM (`ray job stop`, Kubernetes): after ray.init, Ray's own SIGTERM
             # handler raises SystemExit; before it, the CLI's raises KeyboardInterrupt.
             status = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed"
-            self._update_stage(stage, status=status, end=time.time(), error=str(err)[:500])
+            try:
+                self._update_stage(stage, status=status, end=time.time(), error=str(err)[:500])
+            except ArtifactError:  # the disk is full: the manifest keeps its last good state
+                pass
             raise
         self._update_stage(
             stage, status="done", end=time.time(),
@@ -154,11 +245,7 @@ def save_weights(path: Path, state_dict: dict, meta: dict[str, str]) -> Path:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def verify_file(path: Path, expected_sha256: str | None = None) -> Path:

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"raydistill: config error: {err}", file=sys.stderr)
         return 2
-    except (DataError, ArtifactError, ValueError, RuntimeError) as err:
+    except (DataError, ArtifactError, ValueError, RuntimeError, OSError) as err:
         print(f"raydistill: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from raydistill.artifacts import atomic_write
 from raydistill.models import Classifier, ModelSpec, recalibrate_batchnorm
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
@@ -88,16 +89,17 @@ def export_onnx(net: nn.Module, spec: ModelSpec, path: Path) -> Path:
     """
     model = Classifier(net, spec).eval()
     example = torch.rand(2, *spec.input_shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
-        torch.onnx.export(
-            model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=17, dynamo=False,
-        )
-    tmp.replace(path)
-    return path
+
+    def export(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
+            torch.onnx.export(
+                model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=17,
+                dynamo=False,
+            )
+
+    return atomic_write(path, export)
 
 
 def onnx_session(path: Path, sha256: str | None = None, threads: int = 1):
@@ -165,19 +167,15 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_images: np.ndarr
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = int8_path.with_name(int8_path.stem + ".pre.onnx")
-    tmp = int8_path.with_name(int8_path.name + ".tmp")
     try:
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
+        return atomic_write(int8_path, lambda tmp: quantize_static(
             str(prepared), str(tmp), _Calibration(calibration_images), quant_format=QuantFormat.QDQ,
             per_channel=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["Conv", "Gemm", "Relu"],
-        )
-        tmp.replace(int8_path)
+        ))
     finally:
         prepared.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
-    return int8_path
 
 
 def onnx_accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> float:

@@ -561,6 +561,11 @@ class Config(_Section):
     def stage_digest(self, stage: str) -> str:
         return self.digest(*STAGE_SECTIONS[stage])
 
+    def stage_config(self, stage: str) -> dict:
+        """The resolved sections a stage reads (what its manifest record keeps)."""
+        tree = self.model_dump(mode="json")
+        return {k: tree[k] for k in STAGE_SECTIONS[stage]}
+
     def value_of(self, key: str) -> Any:
         """The value at a dotted key, as --set and sweep.space address it (data.augment.<op>.<param>
         names a value of the listed op)."""

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raydistill.artifacts import atomic_write
 from raydistill.config import MIXING_OPS, Config
 
 
@@ -86,11 +87,7 @@ def write_digits_parquet(path: Path) -> Path:
             "label": pa.array(digits.target.astype(np.int64)),
         }
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _decode_image(cell) -> np.ndarray:

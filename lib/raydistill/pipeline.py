@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from raydistill.artifacts import Run, read_json, write_json
+from raydistill.artifacts import Run, read_json, write_json, write_text
 from raydistill.config import Config, dump_yaml
 
 if TYPE_CHECKING:  # serving imports Ray Serve: only the deploy stage pays for it
@@ -56,7 +56,7 @@ def load_data(cfg: Config, run: Run):
     data_dir = run.dir("data")
     digest = cfg.stage_digest("data")
     done = run.is_done("data", digest)
-    with contextlib.nullcontext([]) if done else run.stage("data", digest) as outputs:
+    with contextlib.nullcontext([]) if done else run.stage("data", digest, config=cfg.stage_config("data")) as outputs:
         data = load_dataset(cfg, resolve_source(cfg, data_dir))
         if not done:
             outputs.append(write_json(data_dir / "summary.json", data.summary(cfg.data.augment)))
@@ -65,15 +65,15 @@ def load_data(cfg: Config, run: Run):
     return data
 
 
-def _run_or_reuse(run: Run, stage: str, digest: str, produce, inputs: list[Path] = ()) -> dict:
+def _run_or_reuse(run: Run, cfg: Config, stage: str, produce, inputs: list[Path] = ()) -> dict:
     """A stage's summary: reused when it finished earlier with the same config sections and
     untouched inputs and outputs, else produced now. `produce(out_dir)` returns
     (summary, [files it wrote])."""
-    out = run.dir(stage)
+    out, digest = run.dir(stage), cfg.stage_digest(stage)
     if run.is_done(stage, digest):
         log(f"{stage}: done earlier with this config (outputs verified by sha256); skipped")
         return read_json(out / "summary.json")
-    with run.stage(stage, digest, inputs) as outputs:
+    with run.stage(stage, digest, inputs, config=cfg.stage_config(stage)) as outputs:
         summary, files = produce(out)
         outputs += [*files, write_json(out / "summary.json", summary)]
     return summary
@@ -91,10 +91,10 @@ def stage_sweep(cfg: Config, data, run: Run, resume: bool = False) -> Config:
     def produce(out: Path):
         summary, best_cfg = run_sweep(cfg, data, out, resume=resume, run_name=run.name)
         best_yaml = out / "best.yaml"
-        best_yaml.write_text(dump_yaml(best_cfg))
+        write_text(best_yaml, dump_yaml(best_cfg))
         return summary, [best_yaml, out / summary["plot"]]
 
-    summary = _run_or_reuse(run, "sweep", cfg.stage_digest("sweep"), produce)
+    summary = _run_or_reuse(run, cfg, "sweep", produce)
     log(f"sweep: best {summary['best_metric']:.4f} {summary['metric']} with {summary['best_config']} "
         f"({summary['trial_epochs']} trial-epochs over {len(summary['trials'])} trials)")
     return cfg.with_values(summary["best_config"])
@@ -104,7 +104,7 @@ def stage_teacher(cfg: Config, data, run: Run) -> dict:
     from raydistill.training import run_teacher
 
     summary = _run_or_reuse(
-        run, "teacher", cfg.stage_digest("teacher"),
+        run, cfg, "teacher",
         lambda out: (run_teacher(cfg, data, out), [out / "teacher.safetensors"]),
     )
     log(f"teacher: {summary['arch']} {summary['params_total']:,} params, ZeRO-{summary['zero_stage']} "
@@ -119,7 +119,7 @@ def stage_student(cfg: Config, data, run: Run) -> dict:
     teacher_sha = _verify(run, "teacher", teacher_path)
     teacher_accuracy = read_json(run.root / "teacher" / "summary.json")["accuracy"]
     summary = _run_or_reuse(
-        run, "student", cfg.stage_digest("student"),
+        run, cfg, "student",
         lambda out: run_student(cfg, data, teacher_path, teacher_accuracy, out, teacher_sha),
         inputs=[teacher_path],
     )
@@ -156,7 +156,8 @@ def stage_deploy(cfg: Config, run: Run) -> dict:
     weights = run.root / "student" / "student.safetensors"
     runtime, onnx, reason = serving_runtime(run, dcfg)
     log(f"deploy: runtime {runtime} ({reason})")
-    with run.stage("deploy", cfg.stage_digest("deploy"), inputs=[weights, *([onnx] if onnx else [])]) as outputs:
+    with run.stage("deploy", cfg.stage_digest("deploy"), inputs=[weights, *([onnx] if onnx else [])],
+                   config=cfg.stage_config("deploy")) as outputs:
         digest = _verify(run, "student", weights)
         model = ServedModel(str(weights), digest, *((str(onnx), _verify(run, "student", onnx)) if onnx else ()))
         version = digest[:12]
@@ -235,8 +236,7 @@ def _write_serve_config(path: Path, model: ServedModel, cfg: Config, version: st
             "args": {**model._asdict(), "version": version, "deploy": dcfg.model_dump(mode="json")},
         }],
     }
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return write_text(path, yaml.safe_dump(config, sort_keys=False))
 
 
 def serve_forever(summary: dict) -> None:
@@ -258,13 +258,12 @@ def serve_forever(summary: dict) -> None:
         log("stopping")
 
 
-def prepare(cfg: Config, storage: str, name: str, stages: tuple[str, ...]):
-    """Open the run and refuse bad input before any cluster work: the data, what earlier
-    stages left, and the sweep's and teacher's settings against the data. Returns (run, data);
-    data is None when no stage needs it."""
-    run = Run(storage, name)
+def prepare(cfg: Config, run: Run, stages: tuple[str, ...]):
+    """Start the run's record and refuse bad input before any cluster work: the data, what
+    earlier stages left, and the sweep's and teacher's settings against the data. Returns the
+    data (None when no stage needs it). The caller holds the run's lock."""
     run.start(cfg.model_dump(mode="json"), cfg.digest())
-    log(f"run '{name}' in {run.root}")
+    log(f"run '{run.name}' in {run.root}")
     data = load_data(cfg, run) if {"sweep", "teacher", "student"} & set(stages) else None
     for stage, needs, path in (("student", "teacher", "teacher/teacher.safetensors"),
                                ("deploy", "student", "student/student.safetensors")):
@@ -282,7 +281,7 @@ def prepare(cfg: Config, storage: str, name: str, stages: tuple[str, ...]):
         from raydistill.serving import read_api_key
 
         read_api_key(cfg.deploy)  # a configured but unreadable key fails now, not after training
-    return run, data
+    return data
 
 
 def execute(cfg: Config, run: Run, data, stages: tuple[str, ...], resume: bool = False) -> dict:
@@ -308,16 +307,18 @@ def run_stages(cfg: Config, storage: str, name: str, stages: tuple[str, ...] = P
     import ray
 
     start = time.perf_counter()
-    run, data = prepare(cfg, storage, name, stages)
-    started = connect_ray()
-    try:
-        summaries = execute(cfg, run, data, stages, resume)
-        if "deploy" in stages:
-            log(f"deployment ready at {summaries['deploy']['url']} "
-                f"({time.perf_counter() - start:.0f}s from start)")
-            if cfg.deploy.foreground == "always" or (cfg.deploy.foreground == "auto" and started):
-                serve_forever(summaries["deploy"])
-    finally:
-        if started:
-            ray.shutdown()
+    run = Run(storage, name)
+    with run.lock():
+        data = prepare(cfg, run, stages)
+        started = connect_ray()
+        try:
+            summaries = execute(cfg, run, data, stages, resume)
+            if "deploy" in stages:
+                log(f"deployment ready at {summaries['deploy']['url']} "
+                    f"({time.perf_counter() - start:.0f}s from start)")
+                if cfg.deploy.foreground == "always" or (cfg.deploy.foreground == "auto" and started):
+                    serve_forever(summaries["deploy"])
+        finally:
+            if started:
+                ray.shutdown()
     return summaries

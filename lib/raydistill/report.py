@@ -15,6 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from raydistill.artifacts import write_text
+
 
 def _timed(fn: Callable[[np.ndarray], object], x: np.ndarray, runs: int, warmup: int = 5) -> list[float]:
     for _ in range(warmup):
@@ -107,7 +109,7 @@ def write_report(out_dir: Path, rows: dict[str, dict], summary: dict) -> tuple[P
         "![chart](report.png)",
         "",
     ]
-    md.write_text("\n".join(lines))
+    write_text(md, "\n".join(lines))
     _chart(png, rows)
     return md, png
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from ray.tune.stopper import Stopper
 
+from raydistill.artifacts import write_text
 from raydistill.config import Config, ConfigError, SweepConfig
 
 EXPERIMENT = "tune"  # out_dir/ray/tune: the Tune experiment (what --resume restores)
@@ -205,7 +206,7 @@ class TrialEpochBudget(Stopper):
     def __call__(self, trial_id: str, result: dict) -> bool:
         epochs = self._load()
         epochs[trial_id] = max(epochs.get(trial_id, 0), int(result.get(TIME_ATTR) or 0))
-        self.ledger.write_text(json.dumps(epochs))
+        write_text(self.ledger, json.dumps(epochs))
         return False  # no single trial is stopped here; the schedulers decide that
 
     def stop_all(self) -> bool:
@@ -319,7 +320,7 @@ def _tuner(cfg: Config, data, out_dir: Path, resume: bool, run_name: str):
     elif resume:
         log("sweep: --resume: no interrupted sweep to continue; starting one")
     storage.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(cfg.stage_digest("sweep") + "\n")
+    write_text(stamp, cfg.stage_digest("sweep") + "\n")
     resources = ray.cluster_resources()
     concurrent = max_concurrent(cfg, resources.get("CPU", 1), resources.get("GPU", 0))
     callbacks = _callbacks(cfg, out_dir, run_name)

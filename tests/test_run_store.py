@@ -1,0 +1,139 @@
+"""The run store under crashes, races and a full disk: one writer per run name, writes that
+are never seen half done, and a full disk that ends in a clear error with the manifest intact.
+Real processes throughout (SIGKILL, a real file-size limit from the kernel)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from raydistill.artifacts import Run, RunLocked, load_weights, write_json
+
+from conftest import BIN, REPO
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from raydistill.artifacts import Run
+    with Run(sys.argv[1], "same").lock():
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def _holder(storage):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(storage)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_writer_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    holder = _holder(tmp_path)
+    try:
+        second = subprocess.run([str(BIN / "raydistill"), "deploy", "--storage", str(tmp_path), "--name", "same"],
+                                capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert second.returncode == 1, second.stderr
+        assert f"run 'same' is in use by pid {holder.pid} on {os.uname().nodename}, started 20" in second.stderr
+        with pytest.raises(RunLocked):
+            with Run(tmp_path, "same").lock():
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)  # dies holding it: no clean release
+        holder.wait()
+    out = subprocess.run([sys.executable, "-c", "import sys; from raydistill.artifacts import Run\n"
+                          "with Run(sys.argv[1], 'same').lock(): print('took it')", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "took it" in out.stdout, out.stderr
+    assert f"taking over the lock left by pid {holder.pid}" in out.stdout
+    with Run(tmp_path, "same").lock():  # released cleanly this time: nothing to take over
+        pass
+
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from raydistill.artifacts import save_weights, write_json
+    kind, path, tag = sys.argv[1], sys.argv[2], sys.argv[3]
+    print("go", flush=True)
+    for i in range(10**9):
+        if kind == "json":
+            write_json(path, {"writer": tag, "i": i, "rows": [[i] * 64] * 2000})
+        else:
+            save_weights(path, {"w": torch.full((512, 1024), float(i))}, {"writer": tag})
+""")
+
+
+@pytest.mark.parametrize("kind", ["json", "weights"])
+def test_concurrent_writers_and_sigkill_never_leave_a_file_a_reader_misreads(tmp_path, kind):
+    """Two processes rewrite the same file in a loop while a reader checks it; each is then
+    SIGKILLed mid-loop, many times over. Every read must parse whole."""
+    path = tmp_path / ("manifest.json" if kind == "json" else "teacher.safetensors")
+    reads = 0
+    for round_ in range(6):
+        writers = [subprocess.Popen([sys.executable, "-c", WRITER, kind, str(path), f"w{round_}{n}"],
+                                    stdout=subprocess.PIPE, text=True) for n in range(2)]
+        for w in writers:
+            assert w.stdout.readline().strip() == "go"
+        deadline = time.monotonic() + 1.0 + 0.3 * round_
+        while time.monotonic() < deadline:
+            if path.exists():
+                if kind == "json":
+                    assert json.loads(path.read_text())["writer"].startswith(f"w")
+                else:
+                    tensors, meta = load_weights(path)
+                    assert tensors["w"].shape == (512, 1024) and meta["writer"].startswith("w")
+                reads += 1
+        for w in writers:
+            w.send_signal(signal.SIGKILL)
+            w.wait()
+    assert reads > 20
+    leftovers = [p.name for p in tmp_path.iterdir() if p != path]
+    assert all(name.startswith(f".{path.name}.") and name.endswith(".tmp") for name in leftovers), leftovers
+
+
+FULL_DISK = textwrap.dedent("""
+    import resource, signal, sys
+    from raydistill.cli import main
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # past the limit, write() fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def test_a_full_disk_is_a_clear_error_and_the_manifest_stays_valid(tmp_path):
+    run = Run(tmp_path, "r")
+    run.start({"seed": 0}, "c0ffee")
+    with run.stage("teacher", "t1") as outputs:
+        outputs.append(write_json(run.dir("teacher") / "summary.json", {"accuracy": 0.9}))
+    before = run.manifest_path.read_bytes()
+    # The manifest this command writes holds the whole config (a few KB): past a 1 KB limit.
+    cmd = [sys.executable, "-c", FULL_DISK, "1024", "deploy", "--config", str(REPO / "configs" / "demo.yaml"),
+           "--storage", str(tmp_path), "--name", "r"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "manifest.json: cannot write it (File too large)" in out.stderr and "Traceback" not in out.stderr
+    assert run.manifest_path.read_bytes() == before
+    assert json.loads(before)["stages"]["teacher"]["status"] == "done"
+    assert not [p for p in run.root.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_each_stage_keeps_its_own_config_and_code_version(tmp_path):
+    from raydistill.config import load_config
+
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    run = Run(tmp_path, "r")
+    run.start(cfg.model_dump(mode="json"), cfg.digest())
+    with run.stage("teacher", cfg.stage_digest("teacher"), config=cfg.stage_config("teacher")):
+        pass
+    later = cfg.with_values({"deploy.port": 9000, "teacher.epochs": 99})
+    run.start(later.model_dump(mode="json"), later.digest())  # a later `deploy --set ...`
+    record = run.manifest()["stages"]["teacher"]
+    assert record["config"]["teacher"]["epochs"] == cfg.teacher.epochs and set(record["config"]) == {
+        "seed", "data", "teacher"}
+    assert record["git_sha"] and len(record["git_sha"]) == 40
+    assert run.manifest()["config"]["teacher"]["epochs"] == 99  # the top level: the last command's
