@@ -12,8 +12,8 @@ flip, rotation, colour jitter, gaussian noise, random erasing, then mixup with s
                collate, one torch thread per worker;
 on two data sets: synthetic 3x64x64 images (model input 64) and the bundled digits (1x8x8,
 model input 16, as the demo). Images/s are counted after the first batch (steady state; the
-start-up time is printed beside), best of --repeats, variants interleaved so that load drifts
-on a shared machine hit both alike.
+start-up time is printed beside), best of --repeats (3; 2 with --quick), variants interleaved
+so that load drifts on a shared machine hit both alike.
 
 Then a short real teacher run (the demo's resnet10t, ZeRO-3 on 2 Ray Train workers, the same
 ops on the digits) reports `data_wait_fraction`: rank 0's time waiting for the next batch over
@@ -21,17 +21,18 @@ its training-step time (first batch apart).
 
 Targets: ours >= 1.5x the DataLoader's images/s (each data set); data wait < 5% of step time.
 
-    python bench/augment_throughput.py [--quick] [--cores 2] [--repeats 3]
+    python bench/augment_throughput.py [--quick] [--cores 2] [--repeats 3] [--no-teacher]
+--quick: 2,048 images per set instead of 8,192, 2 repeats, a 1-epoch teacher instead of 3.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
+
+from harness import Bench, best, interleave
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = [
@@ -170,18 +171,18 @@ def teacher_wait(args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2,048 images per set, 2 repeats, a 1-epoch teacher")
+    bench = Bench("augment_throughput", __doc__, repeats=(3, 2),
+                  target="ours >= 1.5x a torchvision.transforms.v2 DataLoader (images/s, each data set); "
+                         "teacher data wait < 5% of step time")
+    parser = bench.parser
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="CPUs for both pipelines")
     parser.add_argument("--batch", type=int, default=64, help="batch size the consumer takes (both pipelines)")
     parser.add_argument("--aug-batch", type=int, default=None,
                         help="ours: rows per augmentation task (data.batch_size; default: the config's)")
     parser.add_argument("--cpus-per-task", type=float, default=1.0, help="ours: CPUs per Ray Data augmentation task")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per variant; the best counts")
-    parser.add_argument("--no-teacher", action="store_true", help="skip the teacher data-wait run")
-    args = parser.parse_args()
-    if args.quick:
-        args.repeats = min(args.repeats, 2)
+    parser.add_argument("--no-teacher", action="store_true", help="skip the teacher data-wait run (the target "
+                        "is then not met: half of it is unmeasured)")
+    args = bench.parse()
 
     import logging
 
@@ -192,29 +193,30 @@ def main() -> None:
              log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO line per execution otherwise
-    runs: dict = {(s, v): [] for s in sets for v in ("ours", "DataLoader")}
+    variants = {}
+    for name, (split, classes, size) in sets.items():
+        variants[f"{name} / ours"] = lambda s=split, c=classes, z=size: ours(s, c, z, args)
+        variants[f"{name} / DataLoader"] = lambda s=split, c=classes, z=size: baseline(s, c, z, args)
     wait = None
     try:
-        for _ in range(args.repeats):
-            for name, (split, classes, size) in sets.items():
-                runs[(name, "ours")].append(ours(split, classes, size, args))
-                runs[(name, "DataLoader")].append(baseline(split, classes, size, args))
+        runs = interleave(variants, args.repeats)
         if not args.no_teacher:
             wait = teacher_wait(args)
     finally:
         ray.shutdown()
 
-    best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in runs.items()}
-    ratios = {s: best[(s, "ours")]["images_per_s"] / best[(s, "DataLoader")]["images_per_s"] for s in sets}
+    top = {k: best(v, "images_per_s") for k, v in runs.items()}
+    ratios = {s: top[f"{s} / ours"]["images_per_s"] / top[f"{s} / DataLoader"]["images_per_s"] for s in sets}
     aug_batch = args.aug_batch or config(64, 1, None).data.batch_size
     print(f"\nops: {', '.join(op['op'] for op in OPS)}; batch {args.batch} (ours augments {aug_batch} rows "
           f"per task, {args.cpus_per_task} CPU each); {args.cores} cores; "
           f"{len(next(iter(sets.values()))[0])} images per set; best of {args.repeats}\n")
     print(f"{'data set':22} {'pipeline':12} {'images/s':>9} {'vs DataLoader':>14} {'first batch s':>14}   all runs "
           "(images/s after the first batch)")
-    for (name, variant), row in best.items():
+    for key, row in top.items():
+        name, variant = key.split(" / ")
         ratio = f"{ratios[name]:.2f}x" if variant == "ours" else ""
-        all_runs = " ".join(f"{r['images_per_s']:.0f}" for r in runs[(name, variant)])
+        all_runs = " ".join(f"{r['images_per_s']:.0f}" for r in runs[key])
         print(f"{name:22} {variant:12} {row['images_per_s']:9.0f} {ratio:>14} {row['first_batch_s']:14.2f}   {all_runs}")
     if wait:
         print(f"\nteacher (resnet10t, ZeRO-3, 2 workers, digits, same ops): data wait "
@@ -224,19 +226,23 @@ def main() -> None:
               f"{wait['steps']} steps")
     throughput_met = all(r >= 1.5 for r in ratios.values())
     wait_met = None if wait is None else wait["data_wait_fraction"] < 0.05  # None: not measured (--no-teacher)
-    print(json.dumps({
-        "bench": "augment_throughput",
-        "target": "ours >= 1.5x a torchvision.transforms.v2 DataLoader (images/s, each data set); "
-                  "teacher data wait < 5% of step time",
-        "met": bool(throughput_met and wait_met),
-        "throughput_met": throughput_met, "wait_met": wait_met,
-        "cores": args.cores, "batch": args.batch, "aug_batch": aug_batch, "cpus_per_task": args.cpus_per_task, "repeats": args.repeats,
-        "ops": [op["op"] for op in OPS],
-        "images_per_s": {f"{s} / {v}": round(r["images_per_s"], 1) for (s, v), r in best.items()},
-        "images_per_s_all_runs": {f"{s} / {v}": [round(r["images_per_s"], 1) for r in rs] for (s, v), rs in runs.items()},
-        "ratio": {s: round(r, 3) for s, r in ratios.items()},
-        "teacher": wait,
-    }))
+    images_per_s = {k: round(r["images_per_s"], 1) for k, r in top.items()}
+    bench.finish(
+        met=bool(throughput_met and wait_met),
+        figures={
+            "throughput_met": throughput_met, "wait_met": wait_met,
+            "cores": args.cores, "batch": args.batch, "aug_batch": aug_batch, "cpus_per_task": args.cpus_per_task,
+            "repeats": args.repeats, "images_per_set": len(next(iter(sets.values()))[0]),
+            "ops": [op["op"] for op in OPS],
+            "images_per_s": images_per_s,
+            "first_batch_s": {k: r["first_batch_s"] for k, r in top.items()},
+            "images_per_s_all_runs": {k: [round(r["images_per_s"], 1) for r in rs] for k, rs in runs.items()},
+            "ratio": ratios,
+            "teacher": wait,
+        },
+        compare=images_per_s,
+        unit="images/s after the first batch (best run)",
+    )
 
 
 if __name__ == "__main__":

@@ -7,9 +7,7 @@ In one run, on each of two held-out test sets:
              on a random background with heavy pixel noise, 3x32x32;
 we train and compare
   - teacher:        cross-entropy; plain_cnn_l (4.7M params, models.SMALL_ARCHS: a plain CNN
-                    sized as a teacher) on both sets, one recipe; timm's resnet10t, the demo's
-                    teacher, was the bench's before, but its ImageNet stem leaves too little of
-                    a 16x16 or 32x32 image (see TEACHERS);
+                    sized as a teacher) on both sets, one recipe (see TEACHER);
   - student KD:     a plain shallow CNN (models.SMALL_ARCHS: plain_cnn_s, 59K params, on
                     digits; plain_cnn_s at width 1.5, 131K, on shapes), knowledge distillation from the
                     teacher (online: teacher forward on the same augmented batch; T and alpha
@@ -29,30 +27,32 @@ Targets: retention (student int8 accuracy / teacher accuracy) >= 0.98; >= 10x fe
 parameters; >= 5x lower batch-1 CPU latency, compared in the same runtime (teacher as fp32
 ONNX vs student int8 ONNX; teacher in torch vs student int8 is printed too); KD beats no-KD.
 
-KD vs no-KD, the criterion (fixed before the results it judges were seen): on a few hundred
-test images one mistake is ~0.3 points, about the spread between seeds, so one seed decides
-nothing. The KD and no-KD students are trained with --seeds N seeds (default 3: seeds
-cfg.seed .. cfg.seed+N-1, each pair with the same init, views, steps and budget; the teacher
-is the one seed-0 teacher). Met when, on every set, the mean over the seeds of
-(KD accuracy - no-KD accuracy) is > 0. Every seed's pair and the mean +- std are printed, and
-a set where KD loses on any seed says so. The compressed / int8 rows are the seed-0 KD student.
+KD vs no-KD: on a few hundred test images one mistake is ~0.3 points, about the spread
+between seeds, so one seed decides nothing. The KD and no-KD students are trained with
+--seeds N seeds (default 3: seeds cfg.seed .. cfg.seed+N-1, each pair with the same init,
+views, steps and budget; the teacher is the one seed-0 teacher). Met when, on every set, the
+mean over the seeds of (KD accuracy - no-KD accuracy) is > 0. Every seed's pair and the
+mean +- std are printed, and a set where KD loses on any seed says so. The compressed / int8
+rows are the seed-0 KD student.
 
-    python bench/compression.py [--quick] [--out bench_compression.json] [--sets digits,shapes] [--epochs T,S]
-                                [--seeds N] [--temperature T] [--alpha A] [--shapes-student ARCH[@WIDTH]]
+    python bench/compression.py [--quick] [--sets digits,shapes] [--epochs T,S] [--seeds N]
+                                [--temperature T] [--alpha A] [--shapes-student ARCH[@WIDTH]]
 
 --quick: digits 6 teacher / 8 student epochs; shapes 2,500 images, 40 teacher / 40 student
-epochs (shapes: 20 min on 2 idle cores, 3 seeds; the teacher 7 min, each KD student 3 min).
+epochs (shapes: about 20 minutes on 2 idle cores with 3 seeds). Full: digits 12 / 16 epochs;
+shapes 6,000 images, 48 / 48 epochs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from harness import Bench, interleave
 
 # ---- data ---------------------------------------------------------------------------------
 
@@ -113,25 +113,16 @@ def split(images, labels, seed: int, test_fraction: float = 0.2, val_fraction: f
 
 
 # The student per set (ARCH or ARCH@WIDTH). Digits (16x16, 1 channel) needs little. On shapes
-# the 0.3M plain_cnn_m alone comes within a few test images of the teacher, so KD had nothing to
-# add (KD - no-KD +0.002 mean over 6 probe seeds, -0.003 over the bench's 3); plain_cnn_s at
-# width 1.5 (131K) stays short of the teacher alone, and KD closed about 2.4 points of that gap
-# on each of 4 probe seeds (README: the probes; they scored on the test split, so this choice
-# saw the test set).
+# the student must stay short of the teacher when trained alone, or KD has nothing to add:
+# plain_cnn_m (0.3M) alone comes within a few test images of the teacher; plain_cnn_s at width
+# 1.5 (131K) does not.
 STUDENTS = {"digits": "plain_cnn_s", "shapes": "plain_cnn_s@1.5"}
-# The teacher per set: config overrides. On shapes (32x32) timm's resnet10t takes the image to
-# 8x8 before its first stage and to 1x1 in its last (most of its 4.9M parameters are 3x3 convs
-# on a 1x1 map): at 20 epochs it reached 0.930 against the 0.3M student's 0.958 (no KD, mean of 3
-# seeds). plain_cnn_l (4.7M) keeps 16x16 in its first stage. Its LR and weight decay come from
-# one-seed probes at 40 epochs (README has the table): LR 3e-3 reached 0.972, below what the
-# 0.3M student reaches alone in 40 epochs (0.986-0.990), so KD taught the student the
-# teacher's mistakes; LR 1e-3 reached 0.982, and with weight decay 0.05 (it overfits 1,750
-# images: 0.997 on its training views) 0.986.
-# On digits (16x16) resnet10t's first stage sees 4x4 and its last 1x1, the same flaw; at the
-# full budget its student alone matched it (0.9916 on test), so KD had nothing to teach (-0.0037
-# over 3 seeds). Digits now uses the shapes recipe as is, chosen blind to the test split: 2
-# teacher seeds each, on validation (179 images), resnet10t NLL 0.0331 / 0.0536, accuracy
-# 0.9832 / 0.9832; plain_cnn_l NLL 0.0362 / 0.0332, accuracy 0.9888 / 0.9832 (README: the probe).
+# The teacher: config overrides, the same on both sets. plain_cnn_l (4.7M) keeps 16x16 in its
+# first stage on a 32x32 input; timm's resnet10t (the demo's teacher) has an ImageNet stem that
+# brings a 32x32 image to 8x8 before its first stage and to 1x1 in its last (a 16x16 one to 4x4
+# and 1x1), where it falls behind the students it should teach. LR 1e-3 with weight decay 0.05:
+# the teacher overfits a training set of a few thousand images otherwise, and a teacher below
+# what the student reaches alone teaches its mistakes.
 TEACHER = {"teacher.arch": "plain_cnn_l", "teacher.lr": 1e-3, "teacher.weight_decay": 0.05}
 TEACHERS = {"digits": TEACHER, "shapes": TEACHER}
 
@@ -147,8 +138,8 @@ def epoch_views(data, epoch: int, cfg, batch_size: int):
     per (seed, epoch, row id), so every model trained here sees exactly the same views.
 
     Kept in memory once made (digits: ~1 MB an epoch; quick shapes: ~13 MB): the teacher, the
-    KD and the no-KD students of a seed then share them instead of re-augmenting. On 2 cores
-    the per-sample augmentation cost as much as training the small student itself.
+    KD and the no-KD students of a seed then share them instead of re-augmenting: on 2 cores
+    the per-sample augmentation costs about as much as training the small student itself.
     """
     import torch
 
@@ -238,16 +229,15 @@ def interleaved_latency(runners: dict, input_shape: tuple, rounds: int = 7, runs
     from raydistill import report
 
     one = np.random.default_rng(0).random((1, *input_shape), dtype=np.float32)
-    calls = {name: [] for name in runners}
-    per_round = {name: [] for name in runners}
     with report.one_thread():
-        for _ in range(rounds):
-            for name, fn in runners.items():
-                times = report._timed(fn, one, runs)
-                calls[name] += times
-                per_round[name].append(float(np.percentile(times, 50)))
-    return {name: {"p50": float(np.percentile(calls[name], 50)), "p99": float(np.percentile(calls[name], 99)),
-                   "round_p50": per_round[name]} for name in runners}
+        turns = interleave({name: lambda fn=fn: {"ms": report._timed(fn, one, runs)} for name, fn in runners.items()},
+                           rounds)
+    out = {}
+    for name, found in turns.items():
+        calls = [ms for turn in found for ms in turn["ms"]]
+        out[name] = {"p50": float(np.percentile(calls, 50)), "p99": float(np.percentile(calls, 99)),
+                     "round_p50": [float(np.percentile(turn["ms"], 50)) for turn in found]}
+    return out
 
 
 # ---- one data set -------------------------------------------------------------------------
@@ -289,8 +279,8 @@ def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, stude
     # KD vs no-KD over more seeds (init, view order and augmentation; the teacher stays):
     # is the margin more than seed noise?
     by_seed = {"seed": [cfg.seed], "kd": [kd_acc], "no_kd": [no_kd_acc]}
-    # Each seed's views serve only that seed's models: keeping every seed's took the process to 17 GB in a
-    # full shapes run (6,000 images x 48 epochs, ~2.5 GB a seed).
+    # Each seed's views serve only that seed's models: a full shapes run's (6,000 images x 48
+    # epochs) are ~2.5 GB a seed, too much to keep every seed's.
     _VIEWS.clear()
     for seed in range(cfg.seed + 1, cfg.seed + seeds):
         seeded = cfg.with_values({"seed": seed})
@@ -389,11 +379,10 @@ def print_table(name: str, result: dict) -> None:
 
 
 def main() -> None:
-    import torch
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer epochs and shapes: a few minutes on 2 cores")
-    parser.add_argument("--out", default=None, help="also write the JSON line to this file")
+    bench = Bench("compression", __doc__, repeats=None,
+                  target="student keeps >= 98% of teacher accuracy (fp32 and int8) with >= 10x fewer params, "
+                         ">= 5x lower batch-1 CPU latency (same runtime), and KD beats no-KD (mean over seeds)")
+    parser = bench.parser
     parser.add_argument("--sets", default="digits,shapes", help="comma-separated subset of digits,shapes")
     parser.add_argument("--epochs", default=None, metavar="T,S", help="teacher and student epochs (override)")
     parser.add_argument("--temperature", type=float, default=None,
@@ -401,27 +390,25 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=None,
                         help="KD hard-label weight alpha for both sets (default: the config's student.alpha)")
     parser.add_argument("--shapes-student", default=STUDENTS["shapes"], metavar="ARCH[@WIDTH]",
-                        help=f"the shapes student (default {STUDENTS['shapes']}); e.g. plain_cnn_m for the 0.3M "
-                             "one the bench used before")
+                        help=f"the shapes student (default {STUDENTS['shapes']}), e.g. plain_cnn_m")
     parser.add_argument("--seeds", type=int, default=3,
                         help="train the KD and no-KD students with this many seeds (same teacher); the KD target "
                              "is judged on the mean margin over them")
-    args = parser.parse_args()
+    args = bench.parse()
+    import torch
+
     torch.set_num_threads(2)
     epochs = {"teacher": 6, "student": 8} if args.quick else {"teacher": 12, "student": 16}
-    # shapes needs more steps than digits: at 6 teacher epochs on 2,500 images resnet10t stays
-    # near 0.3 (measured), 12 epochs on 1,500 reach 0.56, 20 on 2,500 0.93. Students get 40
-    # epochs too: at 20, OneCycle's 3-epoch warm-up brings the student's LR (6e-3) to its peak
-    # while the net is still at chance, and runs then sat near chance for a random 3-15 epochs
-    # (one KD run ended at 0.28, its twin at 0.94), so 3 seeds compared luck, not KD. With 40
-    # (a 6-epoch warm-up) all 18 probe runs were at 0.72 or better by epoch 8 (README: the probes).
+    # Shapes needs many more steps than digits. Students get as many epochs as the teacher: with
+    # few, OneCycle's warm-up (15% of the steps) brings the LR to its peak while the net is still
+    # at chance, some runs then stay near chance for a random number of epochs, and a few seeds
+    # compare luck instead of KD.
     shapes_epochs = {"teacher": 40, "student": 40} if args.quick else {"teacher": 48, "student": 48}
     if args.epochs:
         epochs = shapes_epochs = dict(zip(("teacher", "student"), map(int, args.epochs.split(","))))
     n_shapes = 2500 if args.quick else 6000
     kd = (args.temperature, args.alpha)
     results = {}
-    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if "digits" in args.sets:
             results["digits"] = run_set("digits", split(*digits_dataset(), seed=0), 16, epochs, Path(tmp),
@@ -442,23 +429,23 @@ def main() -> None:
     }
     for target, ok in met.items():
         print(f"target {target}: {'met' if ok else 'NOT met'}")
-    line = {
-        "bench": "compression",
-        "target": "student keeps >= 98% of teacher accuracy (fp32 and int8) with >= 10x fewer params, "
-                  ">= 5x lower batch-1 CPU latency (same runtime), and KD beats no-KD",
-        "met": all(met.values()),
+    figures = {
         "targets": met,
-        "quick": args.quick,
         "epochs": epochs,
         "shapes_epochs": shapes_epochs,
         "temperature": args.temperature, "alpha": args.alpha,  # None: the config's default
-        "wall_s": round(time.perf_counter() - start, 1),
         **{name: {k: v for k, v in r.items() if k != "rows"} | {"forms": r["rows"]} for name, r in results.items()},
     }
-    text = json.dumps(line, default=float)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    # Accuracy on each held-out test set: the teacher, our compressed KD student as served (int8),
+    # and the same student trained without KD.
+    compare = {}
+    for name, r in results.items():
+        compare[f"{name}: teacher"] = float(r["teacher_accuracy"])
+        compare[f"{name}: ours, student KD int8"] = float(r["int8_accuracy"])
+        compare[f"{name}: student no-KD"] = float(r["no_kd_accuracy"])
+    # numpy scalars (float32 accuracies and the like) as plain floats for the JSON record
+    bench.finish(met=all(met.values()), figures=json.loads(json.dumps(figures, default=float)), compare=compare,
+                 unit="test accuracy")
 
 
 if __name__ == "__main__":

@@ -8,15 +8,19 @@ on the demo preset with every GPU path on:
   - deploy:  the replica holds the GPU (deploy.use_gpu, runtime torch).
 The job leaves the deployment up (deploy.foreground=never); this script then sends Open
 Inference Protocol v2 requests over loopback at concurrency 1, 16 and 64 for --seconds each,
-checks the served predictions on held-out digits, and stops the cluster.
+checks the served predictions on the last 256 digits, and stops the cluster.
 
-    python bench/gpu_pipeline.py [--seconds 10] [--out gpu_pipeline.json] [--cpu]
---cpu runs the same with the GPU settings off (a dry run on a machine without one).
+Target: the job succeeds; the GPU replica's top-1 accuracy on the last 256 digits >= 0.95;
+0 errors under load at every concurrency.
+
+    python bench/gpu_pipeline.py [--quick] [--seconds 10] [--trials 2] [--timeout 600] [--cpu]
+--quick: no sweep, 5 s of load per concurrency. --cpu runs the same with the GPU settings off
+(a dry run on a machine without one), whose record goes to runs/bench/gpu_pipeline.cpu.json
+unless --out says otherwise.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -26,7 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from harness import Bench
+
 REPO = Path(__file__).resolve().parents[1]
+MIN_ACCURACY = 0.95
+CONCURRENCY = (1, 16, 64)
 GPU_SETS = ["teacher.use_gpu=true", "teacher.precision=bf16", "student.use_gpu=true", "deploy.use_gpu=true",
             "deploy.runtime=torch", "sweep.trial_workers=1"]
 SETS = ["teacher.num_workers=1", "student.num_workers=1", "deploy.foreground=never"]
@@ -60,8 +68,9 @@ def load(url: str, body: dict, concurrency: int, seconds: float) -> dict:
         t.join()
     wall = time.perf_counter() - start
     return {"concurrency": concurrency, "requests": len(latencies), "errors": errors[0],
-            "req_per_s": len(latencies) / wall, "p50_ms": float(np.percentile(latencies, 50)),
-            "p99_ms": float(np.percentile(latencies, 99))}
+            "req_per_s": len(latencies) / wall,
+            "p50_ms": float(np.percentile(latencies, 50)) if latencies else None,
+            "p99_ms": float(np.percentile(latencies, 99)) if latencies else None}
 
 
 def served_accuracy(base: str) -> float:
@@ -81,13 +90,19 @@ def served_accuracy(base: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=10.0, help="load per concurrency level")
+    bench = Bench("gpu_pipeline", __doc__, repeats=None,
+                  target=f"the job succeeds on the GPU; served top-1 on the last 256 digits >= {MIN_ACCURACY}; "
+                         "0 errors under load at concurrency 1, 16, 64")
+    parser = bench.parser
+    parser.add_argument("--seconds", type=float, default=10.0, help="load per concurrency level (5 with --quick)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds the job may take")
-    parser.add_argument("--out", help="also write the results as JSON to this file")
-    parser.add_argument("--trials", type=int, default=2, help="sweep trials (0 skips the sweep)")
+    parser.add_argument("--trials", type=int, default=2, help="sweep trials (0 skips the sweep; 0 with --quick)")
     parser.add_argument("--cpu", action="store_true", help="GPU settings off: a dry run without a GPU")
-    args = parser.parse_args()
+    args = bench.parse()
+    if args.quick:
+        args.trials, args.seconds = 0, 5.0
+    if args.cpu and args.out is None:  # a dry run's record must not replace a GPU run's
+        args.out = REPO / "runs" / "bench" / "gpu_pipeline.cpu.json"
 
     import torch
 
@@ -118,7 +133,9 @@ def main() -> None:
         result["job_log"] = str(root / "job.log")
         print(logs[-6000:], flush=True)
         if status != "SUCCEEDED":
-            raise SystemExit(f"the job ended {status} after {result['job']['wall_s']}s (log: {root / 'job.log'})")
+            why = f"the job ended {status} after {result['job']['wall_s']}s (log: {root / 'job.log'})"
+            bench.finish(met=False, figures=result, notes=why)
+            raise SystemExit(why)
         run = storage / "gpu"
         summaries = {s: json.loads((run / s / "summary.json").read_text()) for s in ("teacher", "student", "deploy")}
         if args.trials:
@@ -135,16 +152,21 @@ def main() -> None:
         result["served_accuracy_last256"] = served_accuracy(base)
         one = {"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32",
                            "data": np.random.default_rng(0).random(64).tolist()}]}
-        result["load"] = [load(f"{base}/v2/models/digits/infer", one, c, args.seconds) for c in (1, 16, 64)]
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        result["load"] = {f"c={c}": load(f"{base}/v2/models/digits/infer", one, c, args.seconds) for c in CONCURRENCY}
     print(f"\njob {result['job']['status']} in {result['job']['wall_s']}s; teacher {result['teacher']['precision']} "
           f"acc {result['teacher']['accuracy']:.3f} at {result['teacher']['samples_per_s']:.0f} samples/s; student acc "
           f"{result['student']['accuracy']:.3f}; served ({result['deploy']['runtime']}) acc {result['served_accuracy_last256']:.3f}")
-    for row in result["load"]:
-        print(f"  concurrency {row['concurrency']:>3}: {row['req_per_s']:7.1f} req/s  p50 {row['p50_ms']:6.1f} ms  "
-              f"p99 {row['p99_ms']:6.1f} ms  errors {row['errors']}")
+    for row in result["load"].values():
+        print(f"  concurrency {row['concurrency']:>3}: {row['req_per_s']:7.1f} req/s  p50 {row['p50_ms'] or float('nan'):6.1f} ms  "
+              f"p99 {row['p99_ms'] or float('nan'):6.1f} ms  errors {row['errors']}")
+    errors = sum(row["errors"] for row in result["load"].values())
+    bench.finish(
+        met=result["served_accuracy_last256"] >= MIN_ACCURACY and errors == 0,
+        figures={**result, "errors": errors},
+        compare={f"ours ({result['deploy']['runtime']}), {c}": row["req_per_s"] for c, row in result["load"].items()},
+        unit="req/s, one image a request",
+        notes="A CPU dry run (--cpu): GPU settings off." if args.cpu else "",
+    )
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """Teacher training on one GPU: MFU of our DeepSpeed step against a bare PyTorch loop.
 
-Issue 3's GPU figures: model FLOPs achieved / the GPU's bf16 dense peak (989 TFLOP/s on an
-H100 or H200 SXM), target >= 40%, for the gpu-single preset, beside the same model without
-offload and a bare PyTorch loop. In one run, on the same model, image size and synthetic
-batches already on the GPU (only the training step is measured):
+Model FLOPs achieved / the GPU's bf16 dense peak (989 TFLOP/s on an H100 or H200 SXM) for the
+gpu-single preset, beside the same model without offload and a bare PyTorch loop. In one run,
+on the same model, image size and synthetic batches already on the GPU (only the training step
+is measured):
   bare    plain PyTorch: fp32 weights, bf16 autocast, fused AdamW, gradient clipping;
   zero0   ours (sharding.wrap + training.teacher_step, what the Ray Train worker runs), ZeRO off,
           bf16 in DeepSpeed's torch_autocast mode (fp32 weights, bf16 autocast compute);
   zero3   ours, ZeRO-3, bf16 autocast, nothing offloaded;
-  bf16mode  zero0 in DeepSpeed's bf16 mode instead (bf16 weights, fp32 master copy): what we
-          used before torch_autocast; kept for the side-by-side (fails on BatchNorm nets);
+  bf16mode  zero0 in DeepSpeed's bf16 mode instead (bf16 weights, fp32 master copy), for the
+          side-by-side with torch_autocast (fails on BatchNorm nets);
   preset  ours exactly as configs/gpu-single.yaml sets it: ZeRO-3 with parameters and optimizer
           state offloaded to host memory, activation checkpointing, its micro-batch and
           accumulation.
@@ -19,9 +19,12 @@ one that runs out of memory fails alone; its peak GPU memory and host RSS are re
 Model FLOPs per sample are counted once per arch with torch's FlopCounterMode on a forward +
 backward without recomputation (so activation checkpointing's extra forward earns no credit).
 
-    python bench/gpu_teacher.py [--variants bare,zero0,bf16mode,zero3,preset] [--steps 8] [--out gpu_teacher.json]
-Without a GPU it measures nothing, unless variants are named: then it runs them on the CPU
-(gloo, fp32, 32x32 images; no MFU), a dry run of the same code.
+Target: the preset >= 40% MFU.
+
+    python bench/gpu_teacher.py [--variants bare,zero0,bf16mode,zero3,preset] [--steps 8] [--quick]
+--quick times 3 steps instead of --steps. Without a GPU it measures nothing, unless variants
+are named: then it runs them on the CPU (gloo, fp32, 32x32 images; no MFU), a dry run of the
+same code, whose record goes to runs/bench/gpu_teacher.cpu.json unless --out says otherwise.
 """
 
 from __future__ import annotations
@@ -30,14 +33,17 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-PRESET = Path(__file__).resolve().parents[1] / "configs" / "gpu-single.yaml"
+from harness import Bench
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = REPO / "configs" / "gpu-single.yaml"
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # bf16 dense, SXM
+TARGET_MFU = 0.40
 
 
 def teacher_config(variant: str, arch: str | None, cpu: bool):
@@ -150,15 +156,11 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(name: str, args) -> dict:
     """One variant in a fresh process: a failure (out of memory, say) costs only its row."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    from raydistill.localcluster import free_ports
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports(1)[0]),
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     start = time.perf_counter()
@@ -173,35 +175,43 @@ def spawn(name: str, args) -> dict:
     return {**json.loads(rows[-1]), "wall_s": time.perf_counter() - start}
 
 
+def label(variant: str) -> str:
+    return "bare PyTorch" + variant[4:] if variant.partition("@")[0] == "bare" else f"ours, {variant}"
+
+
 def _fmt(value, spec: str, width: int) -> str:
     return ("-" if value is None else format(value, spec)).rjust(width)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench = Bench("gpu_teacher", __doc__, repeats=None,
+                  target=f"the gpu-single preset >= {TARGET_MFU:.0%} MFU (of the bf16 dense peak)")
+    parser = bench.parser
     parser.add_argument("--variants", default="bare,zero0,zero3,preset",
                         help="comma-separated; VARIANT@ARCH runs it on another timm arch")
-    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per variant")
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per variant (3 with --quick)")
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before timing")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per variant")
-    parser.add_argument("--out", help="also write the rows as JSON to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print its row
-    args = parser.parse_args()
+    args = bench.parse()
     if args.one:
         print(json.dumps(run_variant(args.one, args.steps, args.warmup)), flush=True)
         return
+    if args.quick:
+        args.steps = 3
     import torch
 
-    if not torch.cuda.is_available() and args.variants == parser.get_default("variants"):
+    gpu = torch.cuda.is_available()
+    if not gpu and args.variants == parser.get_default("variants"):
         print("no GPU here: nothing to measure (a CPU dry run: --variants bare@resnet10t,zero3@resnet10t)")
         return
+    if not gpu and args.out is None:  # a dry run's record must not replace a GPU run's
+        args.out = REPO / "runs" / "bench" / "gpu_teacher.cpu.json"
     rows = []
     for name in args.variants.split(","):
         row = spawn(name, args)
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            Path(args.out).write_text(json.dumps(rows, indent=1))
+        print(json.dumps(row), flush=True)  # each row as it comes: a run cut short keeps the rows done
     print(f"\n{'variant':<34} {'params':>7} {'zero':>4} {'batch':>8} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
           f"{'GPU GiB':>8} {'host GiB':>8}")
     for r in rows:
@@ -211,6 +221,19 @@ def main() -> None:
         print(f"{r['variant']:<34} {r['params'] / 1e9:>6.2f}B {r['zero_stage']:>4} {r['micro_batch']:>4}x{r['accum']:<3} "
               f"{r['samples_per_s']:>10.1f} {r['achieved_tflops']:>8.1f} {_fmt(r['mfu'], '.1%', 6)} "
               f"{_fmt(r['gpu_peak_gib'], '.1f', 8)} {r['host_peak_rss_gib']:>8.1f}")
+
+    done = [r for r in rows if "error" not in r]
+    preset = [r for r in done if r["variant"].partition("@")[0] == "preset" and r["mfu"] is not None]
+    with_mfu = bool(done) and all(r["mfu"] is not None for r in done)
+    bench.finish(
+        met=any(r["mfu"] >= TARGET_MFU for r in preset),
+        figures={"steps": args.steps, "warmup": args.warmup,
+                 "variants": {r["variant"]: {k: v for k, v in r.items() if k != "variant"} for r in rows}},
+        # MFU where the GPU's peak is known; samples/s otherwise (a CPU dry run, another card)
+        compare={label(r["variant"]): 100 * r["mfu"] if with_mfu else r["samples_per_s"] for r in done} or None,
+        unit="MFU (% of the bf16 dense peak)" if with_mfu else "samples/s",
+        notes="" if gpu else "A CPU dry run (gloo, fp32): it checks the code path, it measures no MFU.",
+    )
 
 
 if __name__ == "__main__":

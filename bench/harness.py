@@ -2,9 +2,9 @@
 
 A benchmark declares its terms, measures, then hands its figures over:
 
-    bench = Bench("serve_load", __doc__, target="ours c=1 p50 <= bare + 3 ms; 0 errors")
+    bench = Bench("serve_load", __doc__, target="ours c=1 p50 <= bare + 3 ms; 0 errors", repeats=(3, 2))
     bench.parser.add_argument("--seconds", type=float, default=10)   # its own flags
-    args = bench.parse()                                               # --quick, --repeats, --out too
+    args = bench.parse()                       # --quick, --out and (with `repeats`) --repeats too
     runs = interleave({"bare": run_bare, "ours": run_ours}, args.repeats)
     bench.finish(met=gap <= 3, figures={"p50_gap_ms": gap}, compare={"bare": ..., "ours": ...}, unit="req/s")
 
@@ -110,13 +110,17 @@ def rounded(value, digits: int = 4):
 
 
 class Bench:
-    def __init__(self, name: str, doc: str, target: str):
-        self.name, self.target = name, target
+    def __init__(self, name: str, doc: str, target: str, repeats: tuple[int, int] | None = (1, 1)):
+        """repeats: the default of --repeats (full run, --quick run); None for a bench that runs
+        each variant once (or repeats over seeds of its own), which then has no --repeats flag."""
+        self.name, self.target, self.repeats = name, target, repeats
         self.parser = argparse.ArgumentParser(prog=f"bench/{name}.py", description=doc,
                                               formatter_class=argparse.RawDescriptionHelpFormatter)
         self.parser.add_argument("--quick", action="store_true", help="a short run: a few minutes on 2 cores")
-        self.parser.add_argument("--repeats", type=int, default=None,
-                                 help="runs per variant, interleaved; the best counts (default: the bench's)")
+        if repeats is not None:
+            self.parser.add_argument("--repeats", type=int, default=None,
+                                     help=f"runs per variant, interleaved; the best counts (default {repeats[0]}, "
+                                          f"{repeats[1]} with --quick)")
         self.parser.add_argument("--out", type=Path, default=None,
                                  help=f"record to write (default bench/results/{name}.json, "
                                       f"{name}.quick.json with --quick)")
@@ -124,6 +128,11 @@ class Bench:
 
     def parse(self, argv: list[str] | None = None) -> argparse.Namespace:
         self.args = self.parser.parse_args(argv)
+        if self.repeats is not None:
+            if self.args.repeats is None:
+                self.args.repeats = self.repeats[1] if self.args.quick else self.repeats[0]
+            if self.args.repeats < 1:
+                self.parser.error("--repeats must be at least 1")
         self.command = shlex.join(["python", f"bench/{self.name}.py", *(sys.argv[1:] if argv is None else argv)])
         self.started = dt.datetime.now(dt.timezone.utc)
         self._t0 = time.perf_counter()

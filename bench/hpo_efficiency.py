@@ -7,30 +7,29 @@ Compared, in one run, with the project's own sweep (raydistill.sweep.run_sweep):
 on the same real training problem: a small timm network (--arch, test_efficientnet: 0.1M
 parameters, to keep a run cheap on 2 cores), in-process trials with the pipeline's augmentation,
 on the bundled digits (1,797 real 8x8 images, through the pipeline's own loader), with 30% of
-the rows (539) for validation, 5% held out, 65% (1,168) to train; the metric is validation
-cross-entropy (val_loss, min). The last version of this benchmark maximised val accuracy on
-the default 10% split: 180 rows, accuracy saturated near 0.95-0.98 in steps of 0.0056, and
-which method "reached" the other's best was decided by ties and single images. The loss is
-continuous and keeps ranking models once accuracy saturates. (--data shapes trains on the set
-bench/compression.py generates, at 3x16x16; at this budget test_efficientnet does not learn it,
-every trial stays near chance, so it is not the default.) The 5-dimensional space is wide, as a
-real first sweep's is: lr over 4.5 decades, weight decay over 5, batch size, warmup, rotation.
+the rows (539) for validation, 5% held out, 65% (1,168) to train. The metric is validation
+cross-entropy (val_loss, min): it is continuous and keeps ranking models once accuracy
+saturates, where val accuracy on a few hundred rows moves in steps of one image and ties
+decide which method "reached" the other's best. (--data shapes trains on the set
+bench/compression.py generates, at 3x16x16; at this budget test_efficientnet does not learn
+it, every trial stays near chance, so it is not the default.) The 5-dimensional space is wide,
+as a real first sweep's is: lr over 4.5 decades, weight decay over 5, batch size, warmup,
+rotation.
 Equal budget (--budget):
   - trial-epochs (default): equal compute. Random search + FIFO runs --trials trials of --epochs
     epochs, which spends trials x epochs trial-epochs; TPE + ASHA gets the same number of
     trial-epochs (sweep.trial_epoch_budget) and starts trials until it has spent them, so the
     epochs ASHA saves by stopping trials early go to more trials, as in the Hyperband and ASHA
     papers' comparisons at equal resources. Its random startup stays at trials // 6.
-  - trials: the same number of trials, each allowed the same maximum epochs (this benchmark's
-    earlier definition; ASHA's savings are then left unspent).
+  - trials: the same number of trials, each allowed the same maximum epochs (ASHA's savings
+    are then left unspent).
 Both run 2 trials at a time (--concurrent). Repeated over --seeds seeds (searcher, splits and init).
 
-Trials run up to --epochs 27 epochs (the default since stop 17; it was 4). Early stopping can
-only save what a trial has left to run, and real sweeps train for tens of epochs. With the
-sweep's default ASHA (grace period 1, reduction factor 2; rungs at 1, 2, 4, 8, 16) a 27-epoch
-trial that ASHA stops at the first rung costs 1/27 of a full one. Measured at equal compute, 3
-seeds, the criterion below (README): 4-epoch trials ratio 0.93 (as ran; stop 16), 9-epoch 0.51,
-27-epoch 0.23. A 27-epoch run takes about 45 minutes on 2 cores.
+Trials run up to --epochs 27 epochs. Early stopping can only save what a trial has left to
+run, and real sweeps train for tens of epochs: with the sweep's default ASHA (grace period 1,
+reduction factor 2; rungs at 1, 2, 4, 8, 16) a 27-epoch trial that ASHA stops at the first
+rung costs 1/27 of a full one. A full run takes about 45 minutes on 2 cores; --quick runs 12
+trials of up to 3 epochs per sweep.
 
 Definitions (identical for both methods, from the same progress curve, raydistill.sweep.progress_curve):
   - a trial-epoch is one epoch of one trial: the unit of compute;
@@ -40,24 +39,24 @@ Definitions (identical for both methods, from the same progress curve, raydistil
     random search's final best in the same seed (so for random search it is where it first
     found its own best).
 Random search's trials are independent draws, so the order they ran in is luck: its final best
-may come in its first trial or its last, and in earlier runs that alone set one seed's "to
-reach" anywhere from 6 to 66. The criterion takes random search's "to reach" as the mean over
-2,000 random orders of its own trials, replayed --concurrent at a time (expected_reach_iid):
-the same expectation, with the luck of one order averaged out. TPE + ASHA keeps the order it
-ran in (each of its trials depends on the ones before). The figure for the order random search
-actually ran in is printed and saved too ("as_ran").
+may come in its first trial or its last, and that alone can move one seed's "to reach" by an
+order of magnitude. The criterion takes random search's "to reach" as the mean over 2,000
+random orders of its own trials, replayed --concurrent at a time (expected_reach_iid): the
+same expectation, with the luck of one order averaged out. TPE + ASHA keeps the order it ran
+in (each of its trials depends on the ones before). The figure for the order random search
+actually ran in is printed and recorded too ("as_ran").
 Target: TPE + ASHA reaches T in every seed, and the sum over seeds of its trial-epochs to reach
 T is at most 1/3 of random search's sum. Per-seed ratios and their median are printed too, and,
 as a second view of the same curves, each method's best at the trial-epochs TPE + ASHA spent.
 
     python bench/hpo_efficiency.py [--quick] [--seeds 3] [--trials 24] [--epochs 27] [--budget trial-epochs|trials]
-                                   [--data shapes|digits]
-Writes OUT/hpo_efficiency.json and OUT/hpo_efficiency.png (best-so-far curves of both).
+                                   [--data shapes|digits] [--workdir runs/bench]
+Writes WORKDIR/hpo_efficiency.png (best-so-far curves of both) and, after each seed,
+WORKDIR/hpo_efficiency.partial.json (rows and curves so far).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -65,6 +64,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import Bench
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"TPE + ASHA": ("tpe", "asha"), "random + FIFO": ("random", "fifo")}
@@ -105,8 +106,7 @@ def replay_reach(histories: list, order, target: float, mode: str, concurrent: i
 def expected_reach_iid(histories: list, target: float, mode: str, concurrent: int, orders: int = 2000) -> float | None:
     """Random search's trial-epochs to reach `target`, averaged over `orders` random orders of
     its own trials. Its trials are independent draws, so the order they happened to run in is
-    luck: its best may come first or last, and that alone moved one seed's "to reach" from 6
-    to 66 trial-epochs in earlier runs. Averaging over orders keeps the same expectation with
+    luck: its best may come first or last. Averaging over orders keeps the same expectation with
     less of that noise (TPE's trials depend on the ones before them, so its order is its own
     and it keeps the one it ran in)."""
     import numpy as np
@@ -167,9 +167,12 @@ def one_sweep(seed: int, searcher: str, scheduler: str, args, data, out: Path) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="12 trials of up to 3 epochs per sweep, 1,200 shapes")
-    parser.add_argument("--seeds", type=int, default=3)
+    bench = Bench("hpo_efficiency", __doc__, repeats=None,
+                  target="TPE + ASHA reaches random search's final best in every seed with <= 1/3 of the "
+                         "trial-epochs random search needed (summed over seeds; random search's averaged over the "
+                         "orders of its trials), at an equal budget")
+    parser = bench.parser
+    parser.add_argument("--seeds", type=int, default=3, help="seeds (searcher, splits and init); both methods each")
     parser.add_argument("--trials", type=int, default=24, help="trials per sweep (both methods)")
     parser.add_argument("--epochs", type=int, default=27, help="max epochs per trial (both methods)")
     parser.add_argument("--budget", choices=("trial-epochs", "trials"), default="trial-epochs",
@@ -182,11 +185,13 @@ def main() -> None:
     parser.add_argument("--arch", default="test_efficientnet", help="timm architecture the trials train")
     parser.add_argument("--concurrent", type=int, default=2, help="trials at once (both methods)")
     parser.add_argument("--reduction-factor", type=int, default=None, help="ASHA's; default: the sweep's default")
-    parser.add_argument("--out", default=str(REPO / "runs" / "bench"), help="folder for the JSON and the plot")
-    args = parser.parse_args()
+    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench",
+                        help="folder for the plot and the per-seed partial results")
+    args = bench.parse()
+    bench.target += f" of {args.budget}"
     if args.quick:
         args.trials, args.epochs, args.shapes = min(args.trials, 12), min(args.epochs, 3), min(args.shapes, 1200)
-    out = Path(args.out)
+    out = args.workdir
     out.mkdir(parents=True, exist_ok=True)
 
     import ray
@@ -269,26 +274,29 @@ def main() -> None:
     plot = plot_progress(curves, out / "hpo_efficiency.png", args.metric,
                          f"TPE + ASHA vs random + FIFO on {args.data}, equal {args.budget} "
                          f"({args.trials} x {args.epochs})")
-    result = {
-        "bench": "hpo_efficiency",
-        "target": "TPE + ASHA reaches random search's final best in every seed with <= 1/3 of the trial-epochs "
-                  "random search needed (summed over seeds; random search's averaged over the orders of its "
-                  f"trials), at an equal budget of {args.budget}",
-        "met": bool(ratio is not None and ratio <= 1 / 3),
-        "ratio": ratio,
-        "per_seed_ratio": ratios["to_reach_expected"]["per_seed"],
-        "median_ratio": ratios["to_reach_expected"]["median"],
-        "as_ran": ratios["to_reach_random_best"],
-        "data": args.data, "metric": args.metric, "mode": mode, "arch": args.arch, "trials": args.trials,
-        "epochs": args.epochs, "budget": args.budget, "seeds": args.seeds, "concurrent": args.concurrent, **settings,
-        "mean_best": {m: round(sum(r["best"] for r in rows if r["method"] == m) / args.seeds, 4) for m in METHODS},
-        "trial_epochs_total": {m: sum(r["trial_epochs"] for r in rows if r["method"] == m) for m in METHODS},
-        "rows": rows,
-        "curves": curves,
-        "plot": str(plot),
-    }
-    (out / "hpo_efficiency.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "curves"}))
+    sums = ratios["to_reach_expected"]["sums"]
+    bench.finish(
+        met=ratio is not None and ratio <= 1 / 3,
+        figures={
+            "ratio": ratio,
+            "per_seed_ratio": ratios["to_reach_expected"]["per_seed"],
+            "median_ratio": ratios["to_reach_expected"]["median"],
+            "as_ran": ratios["to_reach_random_best"],
+            "data": args.data, "metric": args.metric, "mode": mode, "arch": args.arch, "trials": args.trials,
+            "epochs": args.epochs, "budget": args.budget, "seeds": args.seeds, "concurrent": args.concurrent,
+            **settings,
+            "mean_best": {m: sum(r["best"] for r in rows if r["method"] == m) / args.seeds for m in METHODS},
+            "trial_epochs_total": {m: sum(r["trial_epochs"] for r in rows if r["method"] == m) for m in METHODS},
+            "rows": {f"seed {r['seed']}, {r['method']}": {k: v for k, v in r.items() if k not in ("seed", "method")}
+                     for r in rows},
+            "plot": str(plot),
+        },
+        # Trial-epochs to reach random search's final best, summed over seeds (random search's
+        # averaged over orders): only when TPE + ASHA reached it in every seed.
+        compare={"ours: TPE + ASHA": sums[0], "random search + FIFO": sums[1]} if reached_all else None,
+        unit="trial-epochs to reach random search's best (sum over seeds; fewer is better)",
+        notes="" if reached_all else "TPE + ASHA did not reach random search's final best in every seed.",
+    )
 
 
 if __name__ == "__main__":

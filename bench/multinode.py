@@ -9,7 +9,9 @@ Both layouts are real Ray clusters of `ray start` processes on this machine
     collectives cross raylets, as on a real multi-node cluster (minus the network).
 The teacher stage of configs/demo.yaml (resnet10t, ZeRO-3 over gloo, digits) goes in through
 `ray job submit` each time; figures come from teacher/summary.json and the job's wall time.
-Layouts alternate (A B A B ...) so the load of a shared machine hits both alike.
+Layouts alternate (A B A B ...), --repeats times each (2; 1 with --quick, which also trains 2
+epochs instead of --epochs 4), so the load of a shared machine hits both alike; the median
+of each layout's runs counts.
 
 Then, unless --no-loss: the 2-node layout again, with the worker node's raylet SIGKILLed after
 the second checkpoint and a new node started once the head has noticed (recovery times).
@@ -17,16 +19,18 @@ the second checkpoint and a new node started once the head has noticed (recovery
 Target: 2 one-CPU nodes reach >= 0.8x the samples/s of one 2-CPU node (what crossing nodes
 costs on one machine; across real machines the network adds to it, see docs/scaling.md).
 
-    python bench/multinode.py [--quick] [--repeats N] [--out runs/bench/multinode.json]
+    python bench/multinode.py [--quick] [--repeats N] [--epochs 4] [--no-loss]
 """
 
 from __future__ import annotations
 
-import argparse
+import itertools
 import json
 import statistics
 import time
 from pathlib import Path
+
+from harness import Bench, interleave
 
 from raydistill.localcluster import LocalCluster
 
@@ -101,25 +105,26 @@ def run_with_node_loss(epochs: int, index: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 epochs, one run per layout: a few minutes on 2 cores")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2, help="runs per layout, alternating")
-    parser.add_argument("--no-loss", action="store_true", help="skip the run that loses a node mid-way")
-    parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "multinode.json"))
-    args = parser.parse_args()
+    bench = Bench("multinode", __doc__, repeats=(2, 1),
+                  target=f"2 one-CPU nodes >= {TARGET}x the teacher samples/s of one 2-CPU node")
+    bench.parser.add_argument("--epochs", type=int, default=4, help="teacher epochs per job (2 with --quick)")
+    bench.parser.add_argument("--no-loss", action="store_true", help="skip the run that loses a node mid-way")
+    args = bench.parse()
     if args.quick:
-        args.epochs, args.repeats = 2, 1
+        args.epochs = 2
 
-    runs = []
-    for r in range(args.repeats):
-        for name in LAYOUTS:
-            row = run_layout(name, args.epochs, len(runs))
-            print(f"[multinode] {name}: {row['samples_per_s']} samples/s, train {row['train_time_s']} s, "
-                  f"job {row['job_s']} s", flush=True)
-            runs.append(row)
+    jobs = itertools.count()
 
-    loss = None if args.no_loss else run_with_node_loss(args.epochs, len(runs))
+    def measure(name: str) -> dict:
+        row = run_layout(name, args.epochs, next(jobs))
+        print(f"[multinode] {name}: {row['samples_per_s']} samples/s, train {row['train_time_s']} s, "
+              f"job {row['job_s']} s", flush=True)
+        return row
+
+    by_layout = interleave({name: lambda name=name: measure(name) for name in LAYOUTS}, args.repeats)
+    runs = [row for rows in by_layout.values() for row in rows]
+
+    loss = None if args.no_loss else run_with_node_loss(args.epochs, next(jobs))
     if loss:
         print(f"[multinode] node loss: noticed in {loss['loss_noticed_s']} s, job done {loss['kill_to_end_s']} s "
               f"after the kill, restarts {loss['restarts']}", flush=True)
@@ -142,21 +147,18 @@ def main() -> None:
               f"{loss['loss_noticed_s']} s, a new node was up {loss['node_replaced_s']} s after the kill, the job "
               f"ended {loss['kill_to_end_s']} s after it; {loss['restarts']} restart, {loss['steps']} steps (as "
               f"uninterrupted); job {loss['job_s']} s vs {two_nodes['job_s']} s uninterrupted")
-    result = {
-        "bench": "multinode",
-        "target": f"2 one-CPU nodes >= {TARGET}x the teacher samples/s of one 2-CPU node",
-        "met": ratio >= TARGET,
-        "ratio": round(ratio, 3),
-        "epochs": args.epochs, "repeats": args.repeats,
-        "median": med,
-        "node_loss": loss,
-        "runs": runs,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"(all runs: {out})")
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
+    bench.finish(
+        met=ratio >= TARGET,
+        figures={
+            "ratio": ratio,
+            "epochs": args.epochs, "repeats": args.repeats,
+            "median": med,
+            "node_loss": loss,
+            "samples_per_s_all_runs": {name: [r["samples_per_s"] for r in rows] for name, rows in by_layout.items()},
+        },
+        compare={name: m["samples_per_s"] for name, m in med.items()},
+        unit="teacher samples/s (median of runs)",
+    )
 
 
 if __name__ == "__main__":

@@ -1,81 +1,102 @@
-"""Serving load benchmark: raydistill's Serve deployment against a naive one and the bare model.
+"""Serving load: raydistill's Serve deployment against a naive one and the bare model.
 
-Compared in one run, with the same student weights and the same Open Inference Protocol v2 JSON
-request (one 8x8 image), over loopback, for a fixed number of requests at concurrency 1, 16, 64:
-  (a) bare   the model's forward in this process (batch = concurrency): the limit
-  (b) naive  a Serve deployment with Serve's defaults and one forward per request
-  (c) ours   raydistill.serving (@serve.batch, config-driven max_ongoing_requests)
-One replica each, the same CPUs, deployed one at a time. Reports req/s, p50, p99 and errors;
-each measurement stops starting requests after 15 s (--quick) or 60 s.
+The model is the student the demo pipeline serves: configs/demo.yaml's `student.arch`
+(plain_cnn_s) for the bundled digits, built as the student stage builds it
+(distill.student_spec, models.build_network; untrained weights: latency does not depend on
+them), exported with compress.export_onnx and quantized to static int8 with
+compress.quantize_int8 on 512 training images, as the student stage does. It runs the way
+the deploy stage runs it on CPU: in ONNX Runtime through serving.Predictor, the int8 file by
+default (what deploy.runtime=auto picks when int8 keeps its validation accuracy; --runtime
+onnx serves the fp32 file, torch the PyTorch weights). All three systems run that same
+Predictor on one thread:
+  (a) bare   the Predictor in this process (batch = concurrency): the limit;
+  (b) naive  a Serve deployment with Serve's defaults and one forward per request;
+  (c) ours   raydistill.serving.build_app with the demo's deploy settings (@serve.batch,
+             max_batch_size, max_ongoing_requests).
+Each gets the same Open Inference Protocol v2 JSON request (one 8x8 image) over loopback,
+for a fixed number of requests at concurrency 1, 16 and 64; one replica of 1 CPU each,
+deployed one at a time on a local Ray of 2 CPUs. Reports req/s, p50, p99 and errors; each
+measurement stops starting requests after 15 s (--quick) or 60 s.
+
 Targets on 2 CPU cores: ours at concurrency 1 p50 <= bare + 3 ms; ours at concurrency 64
 >= 3x naive throughput; 0 errors.
 
-    python bench/serve_load.py [--quick]
+    python bench/serve_load.py [--quick] [--runtime int8|onnx|torch]
 """
 
-import argparse
 import asyncio
 import json
-import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from harness import Bench, rounded
+
+REPO = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 16, 64)
+REPLICA_CPUS = 1.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def demo_config(port: int):
+    from raydistill.config import load_config
+
+    # The demo's deploy settings; one whole CPU per replica so naive and ours get the same.
+    return load_config(REPO / "configs" / "demo.yaml", [f"deploy.port={port}", f"deploy.replica_cpus={REPLICA_CPUS}"])
 
 
-def make_weights(root: Path):
+def student_files(cfg, root: Path, runtime: str):
+    """The demo's student as the student stage writes it: safetensors, and the ONNX file the
+    runtime needs. Returns (ServedModel, spec, params)."""
+    from raydistill import compress
     from raydistill.artifacts import save_weights, sha256
-    from raydistill.models import ModelSpec, build_network
+    from raydistill.data import load_dataset, resolve_source
+    from raydistill.distill import student_spec
+    from raydistill.models import build_network, count_params
+    from raydistill.serving import ServedModel
 
-    spec = ModelSpec("test_efficientnet", 10, (1, 8, 8), 16)
-    path = save_weights(root / "student.safetensors", build_network(spec).state_dict(), spec.to_meta())
-    return spec, str(path), sha256(path)
+    data = load_dataset(cfg, resolve_source(cfg, root))
+    spec = student_spec(cfg, data)
+    net = build_network(spec).eval()
+    weights = save_weights(root / "student.safetensors", net.state_dict(), spec.to_meta())
+    onnx = None
+    if runtime != "torch":
+        onnx = compress.export_onnx(net, spec, root / "student.onnx")
+        if runtime == "int8":
+            onnx = compress.quantize_int8(onnx, root / "student.int8.onnx", data.train.images[:512])
+    model = ServedModel(str(weights), sha256(weights), *((str(onnx), sha256(onnx)) if onnx else ()))
+    return model, spec, count_params(net)
 
 
-def bare(spec, path, requests_at: dict) -> dict:
-    import torch
+def bare(model, spec, requests_at: dict) -> dict:
+    from raydistill.serving import Predictor
 
-    from raydistill.artifacts import load_weights
-    from raydistill.models import Classifier, build_network
-
-    torch.set_num_threads(1)
-    state, _ = load_weights(Path(path))
-    net = build_network(spec)
-    net.load_state_dict(state)
-    model = Classifier(net, spec).eval()
+    predict = Predictor(model, threads=1)
+    rng = np.random.default_rng(0)
     out = {}
-    with torch.inference_mode():
-        for c, n in requests_at.items():
-            x = torch.rand(c, *spec.input_shape)
-            for _ in range(5):
-                model(x)
-            times = []
-            for _ in range(max(1, n // c)):
-                start = time.perf_counter()
-                model(x)
-                times.append(time.perf_counter() - start)
-            t = np.asarray(times)
-            out[c] = {"rps": c / t.mean(), "p50_ms": 1e3 * np.percentile(t, 50), "p99_ms": 1e3 * np.percentile(t, 99),
-                      "errors": 0}
+    for c, n in requests_at.items():
+        x = rng.random((c, *spec.input_shape), dtype=np.float32)
+        for _ in range(5):
+            predict(x)
+        times = []
+        for _ in range(max(1, n // c)):
+            start = time.perf_counter()
+            predict(x)
+            times.append(time.perf_counter() - start)
+        t = np.asarray(times)
+        out[c] = {"rps": c / t.mean(), "p50_ms": 1e3 * np.percentile(t, 50), "p99_ms": 1e3 * np.percentile(t, 99),
+                  "errors": 0}
     return out
 
 
-async def _load(url: str, concurrency: int, total: int, max_s: float) -> dict:
+async def _load(url: str, spec, concurrency: int, total: int, max_s: float) -> dict:
     """`total` requests from `concurrency` clients; none is started after max_s seconds."""
     import aiohttp
 
-    body = json.dumps({"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                                   "data": np.random.default_rng(0).random(64).round(4).tolist()}]})
+    shape = [1, *spec.input_shape]
+    body = json.dumps({"inputs": [{"name": "pixels", "shape": shape, "datatype": "FP32",
+                                   "data": np.random.default_rng(0).random(int(np.prod(shape))).round(4).tolist()}]})
     latencies, errors, sent = [], 0, 0
     stop_at = time.perf_counter() + max_s
 
@@ -103,7 +124,8 @@ async def _load(url: str, concurrency: int, total: int, max_s: float) -> dict:
             "errors": errors}
 
 
-def naive_app(path: str, cpus: float):
+def naive_app(model, name: str, cpus: float):
+    """What one writes without raydistill.serving: Serve's defaults, one forward per request."""
     from fastapi import FastAPI, Request
     from ray import serve
 
@@ -112,72 +134,66 @@ def naive_app(path: str, cpus: float):
     @serve.deployment(ray_actor_options={"num_cpus": cpus})
     @serve.ingress(app)
     class Naive:
-        def __init__(self, weights: str):
-            import torch
+        def __init__(self, served):
+            from raydistill.serving import Predictor
 
-            from raydistill.artifacts import load_weights
-            from raydistill.models import Classifier, ModelSpec, build_network
+            self.predict = Predictor(served, threads=1)
 
-            torch.set_num_threads(1)
-            state, meta = load_weights(Path(weights))
-            spec = ModelSpec.from_meta(meta)
-            net = build_network(spec)
-            net.load_state_dict(state)
-            self.model = Classifier(net, spec).eval()
-
-        @app.post("/v2/models/digits/infer")
+        @app.post(f"/v2/models/{name}/infer")
         async def infer(self, request: Request) -> dict:
-            import torch
-
             tensor = (await request.json())["inputs"][0]
-            x = torch.tensor(tensor["data"], dtype=torch.float32).reshape(tensor["shape"])
-            with torch.inference_mode():
-                probs = torch.softmax(self.model(x), -1).numpy()
-            return {"model_name": "digits", "outputs": [
+            x = np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
+            probs = self.predict(x)
+            return {"model_name": name, "outputs": [
                 {"name": "probabilities", "datatype": "FP32", "shape": list(probs.shape), "data": probs.ravel().tolist()}]}
 
-    return Naive.bind(path)
+    return Naive.bind(model)
 
 
-def served(name: str, app, port: int, requests_at: dict, max_s: float) -> dict:
+def served(name: str, app, url: str, spec, requests_at: dict, max_s: float) -> dict:
     from ray import serve
 
     serve.run(app, name=name, route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v2/models/digits/infer"
-    asyncio.run(_load(url, 4, 40, max_s))  # warm-up
-    out = {c: asyncio.run(_load(url, c, n, max_s)) for c, n in requests_at.items()}
+    asyncio.run(_load(url, spec, 4, 40, max_s))  # warm-up
+    out = {c: asyncio.run(_load(url, spec, c, n, max_s)) for c, n in requests_at.items()}
     serve.delete(name)
     return out
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer requests: a minute or two on 2 cores")
-    args = parser.parse_args()
+    bench = Bench("serve_load", __doc__,
+                  target="ours c=1 p50 <= bare + 3 ms; ours c=64 >= 3x naive req/s; 0 errors", repeats=None)
+    bench.parser.add_argument("--runtime", choices=("int8", "onnx", "torch"), default="int8",
+                              help="what every system runs: the student's int8 ONNX (default), fp32 ONNX, or torch")
+    args = bench.parse()
     requests_at = {1: 200, 16: 600, 64: 1200} if args.quick else {1: 1000, 16: 3000, 64: 6000}
     max_s = 15.0 if args.quick else 60.0  # per measurement: a collapsing baseline must not stall the run
 
     import ray
     from ray import serve
 
-    from raydistill.config import DeployConfig
-    from raydistill.serving import ServedModel, build_app
+    from raydistill.localcluster import free_ports
+    from raydistill.serving import build_app
 
-    cpus = 1.0
+    (port,) = free_ports(1)
+    cfg = demo_config(port)
+    dcfg = cfg.deploy
+    url = f"http://127.0.0.1:{port}/v2/models/{dcfg.model_name}/infer"
     with tempfile.TemporaryDirectory() as tmp:
-        spec, path, digest = make_weights(Path(tmp))
-        results = {"bare": bare(spec, path, requests_at)}
-        port = free_port()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        model, spec, params = student_files(cfg, Path(tmp), args.runtime)
+        results = {"bare": bare(model, spec, requests_at)}
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            results["naive"] = served("naive", naive_app(path, cpus), port, requests_at, max_s)
-            ours = DeployConfig(port=port, replica_cpus=cpus, max_batch_size=32, max_ongoing_requests=128)
-            results["ours"] = served("ours", build_app(ServedModel(path, digest), ours, "bench"), port, requests_at, max_s)
+            results["naive"] = served("naive", naive_app(model, dcfg.model_name, REPLICA_CPUS), url, spec,
+                                      requests_at, max_s)
+            results["ours"] = served("ours", build_app(model, dcfg, "bench"), url, spec, requests_at, max_s)
         finally:
             serve.shutdown()
             ray.shutdown()
 
+    print(f"\n{spec.arch} ({params:,} params, input {'x'.join(map(str, spec.input_shape))}), runtime {args.runtime}; "
+          f"ours: max_batch_size {dcfg.max_batch_size}, max_ongoing_requests {dcfg.max_ongoing_requests}")
     print(f"\n{'system':<7} {'conc':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for system, by_c in results.items():
         for c, r in by_c.items():
@@ -186,18 +202,21 @@ def main() -> int:
     p50_gap = ours[1]["p50_ms"] - limit[1]["p50_ms"]
     speedup = ours[64]["rps"] / naive[64]["rps"]
     errors = sum(r["errors"] for system in ("naive", "ours") for r in results[system].values())
-    met = p50_gap <= 3.0 and speedup >= 3.0 and errors == 0
     print(f"\nours c=1 p50 - bare p50 = {p50_gap:.2f} ms (target <= 3); ours/naive req/s at c=64 = {speedup:.2f}x "
           f"(target >= 3); errors {errors} (target 0)")
-    print(json.dumps({
-        "bench": "serve_load",
-        "target": "ours c=1 p50 <= bare + 3 ms; ours c=64 >= 3x naive req/s; 0 errors",
-        "met": bool(met), "p50_gap_ms": round(p50_gap, 3), "speedup_c64": round(speedup, 3), "errors": errors,
-        "results": {s: {str(c): {k: round(v, 3) for k, v in r.items()} for c, r in by_c.items()}
-                    for s, by_c in results.items()},
-    }))
+    bench.finish(
+        met=p50_gap <= 3.0 and speedup >= 3.0 and errors == 0,
+        figures={"p50_gap_ms": p50_gap, "speedup_c64": speedup, "errors": errors,
+                 "model": {"arch": spec.arch, "params": params, "runtime": args.runtime},
+                 "ours_deploy": {"max_batch_size": dcfg.max_batch_size,
+                                 "max_ongoing_requests": dcfg.max_ongoing_requests, "replica_cpus": REPLICA_CPUS},
+                 "results": {s: {f"c={c}": r for c, r in by_c.items()} for s, by_c in rounded(results, 3).items()}},
+        # over HTTP only: the bare forward's figures (tens of thousands) are in `results`
+        compare={f"{s}, c={c}": results[s][c]["rps"] for c in CONCURRENCY for s in ("naive", "ours")},
+        unit="req/s over HTTP, one image a request",
+    )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

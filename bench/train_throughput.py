@@ -8,22 +8,24 @@ split the same way: samples/s of
   - 2 workers:   ZeRO-3 over gloo, the machine's cores split between them,
 and the bytes of parameters + optimizer state each rank holds (sharding.state_bytes).
 Batches are synthetic tensors already in memory, so only the training step is measured.
-Each variant runs --repeats times, round-robin so that load drifts hit every variant alike,
-and its best run counts (the usual answer to a shared, noisy machine); the spread is printed.
+Each variant runs --repeats times (3; 2 with --quick, which also times 20 steps instead of 60),
+round-robin so that load drifts hit every variant alike, and its best run counts; the spread
+is printed.
 
 Targets (CPU): 1 worker >= 0.85x the bare loop; per-rank state at 2 workers <= 0.55x of 1 worker.
 
-    python bench/train_throughput.py [--quick] [--arch resnet10t] [--image-size 32]
+    python bench/train_throughput.py [--quick] [--repeats N] [--arch resnet10t] [--image-size 32]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
+
+from harness import Bench, best, interleave
 
 
 def _batches(n: int, batch: int, size: int, seed: int):
@@ -123,17 +125,17 @@ def ours(args, workers: int, zero_stage: int, cores: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer steps: about two minutes on 2 cores")
+    bench = Bench("train_throughput", __doc__, repeats=(3, 2),
+                  target="1 worker >= 0.85x the bare PyTorch loop; per-rank state at 2 workers <= 0.55x of 1 worker")
+    parser = bench.parser
     parser.add_argument("--arch", default="resnet10t", help="timm architecture (the demo teacher by default)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64, help="micro-batch per worker")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per run (at most 20 with --quick)")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per variant; the best counts")
-    args = parser.parse_args()
+    args = bench.parse()
     if args.quick:
-        args.steps, args.repeats = min(args.steps, 20), min(args.repeats, 2)
+        args.steps = min(args.steps, 20)
     cores = os.cpu_count() or 2
 
     import ray
@@ -147,14 +149,11 @@ def main() -> None:
         "ours, 1 worker, ZeRO-3": lambda: ours(args, 1, 3, cores),
         "ours, 2 workers, ZeRO-3": lambda: ours(args, 2, 3, cores),
     }
-    runs: dict[str, list[dict]] = {name: [] for name in variants}
     try:
-        for _ in range(args.repeats):
-            for name, run in variants.items():
-                runs[name].append(run())
+        runs = interleave(variants, args.repeats)
     finally:
         ray.shutdown()
-    rows = {name: max(found, key=lambda r: r["samples_per_s"]) for name, found in runs.items()}
+    rows = {name: best(found, "samples_per_s") for name, found in runs.items()}
     spread = {name: [round(r["samples_per_s"], 1) for r in found] for name, found in runs.items()}
 
     base = rows["bare PyTorch loop"]["samples_per_s"]
@@ -170,19 +169,22 @@ def main() -> None:
     one = rows["ours, 1 worker, ZeRO-3"]["state_bytes_per_rank"][0]
     two = max(rows["ours, 2 workers, ZeRO-3"]["state_bytes_per_rank"])
     state_ratio = two / one
-    print(json.dumps({
-        "bench": "train_throughput",
-        "target": "1 worker >= 0.85x the bare PyTorch loop; per-rank state at 2 workers <= 0.55x of 1 worker",
-        "met": speed_ratio >= 0.85 and state_ratio <= 0.55,
-        "arch": args.arch, "image_size": args.image_size, "batch": args.batch, "steps": args.steps,
-        "repeats": args.repeats,
-        "samples_per_s": {k: round(v["samples_per_s"], 1) for k, v in rows.items()},
-        "samples_per_s_all_runs": spread,
-        "state_bytes_per_rank": {k: v["state_bytes_per_rank"] for k, v in rows.items()},
-        "one_worker_vs_bare": round(speed_ratio, 3),
-        "state_two_vs_one_worker": round(state_ratio, 3),
-        "one_worker_zero3_vs_bare": round(rows["ours, 1 worker, ZeRO-3"]["samples_per_s"] / base, 3),
-    }))
+    samples_per_s = {k: round(v["samples_per_s"], 1) for k, v in rows.items()}
+    bench.finish(
+        met=speed_ratio >= 0.85 and state_ratio <= 0.55,
+        figures={
+            "arch": args.arch, "image_size": args.image_size, "batch": args.batch, "steps": args.steps,
+            "cores": cores, "repeats": args.repeats,
+            "samples_per_s": samples_per_s,
+            "samples_per_s_all_runs": spread,
+            "state_bytes_per_rank": {k: v["state_bytes_per_rank"] for k, v in rows.items()},
+            "one_worker_vs_bare": speed_ratio,
+            "state_two_vs_one_worker": state_ratio,
+            "one_worker_zero3_vs_bare": rows["ours, 1 worker, ZeRO-3"]["samples_per_s"] / base,
+        },
+        compare=samples_per_s,
+        unit="samples/s (best run)",
+    )
 
 
 if __name__ == "__main__":
