@@ -132,3 +132,37 @@ def test_unreadable_or_mismatched_checkpoints_are_refused_by_name(tmp_path):
     (tmp_path / checkpoints.STATE_FILE).write_text("{not json")
     with pytest.raises(checkpoints.CheckpointError, match="no readable state.json"):
         checkpoints.load(engine, tmp_path, rank=0, world_size=2)
+
+
+BORDER_TAPS = """
+import sys, torch
+from raydistill import sharding
+torch.set_num_threads(1)
+if sys.argv[1] == "guarded":
+    sharding._avoid_onednn_16bit_conv_on_cpu({"torch_autocast": {"enabled": True}})
+g = torch.Generator().manual_seed(0)
+x, go = torch.randn(8, 192, 1, 1, generator=g), torch.randn(8, 96, 1, 1, generator=g)
+worst = 0.0
+for _ in range(3):
+    junk = [torch.full((1 << 16,), 1e30) for _ in range(256)]  # memory the allocator hands back next
+    del junk
+    w = (torch.randn(96, 192, 3, 3, generator=g) * 0.05).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.nn.functional.conv2d(x, w, stride=2, padding=1)
+    y.backward(go.to(y.dtype))
+    border = w.grad.clone()
+    border[:, :, 1, 1] = 0  # over a 1x1 map only the centre tap sees data; the rest only padding
+    worst = max(worst, border.abs().max().item())
+print(worst)
+"""
+
+
+def test_16bit_cpu_training_gives_padding_only_taps_a_zero_gradient():
+    """The cause of the bf16 resume mismatch: oneDNN's bf16 conv backward leaves these taps
+    uninitialised on CPUs with avx512_bf16. With the guard sharding.wrap applies, they are 0."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", BORDER_TAPS, "guarded"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) == 0.0

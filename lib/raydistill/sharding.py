@@ -98,9 +98,24 @@ def _skip_inference_only_ops() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def _avoid_onednn_16bit_conv_on_cpu(ds_config: dict) -> None:
+    """16-bit autocast on the CPU: run convolutions in ATen's own kernels, not oneDNN's.
+
+    oneDNN's bf16 convolution backward (torch 2.14.1, on CPUs with avx512_bf16/AMX) leaves the
+    weight gradient of kernel taps that see only padding uninitialised: e.g. a 3x3, stride-2
+    conv over a 1x1 map (resnet's last stage at 16x16 input). Those taps get whatever the
+    allocator hands back: zeros in a fresh process, garbage (NaN, 1e31) once memory is
+    reused, so two identical runs in one process, or a run and its resume, diverge. ATen's
+    kernels zero them. GPUs (cuDNN) and fp32 runs are not affected; this setting is
+    process-wide, and the processes that train in 16-bit on CPU do nothing else."""
+    if ds_config.get("torch_autocast", {}).get("enabled") and not torch.cuda.is_available():
+        torch.backends.mkldnn.enabled = False
+
+
 def wrap(model: nn.Module, ds_config: dict):
     """deepspeed.initialize on an already-initialised process group (Ray Train set it up)."""
     _skip_inference_only_ops()
+    _avoid_onednn_16bit_conv_on_cpu(ds_config)
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
