@@ -137,3 +137,63 @@ def test_each_stage_keeps_its_own_config_and_code_version(tmp_path):
         "seed", "data", "teacher"}
     assert record["git_sha"] and len(record["git_sha"]) == 40
     assert run.manifest()["config"]["teacher"]["epochs"] == 99  # the top level: the last command's
+
+
+def _touch_later(path, seconds=5):
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+def test_fingerprint_tells_changed_data_in_sample_and_full_modes(tmp_path):
+    from raydistill.fingerprint import EDGE_BYTES, fingerprint
+
+    folder = tmp_path / "images" / "cat"
+    folder.mkdir(parents=True)
+    big = folder / "big.bin"
+    big.write_bytes(bytes(range(256)) * (4 * EDGE_BYTES // 256))
+    (folder / "small.bin").write_bytes(b"x" * 10)
+    root = str(tmp_path / "images")
+    first = fingerprint(root)
+    assert first == fingerprint(root) and first["files"] == 2 and first["bytes"] == 4 * EDGE_BYTES + 10
+    assert fingerprint("file://" + root)["sha256"] == first["sha256"]  # a pyarrow URI of the same folder
+
+    (folder / "small.bin").write_bytes(b"y" * 10)  # same size; new content and mtime
+    assert fingerprint(root)["sha256"] != first["sha256"]
+    second, full = fingerprint(root), fingerprint(root, full=True)
+    # An edit in the middle of a large file that keeps its size and mtime: only `full` reads it.
+    st = big.stat()
+    with open(big, "r+b") as f:
+        f.seek(2 * EDGE_BYTES)
+        f.write(b"\xff")
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fingerprint(root)["sha256"] == second["sha256"]
+    assert fingerprint(root, full=True)["sha256"] != full["sha256"]
+    with pytest.raises(FileNotFoundError):
+        fingerprint(str(tmp_path / "nowhere"))
+
+
+def test_changed_data_at_the_same_path_redoes_the_data_stage_and_every_stage_after(tmp_path, digits_parquet):
+    import shutil
+
+    from raydistill.config import load_config
+    from raydistill.pipeline import DATA_SUMMARY, load_data
+
+    source = tmp_path / "digits.parquet"
+    shutil.copy(digits_parquet, source)
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.source={source}"])
+    run = Run(tmp_path, "r")
+    load_data(cfg, run)
+    data_record = run.manifest()["stages"]["data"]
+    with run.stage("teacher", cfg.stage_digest("teacher"), inputs=[run.root / DATA_SUMMARY]) as outputs:
+        outputs.append(write_json(run.dir("teacher") / "summary.json", {"accuracy": 0.9}))
+    load_data(cfg, run)  # the same data: nothing redone
+    assert run.manifest()["stages"]["data"]["start"] == data_record["start"]
+    assert run.is_done("teacher", cfg.stage_digest("teacher"))
+
+    _touch_later(source)  # rewritten in place (same bytes here; a new export in real life)
+    load_data(cfg, run)
+    redone = run.manifest()["stages"]["data"]
+    assert redone["start"] > data_record["start"] and redone["config_hash"] != data_record["config_hash"]
+    summary = json.loads((run.root / DATA_SUMMARY).read_text())
+    assert summary["source_fingerprint"]["files"] == 1 and summary["source_fingerprint"]["mode"] == "sample"
+    assert not run.is_done("teacher", cfg.stage_digest("teacher"))

@@ -161,6 +161,9 @@ class DataConfig(_Section):
     image_column: str = "image"
     label_column: str = "label"
     on_bad_rows: Literal["fail", "skip"] = "fail"
+    fingerprint: Literal["sample", "full"] = Field(
+        "sample", description="how the data stage tells changed data at the same source: sample (every "
+        "file's path, size and mtime, and the first and last 64 KiB of up to 256 files) or full (every byte)")
     image_size: int = Field(16, ge=8, le=1024, description="model input side, pixels")
     channels: Literal[0, 1, 3] = Field(
         0, description="channels the model sees: 1 (grey) or 3 (RGB); 0 keeps what the data holds "

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # serving imports Ray Serve: only the deploy stage pays for i
     from raydistill.serving import ServedModel
 
 PIPELINE = ("sweep", "teacher", "student", "deploy")
+DATA_SUMMARY = "data/summary.json"  # holds the source's fingerprint: an input of every stage that trains
 
 
 def log(msg: str) -> None:
@@ -50,16 +51,22 @@ def connect_ray() -> bool:
 
 
 def load_data(cfg: Config, run: Run):
-    """Read and check the data; (re)write data/summary.json when the data stage is not done."""
+    """Read and check the data; (re)write data/summary.json when the data stage is not done:
+    its config changed, or the data at the source did (data.fingerprint). The summary holds the
+    fingerprint and is an input of every stage that trains, so those are redone too."""
     from raydistill.data import load_dataset, resolve_source
+    from raydistill.fingerprint import fingerprint
 
     data_dir = run.dir("data")
-    digest = cfg.stage_digest("data")
+    source = resolve_source(cfg, data_dir)
+    seen = fingerprint(source, full=cfg.data.fingerprint == "full")
+    digest = f"{cfg.stage_digest('data')}-{seen['sha256'][:16]}"
     done = run.is_done("data", digest)
     with contextlib.nullcontext([]) if done else run.stage("data", digest, config=cfg.stage_config("data")) as outputs:
-        data = load_dataset(cfg, resolve_source(cfg, data_dir))
+        data = load_dataset(cfg, source)
         if not done:
-            outputs.append(write_json(data_dir / "summary.json", data.summary(cfg.data.augment)))
+            summary = {**data.summary(cfg.data.augment), "source_fingerprint": seen}
+            outputs.append(write_json(data_dir / "summary.json", summary))
     log(f"data: {data.rows_read} rows read, splits train/val/test = "
         f"{len(data.train)}/{len(data.val)}/{len(data.test)}, skipped {data.rows_skipped or 'none'}")
     return data
@@ -94,7 +101,7 @@ def stage_sweep(cfg: Config, data, run: Run, resume: bool = False) -> Config:
         write_text(best_yaml, dump_yaml(best_cfg))
         return summary, [best_yaml, out / summary["plot"]]
 
-    summary = _run_or_reuse(run, cfg, "sweep", produce)
+    summary = _run_or_reuse(run, cfg, "sweep", produce, inputs=[run.root / DATA_SUMMARY])
     log(f"sweep: best {summary['best_metric']:.4f} {summary['metric']} with {summary['best_config']} "
         f"({summary['trial_epochs']} trial-epochs over {len(summary['trials'])} trials)")
     return cfg.with_values(summary["best_config"])
@@ -106,6 +113,7 @@ def stage_teacher(cfg: Config, data, run: Run) -> dict:
     summary = _run_or_reuse(
         run, cfg, "teacher",
         lambda out: (run_teacher(cfg, data, out), [out / "teacher.safetensors"]),
+        inputs=[run.root / DATA_SUMMARY],
     )
     log(f"teacher: {summary['arch']} {summary['params_total']:,} params, ZeRO-{summary['zero_stage']} "
         f"per-rank {summary['params_per_rank']}, test accuracy {summary['accuracy']:.4f}")
@@ -121,7 +129,7 @@ def stage_student(cfg: Config, data, run: Run) -> dict:
     summary = _run_or_reuse(
         run, cfg, "student",
         lambda out: run_student(cfg, data, teacher_path, teacher_accuracy, out, teacher_sha),
-        inputs=[teacher_path],
+        inputs=[teacher_path, run.root / DATA_SUMMARY],
     )
     lat = summary["latency_ms_p50"]
     int8 = (f", int8 ONNX {summary['int8_accuracy']:.4f} at {summary['latency_ms_p50_exported']['student_int8']:.2f} ms"
