@@ -197,3 +197,28 @@ def test_changed_data_at_the_same_path_redoes_the_data_stage_and_every_stage_aft
     summary = json.loads((run.root / DATA_SUMMARY).read_text())
     assert summary["source_fingerprint"]["files"] == 1 and summary["source_fingerprint"]["mode"] == "sample"
     assert not run.is_done("teacher", cfg.stage_digest("teacher"))
+
+
+def test_a_failed_attempt_leaves_the_last_good_outputs_usable(tmp_path):
+    from raydistill.artifacts import ArtifactError
+    from raydistill.pipeline import _verify
+
+    run = Run(tmp_path, "r")
+    run.start({}, "c")
+    weights = run.dir("student") / "student.safetensors"
+    with run.stage("student", "s1") as outputs:
+        outputs.append(write_json(weights, {"v": 1}))
+    good = _verify(run, "student", weights)
+    with pytest.raises(RuntimeError), run.stage("student", "s2"):
+        raise RuntimeError("worker died mid-distillation")
+    record = run.manifest()["stages"]["student"]
+    assert record["status"] == "failed" and record["last_good"]["config_hash"] == "s1"
+    assert _verify(run, "student", weights) == good  # deploy still serves the last good student
+    with pytest.raises(KeyboardInterrupt), run.stage("student", "s3"):  # a second attempt, interrupted
+        write_json(weights, {"v": "half-way"})  # it had overwritten the file before it stopped
+        raise KeyboardInterrupt
+    with pytest.raises(ArtifactError, match="sha256 differs"):  # refused, never mixed in
+        _verify(run, "student", weights)
+    with run.stage("student", "s4") as outputs:
+        outputs.append(write_json(weights, {"v": 4}))
+    assert run.manifest()["stages"]["student"]["last_good"] is None and _verify(run, "student", weights) != good

@@ -194,8 +194,15 @@ class Run:
                 return False
         return True
 
+    def good_outputs(self, stage: str) -> dict[str, str]:
+        """{relative path: sha256} of the stage's last successful run: its current record when
+        that is done, else the one kept while a newer attempt runs or after it failed."""
+        record = self.manifest().get("stages", {}).get(stage, {})
+        good = record if record.get("status") == "done" else record.get("last_good") or {}
+        return good.get("outputs", {})
+
     def output_hash(self, stage: str, rel: str) -> str | None:
-        return self.manifest().get("stages", {}).get(stage, {}).get("outputs", {}).get(rel)
+        return self.good_outputs(stage).get(rel)
 
     def _update_stage(self, stage: str, **fields) -> None:
         manifest = self.manifest()
@@ -208,8 +215,13 @@ class Run:
         """Run one stage: yields a list the stage appends its output paths to. The record keeps
         the config sections the stage read and the code's git sha."""
         outputs: list[Path] = []
+        before = self.manifest().get("stages", {}).get(stage, {})
+        # Until this attempt succeeds, later stages keep using the last good outputs (each still
+        # checked by hash: one this attempt has overwritten is refused, never mixed in).
+        last_good = ({k: before[k] for k in ("config_hash", "outputs", "start", "end") if k in before}
+                     if before.get("status") == "done" else before.get("last_good"))
         self._update_stage(
-            stage, status="running", config_hash=config_hash, config=config, git_sha=_git_sha(),
+            stage, status="running", last_good=last_good, config_hash=config_hash, config=config, git_sha=_git_sha(),
             start=time.time(), end=None, error=None,
             inputs={self._rel(p): sha256(p) for p in inputs if Path(p).is_file()}, outputs={},
         )
@@ -225,7 +237,7 @@ class Run:
                 pass
             raise
         self._update_stage(
-            stage, status="done", end=time.time(),
+            stage, status="done", end=time.time(), last_good=None,
             outputs={self._rel(p): sha256(p) for p in outputs},
         )
 

@@ -187,7 +187,7 @@ def serving_runtime(run: Run, dcfg) -> tuple[str, Path | None, str]:
     and why."""
     from raydistill.artifacts import ArtifactError
 
-    written = run.manifest().get("stages", {}).get("student", {}).get("outputs", {})
+    written = run.good_outputs("student")
     files = {"int8": "student/student.int8.onnx", "onnx": "student/student.onnx"}
     runtime, reason = dcfg.runtime, "deploy.runtime"
     if runtime == "auto":
