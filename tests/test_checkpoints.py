@@ -5,6 +5,7 @@ bit-identical weights to an uninterrupted run: the Adam moments, step counters, 
 and BatchNorm buffers all come back.
 """
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -166,3 +167,54 @@ def test_16bit_cpu_training_gives_padding_only_taps_a_zero_gradient():
     out = subprocess.run([sys.executable, "-c", BORDER_TAPS, "guarded"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) == 0.0
+
+
+def _fallback_worker(rank: int, world: int, port: int, root: str, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    tcfg = TeacherConfig(num_workers=world, batch_size=MICRO_BATCH, zero_stage=3)
+    gen = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(MICRO_BATCH, 1, 16, 16, generator=gen), torch.randint(0, 10, (MICRO_BATCH,), generator=gen))
+               for _ in range(4)]
+    engine = _engine(tcfg, world)
+    older, newer = Path(root) / "checkpoint_a", Path(root) / "checkpoint_b"
+    for directory, upto in ((older, 2), (newer, 4)):
+        _train(engine, batches[upto - 2:upto])
+        if rank == 0:
+            directory.mkdir()
+        dist.barrier()
+        checkpoints.save(engine, directory, rank=rank, world_size=world, step=upto, counters={})
+        dist.barrier()
+    if rank == 1:  # one rank's shard of the newest checkpoint goes bad on storage
+        shard = newer / checkpoints.shard_file(1)
+        shard.write_bytes(shard.read_bytes()[:-64] + b"\0" * 64)
+    dist.barrier()
+    said = []
+    state = checkpoints.load_first_good(_engine(tcfg, world), [newer, older], rank=rank, world_size=world,
+                                        say=said.append)
+    if rank == 1:
+        (older / checkpoints.shard_file(1)).write_bytes(b"broken")
+    dist.barrier()
+    try:
+        checkpoints.load_first_good(_engine(tcfg, world), [newer, older], rank=rank, world_size=world)
+        both_bad = "loaded"
+    except checkpoints.CheckpointError as err:
+        both_bad = str(err)
+    results.put((rank, {"step": state["step"], "said": said, "both_bad": both_bad,
+                        "hashes": sorted(json.loads((newer / checkpoints.STATE_FILE).read_text())["shards"])}))
+    dist.destroy_process_group()
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_kept_one(tmp_path):
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_fallback_worker, args=(2, _free_port(), str(tmp_path), results), nprocs=2)
+    by_rank = dict(results.get() for _ in range(2))
+    assert by_rank[0]["hashes"] == [checkpoints.shard_file(0), checkpoints.shard_file(1)]
+    assert by_rank[0]["step"] == by_rank[1]["step"] == 2  # both ranks resume from the same, older one
+    assert len(by_rank[0]["said"]) == 1 and "falling back to checkpoint_a" in by_rank[0]["said"][0]
+    assert by_rank[1]["said"] == []  # rank 0 speaks for the group
+    for rank in (0, 1):
+        assert "none of the 2 kept checkpoints is usable on every rank" in by_rank[rank]["both_bad"]
+    assert "is corrupt: its sha256 differs" in by_rank[1]["both_bad"]

@@ -83,7 +83,7 @@ def test_concurrent_writers_and_sigkill_never_leave_a_file_a_reader_misreads(tmp
         while time.monotonic() < deadline:
             if path.exists():
                 if kind == "json":
-                    assert json.loads(path.read_text())["writer"].startswith(f"w")
+                    assert json.loads(path.read_text())["writer"].startswith("w")
                 else:
                     tensors, meta = load_weights(path)
                     assert tensors["w"].shape == (512, 1024) and meta["writer"].startswith("w")

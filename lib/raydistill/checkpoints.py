@@ -7,17 +7,24 @@ and write ZeRO-partitioned parameters and optimizer state), and rank 0 writes th
 JSON. Ray Train gathers every rank's files into one checkpoint folder.
 
 Layout of one checkpoint folder:
-    state.json                    step, restarts, world size, ZeRO stage, LR-scheduler state
+    state.json                    step, restarts, world size, ZeRO stage, LR-scheduler state,
+                                  and the sha256 of every shard
     shard-rank00000.safetensors   fp32 master weights, Adam moments and buffers of rank 0
     shard-rank00001.safetensors   ... of rank 1 (ZeRO-3 only: below stage 3 rank 0 holds all)
+
+A shard whose bytes no longer match its recorded sha256 is refused; `load_first_good` then
+falls back to an older kept checkpoint that every rank can read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -76,19 +83,34 @@ def _optimizer_step(engine) -> int:
     return 0
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save(engine, directory: Path, *, rank: int, world_size: int, step: int, counters: dict) -> None:
-    """Write this rank's part of a checkpoint into `directory` (every rank must call this)."""
+    """Write this rank's part of a checkpoint into `directory` (every rank must call this: the
+    shards' hashes are gathered to rank 0, which records them in state.json)."""
     tensors = _param_tensors(engine)
     # Buffers (BatchNorm statistics) are replicated, not partitioned: each shard carries them.
     tensors.update({f"buffer/{n}": b.detach().cpu().contiguous() for n, b in engine.module.named_buffers()})
+    mine = {}
+    if _writes_shard(engine, rank):
+        save_file(tensors, str(directory / shard_file(rank)))
+        mine[shard_file(rank)] = _sha256(directory / shard_file(rank))
+    hashes = [mine] * world_size
+    if world_size > 1:
+        dist.all_gather_object(hashes, mine)
     if rank == 0:
         scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
         state = {"step": step, "world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
                  "optimizer_step": _optimizer_step(engine), "lr_scheduler": scheduler,
-                 "lr": [group["lr"] for group in engine.optimizer.param_groups], **counters}
+                 "lr": [group["lr"] for group in engine.optimizer.param_groups],
+                 "shards": {k: v for h in hashes for k, v in h.items()}, **counters}
         (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
-    if _writes_shard(engine, rank):
-        save_file(tensors, str(directory / shard_file(rank)))
 
 
 def read_state(directory: Path) -> dict:
@@ -109,7 +131,7 @@ def load(engine, directory: Path, *, rank: int, world_size: int) -> dict:
             f"checkpoint {directory} was written by {state['world_size']} ranks with ZeRO-{state['zero_stage']}; "
             f"this run has {world_size} ranks with ZeRO-{stage}: start a new run name to train from scratch"
         )
-    path = directory / shard_file(rank if stage == 3 else 0)
+    path = _verified_shard(directory, state, rank, stage)
     try:
         tensors = load_file(str(path))
     except (OSError, SafetensorError) as err:
@@ -134,6 +156,47 @@ def load(engine, directory: Path, *, rank: int, world_size: int) -> dict:
         buf.data.copy_(tensors[f"buffer/{name}"])
     _restore_counters(engine, state)
     return state
+
+
+def _verified_shard(directory: Path, state: dict, rank: int, stage: int) -> Path:
+    """This rank's shard, once its bytes match the sha256 in state.json (checkpoints written
+    before hashes were recorded are taken as they are)."""
+    path = directory / shard_file(rank if stage == 3 else 0)
+    recorded = state.get("shards", {}).get(path.name)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint shard {path} is missing")
+    if recorded is not None and _sha256(path) != recorded:
+        raise CheckpointError(f"checkpoint shard {path} is corrupt: its sha256 differs from the one in {STATE_FILE}")
+    return path
+
+
+def load_first_good(engine, directories: list[Path], *, rank: int, world_size: int,
+                    say: Callable[[str], None] = print) -> dict:
+    """Load the newest of `directories` (newest first) that every rank can read and verify;
+    rank 0 says which was skipped and why. The ranks agree through one all_reduce, so they
+    never resume from different steps."""
+    stage = engine.zero_optimization_stage()
+    problems: dict[int, str] = {}
+    for i, directory in enumerate(directories):
+        try:
+            state = read_state(directory)
+            _verified_shard(directory, state, rank, stage)
+        except CheckpointError as err:
+            problems[i] = str(err)
+    usable = torch.tensor([0 if i in problems else 1 for i in range(len(directories))], dtype=torch.int32,
+                          device=getattr(engine, "device", "cpu"))
+    if world_size > 1:
+        dist.all_reduce(usable, op=dist.ReduceOp.MIN)
+    for i, ok in enumerate(usable.tolist()):
+        if ok:
+            if i and rank == 0:
+                why = problems.get(0, "a shard of another rank failed its check")
+                say(f"checkpoint {directories[0].name} is unusable ({why}); falling back to {directories[i].name}, "
+                    f"the newest kept checkpoint every rank can read")
+            return load(engine, directories[i], rank=rank, world_size=world_size)
+    raise CheckpointError(f"none of the {len(directories)} kept checkpoints is usable on every rank "
+                          f"(newest: {problems.get(0, 'a shard of another rank failed its check')}); "
+                          "start a new run name to train from scratch")
 
 
 def _ensure_optimizer_state(engine) -> None:

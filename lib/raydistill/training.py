@@ -7,6 +7,7 @@ trainer factory) live here too.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import time
@@ -347,6 +348,20 @@ def count_attempt(path: str) -> int:
     return len(Path(path).read_text().splitlines())
 
 
+def _kept_checkpoints(latest) -> list:
+    """The latest registered checkpoint, then the older ones Ray Train keeps beside it (newest
+    first), to fall back on when the latest is corrupt. Folder names sort by time; newer ones
+    than the latest are a save that was never registered, and are left out."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    parent = latest.path.rstrip("/").rsplit("/", 1)[0]
+    found = latest.filesystem.get_file_info(pafs.FileSelector(parent))
+    older = sorted((i.path for i in found if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.path < latest.path), reverse=True)
+    return [latest, *(ray.train.Checkpoint(path, filesystem=latest.filesystem) for path in older)]
+
+
 def _restore(engine, log: EpochLog, counters: dict, attempt: int, rank: int, world: int) -> int:
     """Continue from the latest checkpoint, if any: returns the step it was taken at.
 
@@ -359,8 +374,9 @@ def _restore(engine, log: EpochLog, counters: dict, attempt: int, rank: int, wor
     checkpoint = ray.train.get_checkpoint()
     state = {}
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = checkpoints.load(engine, Path(directory), rank=rank, world_size=world)
+        with contextlib.ExitStack() as stack:
+            directories = [Path(stack.enter_context(c.as_directory())) for c in _kept_checkpoints(checkpoint)]
+            state = checkpoints.load_first_good(engine, directories, rank=rank, world_size=world, say=log.say)
     same_fit = state.get("fit_id") == counters["fit_id"]
     # Restarts of earlier fits carry over; this fit's are its attempts after the first.
     before = state.get("restarts_before", 0) if same_fit else state.get("restarts", 0)
