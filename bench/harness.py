@@ -18,6 +18,7 @@ replaces a full one): the figures plus the commit and whether the tree was dirty
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -26,6 +27,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -81,6 +83,23 @@ class LoadSampler:
         self.samples.append(os.getloadavg()[0])
         s = self.samples
         return {"start": round(s[0], 2), "mean": round(sum(s) / len(s), 2), "max": round(max(s), 2)}
+
+
+@contextlib.contextmanager
+def worktree(ref: str):
+    """A checkout of `ref` beside this one (git worktree), for measuring an older commit's code
+    in the same run; removed afterwards. Yields (the commit's sha, the checkout's lib/ folder),
+    which a child process puts first on PYTHONPATH to import that commit's raydistill."""
+    sha = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    if not sha:
+        raise SystemExit(f"--against {ref}: not a commit of this repository")
+    path = Path(tempfile.mkdtemp(prefix="rd-against-"))
+    subprocess.run(["git", "worktree", "add", "--detach", str(path), sha], cwd=REPO, check=True,
+                   capture_output=True)
+    try:
+        yield sha, path / "lib"
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO, capture_output=True)
 
 
 def interleave(variants: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:

@@ -21,9 +21,15 @@ measurement stops starting requests after 15 s (--quick) or 60 s.
 Targets on 2 CPU cores: ours at concurrency 1 p50 <= bare + 3 ms; ours at concurrency 64
 >= 3x naive throughput; 0 errors.
 
-    python bench/serve_load.py [--quick] [--runtime int8|onnx|torch]
+With --against REF, ours is also measured with the serving code of commit REF (a git
+worktree, imported through PYTHONPATH in a child process that runs this same script), the two
+interleaved --repeats times, best of each: at every concurrency ours' req/s must be at least
+0.95x REF's (no regression beyond 5%), with 0 errors.
+
+    python bench/serve_load.py [--quick] [--runtime int8|onnx|torch] [--against REF [--repeats 2]]
 """
 
+import argparse
 import asyncio
 import json
 import tempfile
@@ -32,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import Bench, rounded
+from harness import Bench, best, interleave, rounded, worktree
 
 REPO = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 16, 64)
@@ -160,12 +166,58 @@ def served(name: str, app, url: str, spec, requests_at: dict, max_s: float) -> d
     return out
 
 
+def ours_with(lib: Path, args) -> dict:
+    """Ours measured in a child process that imports raydistill from `lib` (this script,
+    --ours-only); returns {concurrency: figures}."""
+    import os
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        record = Path(tmp) / "ours.json"
+        cmd = [sys.executable, __file__, "--ours-only", "--runtime", args.runtime, "--out", str(record),
+               *(["--quick"] if args.quick else [])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lib), os.environ.get("PYTHONPATH", "")])}
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        ours = json.loads(record.read_text())["results"]["ours"]
+    return {int(c.removeprefix("c=")): r for c, r in ours.items()}
+
+
+def against(bench: Bench, args) -> int:
+    """Ours now against ours at commit args.against, interleaved in one run."""
+    with worktree(args.against) as (sha, old_lib):
+        runs = interleave({"before": lambda: ours_with(old_lib, args), "now": lambda: ours_with(REPO / "lib", args)},
+                          args.repeats)
+    chosen = {name: {c: best([r[c] for r in rs], "rps") for c in CONCURRENCY} for name, rs in runs.items()}
+    ratio = {c: chosen["now"][c]["rps"] / chosen["before"][c]["rps"] for c in CONCURRENCY}
+    errors = sum(r[c]["errors"] for rs in runs.values() for r in rs for c in CONCURRENCY)
+    print(f"\nours now vs ours at {sha[:12]} (best of {args.repeats}, interleaved):")
+    for c in CONCURRENCY:
+        print(f"  c={c:<3} {chosen['now'][c]['rps']:>8.1f} vs {chosen['before'][c]['rps']:>8.1f} req/s  "
+              f"({ratio[c]:.3f}x)  p50 {chosen['now'][c]['p50_ms']:.2f} vs {chosen['before'][c]['p50_ms']:.2f} ms")
+    bench.finish(
+        met=min(ratio.values()) >= 0.95 and errors == 0,
+        figures={"against": sha, "ratio_rps": {f"c={c}": r for c, r in ratio.items()}, "errors": errors,
+                 "best": {n: {f"c={c}": rounded(r, 3) for c, r in by_c.items()} for n, by_c in chosen.items()},
+                 "runs_rps": {n: [[round(r[c]["rps"], 1) for c in CONCURRENCY] for r in rs] for n, rs in runs.items()}},
+        compare={f"{name}, c={c}": chosen[name][c]["rps"] for c in CONCURRENCY for name in ("before", "now")},
+        unit=f"req/s over HTTP (before: {sha[:12]})",
+    )
+    return 0
+
+
 def main() -> int:
     bench = Bench("serve_load", __doc__,
-                  target="ours c=1 p50 <= bare + 3 ms; ours c=64 >= 3x naive req/s; 0 errors", repeats=None)
+                  target="ours c=1 p50 <= bare + 3 ms; ours c=64 >= 3x naive req/s; 0 errors", repeats=(1, 1))
     bench.parser.add_argument("--runtime", choices=("int8", "onnx", "torch"), default="int8",
                               help="what every system runs: the student's int8 ONNX (default), fp32 ONNX, or torch")
+    bench.parser.add_argument("--against", metavar="REF",
+                              help="also measure ours at commit REF, interleaved: no regression beyond 5%%")
+    bench.parser.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
     args = bench.parse()
+    if args.against:
+        bench.name, bench.target = "serve_load_regression", "ours >= 0.95x req/s of ours at REF, every concurrency"
+        return against(bench, args)
     requests_at = {1: 200, 16: 600, 64: 1200} if args.quick else {1: 1000, 16: 3000, 64: 6000}
     max_s = 15.0 if args.quick else 60.0  # per measurement: a collapsing baseline must not stall the run
 
@@ -181,17 +233,21 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}/v2/models/{dcfg.model_name}/infer"
     with tempfile.TemporaryDirectory() as tmp:
         model, spec, params = student_files(cfg, Path(tmp), args.runtime)
-        results = {"bare": bare(model, spec, requests_at)}
+        results = {} if args.ours_only else {"bare": bare(model, spec, requests_at)}
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            results["naive"] = served("naive", naive_app(model, dcfg.model_name, REPLICA_CPUS), url, spec,
-                                      requests_at, max_s)
+            if not args.ours_only:
+                results["naive"] = served("naive", naive_app(model, dcfg.model_name, REPLICA_CPUS), url, spec,
+                                          requests_at, max_s)
             results["ours"] = served("ours", build_app(model, dcfg, "bench"), url, spec, requests_at, max_s)
         finally:
             serve.shutdown()
             ray.shutdown()
 
+    if args.ours_only:  # a child of --against: the record is all the parent needs
+        bench.finish(met=True, figures={"results": {"ours": {f"c={c}": r for c, r in results["ours"].items()}}})
+        return 0
     print(f"\n{spec.arch} ({params:,} params, input {'x'.join(map(str, spec.input_shape))}), runtime {args.runtime}; "
           f"ours: max_batch_size {dcfg.max_batch_size}, max_ongoing_requests {dcfg.max_ongoing_requests}")
     print(f"\n{'system':<7} {'conc':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
