@@ -73,8 +73,30 @@ def submitted(head, tmp_path_factory):
     stopped = {"status": head.job_status("e2e-stopped"), "manifest": json.loads((run / "manifest.json").read_text()),
                "hashes": _hashes(run), "logs": head.ray("job", "logs", "e2e-stopped").stdout}
 
-    out = head.submit("e2e-pipeline", job, cwd=REPO, wait=True)
-    return run, f"http://127.0.0.1:{head.serve_port}", out.stdout, stopped
+    # Submitted again; while it runs, the manifest is read over and over (it must parse every
+    # time) and a second `raydistill run` on the same name is tried once (it must be refused).
+    head.submit("e2e-pipeline", job, cwd=REPO)
+    race = {"reads": 0, "second": None}
+    deadline = time.monotonic() + 900
+    while head.job_status("e2e-pipeline") in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+        if (run / "manifest.json").exists():
+            stages = json.loads((run / "manifest.json").read_text())["stages"]
+            race["reads"] += 1
+            if race["second"] is None and "running" in (stages.get(s, {}).get("status") for s in ("teacher", "student")):
+                race["second"] = _cli(head, "run", "--config", "configs/demo.yaml", "--storage", str(storage),
+                                      "--name", "e2e", timeout=120)
+        time.sleep(0.5)
+    status, logs = head.job_status("e2e-pipeline"), head.ray("job", "logs", "e2e-pipeline").stdout
+    assert status == "SUCCEEDED", logs[-3000:]
+    return run, f"http://127.0.0.1:{head.serve_port}", logs, stopped, race
+
+
+def test_a_second_run_on_the_same_name_is_refused_while_the_job_runs(submitted):
+    *_, race = submitted
+    second = race["second"]
+    assert second is not None, "no stage was seen running"
+    assert second.returncode == 1 and "run 'e2e' is in use by pid" in second.stderr, second.stderr[-2000:]
+    assert race["reads"] > 5  # and every one of them parsed
 
 
 def test_job_without_token_is_refused(head):
@@ -169,7 +191,7 @@ def test_stored_student_is_the_pruned_one_and_rebuilds_from_its_file(submitted):
 
 
 def test_stopped_job_left_its_outputs_and_the_resubmitted_one_resumed_the_teacher(submitted):
-    run, _, out, stopped = submitted
+    run, _, out, stopped, _ = submitted
     # `ray job stop` sent SIGTERM: the driver recorded the teacher as interrupted, and earlier
     # stages' outputs stayed as they were (the second job reused them: they are unchanged).
     assert stopped["status"] == "STOPPED"

@@ -18,7 +18,6 @@ falls back to an older kept checkpoint that every rank can read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -27,6 +26,8 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from raydistill.artifacts import sha256
 
 STATE_FILE = "state.json"
 ADAM_STATE = ("exp_avg", "exp_avg_sq")
@@ -83,14 +84,6 @@ def _optimizer_step(engine) -> int:
     return 0
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save(engine, directory: Path, *, rank: int, world_size: int, step: int, counters: dict) -> None:
     """Write this rank's part of a checkpoint into `directory` (every rank must call this: the
     shards' hashes are gathered to rank 0, which records them in state.json)."""
@@ -100,7 +93,7 @@ def save(engine, directory: Path, *, rank: int, world_size: int, step: int, coun
     mine = {}
     if _writes_shard(engine, rank):
         save_file(tensors, str(directory / shard_file(rank)))
-        mine[shard_file(rank)] = _sha256(directory / shard_file(rank))
+        mine[shard_file(rank)] = sha256(directory / shard_file(rank))
     hashes = [mine] * world_size
     if world_size > 1:
         dist.all_gather_object(hashes, mine)
@@ -165,7 +158,7 @@ def _verified_shard(directory: Path, state: dict, rank: int, stage: int) -> Path
     recorded = state.get("shards", {}).get(path.name)
     if not path.is_file():
         raise CheckpointError(f"checkpoint shard {path} is missing")
-    if recorded is not None and _sha256(path) != recorded:
+    if recorded is not None and sha256(path) != recorded:
         raise CheckpointError(f"checkpoint shard {path} is corrupt: its sha256 differs from the one in {STATE_FILE}")
     return path
 
