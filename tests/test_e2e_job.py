@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import yaml
 
 from raydistill.artifacts import Run, sha256
 from raydistill.config import load_config
@@ -279,3 +280,71 @@ def test_bad_input_fails_clearly_and_keeps_earlier_outputs(head, submitted):
         teacher.write_bytes(original)
 
     assert {k: v for k, v in _hashes(run).items() if k != "manifest.json"} == kept
+
+
+# ---- shipped code: what is submitted is what runs ----------------------------------------
+
+PROBE = ("import ray, raydistill; ray.init(); "
+         "print('driver', getattr(raydistill, 'SUBMITTED', None)); "
+         "print('task', ray.get(ray.remote(num_cpus=0)(lambda: getattr(__import__('raydistill'), 'SUBMITTED', None))"
+         ".remote()))")
+
+
+def test_a_submitted_edited_copy_runs_its_edits_in_the_driver_and_in_tasks(head, tmp_path):
+    """The head's Python has raydistill installed (this checkout, editable); the job is a copy
+    of the repository with an edit. runtime_env.yaml ships the copy's package (py_modules), so
+    the edit is what the driver and a remote task import."""
+    import shutil
+    import uuid
+
+    copy = tmp_path / "edited"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():
+        if name.startswith(("lib/", "runtime_env.yaml", "jobs/")):
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / name, copy / name)
+    mark = uuid.uuid4().hex
+    with open(copy / "lib" / "raydistill" / "__init__.py", "a") as f:
+        f.write(f"\nSUBMITTED = {mark!r}\n")
+    out = head.submit("edited-copy", ["python", "-c", PROBE], cwd=copy, wait=True).stdout
+    assert f"driver {mark}" in out and f"task {mark}" in out, out[-2000:]
+
+
+def _serve(head, *args, cwd):
+    return subprocess.run([str(BIN / "serve"), *args, "--address", head.address], env=head.env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _app_status(head, name: str, cwd, want: set[str], timeout_s: float = 240) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = yaml.safe_load(_serve(head, "status", cwd=cwd).stdout or "{}") or {}
+        app = (status.get("applications") or {}).get(name, {})
+        if app.get("status") in want or time.monotonic() > deadline:
+            return app
+        time.sleep(2)
+
+
+def test_serve_deploy_of_the_generated_config_serves_from_another_directory(head, submitted, tmp_path):
+    """`serve deploy` of the config the job wrote, from a folder that is not the repository:
+    the builder comes from the package, the code from the job's shipped py_modules. A second
+    app whose weights changed since is refused by name, and the first keeps serving."""
+    run, *_ = submitted
+    config = yaml.safe_load((run / "deploy" / "serve_config.yaml").read_text())
+    (app,) = config["applications"]
+    assert app["import_path"] == "raydistill.serving:app"
+    assert any(m.startswith("gcs://") for m in app["runtime_env"]["py_modules"])
+    again = {**app, "name": "again", "route_prefix": "/again"}
+    changed = {**app, "name": "changed", "route_prefix": "/changed", "args": {**app["args"], "sha256": "0" * 64}}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "serve_config.yaml").write_text(yaml.safe_dump({**config, "applications": [again, changed]}))
+    out = _serve(head, "deploy", "serve_config.yaml", cwd=elsewhere)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert _app_status(head, "again", elsewhere, {"RUNNING"})["status"] == "RUNNING"
+    ready = requests.get(f"http://127.0.0.1:{head.serve_port}/again/v2/health/ready", timeout=30)
+    assert ready.status_code == 200
+    failed = _app_status(head, "changed", elsewhere, {"DEPLOY_FAILED"})
+    assert failed.get("status") == "DEPLOY_FAILED", failed
+    assert "student.safetensors: sha256 differs" in failed.get("message", ""), failed.get("message", "")[-1000:]
+    assert _app_status(head, "again", elsewhere, {"RUNNING"})["status"] == "RUNNING"

@@ -266,7 +266,7 @@ def test_serve_config_builds_our_app():
     service = _load("rayservice.yaml")
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
     (app,) = serve["applications"]
-    assert app["import_path"] == "serve.app:build" and (REPO / "serve" / "app.py").is_file()
+    assert app["import_path"] == "raydistill.serving:app"  # in the image's installed package
     DeployConfig.model_validate(app["args"]["deploy"])  # the args our builder takes
     assert app["args"]["weights"].startswith(f"{STORAGE}/runs/")
 

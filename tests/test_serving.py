@@ -9,7 +9,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from raydistill.artifacts import save_weights, sha256
+from raydistill.artifacts import ArtifactError, save_weights, sha256
 from raydistill.config import DeployConfig
 from raydistill.models import ModelSpec, build_network
 
@@ -281,11 +281,17 @@ def test_serve_config_builds_the_same_app(tmp_path):
     path = _write_serve_config(tmp_path / "serve_config.yaml", model, load_config(None), "v9")
     config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     app = config.applications[0]
-    assert app.import_path == "serve.app:build" and app.route_prefix == "/"
+    assert app.import_path == "raydistill.serving:app" and app.route_prefix == "/"
     assert app.args["onnx"] == str(onnx) and app.args["onnx_sha256"] == sha256(onnx)
-    from serve.app import build  # the repo root is on sys.path (pytest rootdir)
+    from raydistill.serving import app as build
+    from serve.app import build as alias  # the repo root is on sys.path (pytest rootdir)
 
-    assert build(app.args) is not None
+    assert build(app.args) is not None and alias is build
+    onnx.write_bytes(onnx.read_bytes() + b"\0")  # a changed file is refused before any replica starts
+    with pytest.raises(ArtifactError, match="student.int8.onnx: sha256 differs"):
+        build(app.args)
+    with pytest.raises(ArtifactError, match="nowhere/student.safetensors: missing"):
+        build({**app.args, "weights": str(tmp_path / "nowhere" / "student.safetensors")})
 
 
 # ---- hostile clients: each gets a 4xx with {"error"}, and the replica stays up -----------------

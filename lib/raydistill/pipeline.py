@@ -232,18 +232,32 @@ def _wait_ready(url: str, timeout_s: float = 120.0) -> None:
         time.sleep(0.5)
 
 
+def _shipped_code() -> dict:
+    """The runtime_env that gives replicas this run's code: inside a job, the package the job
+    shipped (runtime_env.yaml's py_modules, uploaded as a gcs:// URI that the cluster keeps
+    while a job or app uses it); outside one, none: every node imports its installed raydistill."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    env = ray.get_runtime_context().runtime_env or {}
+    shipped = [m for m in env.get("py_modules") or [] if isinstance(m, str) and "://" in m]
+    return {"py_modules": shipped} if shipped else {}
+
+
 def _write_serve_config(path: Path, model: ServedModel, cfg: Config, version: str) -> Path:
-    """A config for `serve deploy` that serves the same student on a running cluster."""
+    """A config for `serve deploy` that serves the same student on a running cluster, from any
+    directory: the builder is in the package (raydistill.serving:app)."""
     dcfg = cfg.deploy
-    config = {
-        "http_options": {"host": dcfg.host, "port": dcfg.port},
-        "applications": [{
-            "name": dcfg.model_name,
-            "route_prefix": "/",
-            "import_path": "serve.app:build",
-            "args": {**model._asdict(), "version": version, "deploy": dcfg.model_dump(mode="json")},
-        }],
+    application = {
+        "name": dcfg.model_name,
+        "route_prefix": "/",
+        "import_path": "raydistill.serving:app",
+        "args": {**model._asdict(), "version": version, "deploy": dcfg.model_dump(mode="json")},
     }
+    if shipped := _shipped_code():
+        application["runtime_env"] = shipped
+    config = {"http_options": {"host": dcfg.host, "port": dcfg.port}, "applications": [application]}
     return write_text(path, yaml.safe_dump(config, sort_keys=False))
 
 

@@ -407,6 +407,26 @@ class StudentServer:
                 "predictions": top_k(await self._forward(pixels))}
 
 
+def app(args: dict):
+    """The application builder `serve deploy` configs name (`import_path: raydistill.serving:app`,
+    as `raydistill deploy` writes it in runs/NAME/deploy/serve_config.yaml):
+
+        args: {weights: .../student.safetensors, sha256: ..., onnx: .../student.int8.onnx,
+               onnx_sha256: ..., version: ..., deploy: {...DeployConfig...}}
+
+    (onnx and onnx_sha256 are null when the replicas run the PyTorch student.) The files are
+    checked here, before any replica starts: a config that names a missing run or weights
+    whose sha256 changed fails to deploy with a message naming the file (`serve status`
+    shows it), instead of replicas failing over and over."""
+    from raydistill.artifacts import verify_file
+
+    model = ServedModel(args["weights"], args.get("sha256"), args.get("onnx"), args.get("onnx_sha256"))
+    verify_file(Path(model.weights), model.sha256)
+    if model.onnx is not None:
+        verify_file(Path(model.onnx), model.onnx_sha256)
+    return build_app(model, DeployConfig.model_validate(args.get("deploy", {})), args.get("version", "1"))
+
+
 def build_app(model: ServedModel, deploy: DeployConfig, version: str):
     """The bound Serve application for a student's files."""
     options = {
