@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import sys
 from pathlib import Path
@@ -20,20 +19,6 @@ BIN = Path(sys.executable).parent
 # suite passes while another Ray head runs on the machine. A RAY_ADDRESS left in the shell
 # (for `ray job submit` to a cluster) would make the pipeline's own connect_ray join that one.
 os.environ.pop("RAY_ADDRESS", None)
-
-
-def registered_checkpoint(run_dir: Path) -> bool:
-    """Whether Ray Train has registered a teacher checkpoint under run_dir. A checkpoint folder
-    in storage is not enough: the controller registers it only when it next polls the workers,
-    and persists what it registered in checkpoint_manager_snapshot.json (a Ray internal file,
-    read only by tests)."""
-    for snapshot in run_dir.glob("teacher/ray/teacher-*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                return True
-        except ValueError:  # caught mid-write
-            pass
-    return False
 
 
 @pytest.fixture(scope="session")

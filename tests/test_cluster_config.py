@@ -12,9 +12,9 @@ import re
 import jsonschema
 import pytest
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
 
 from conftest import REPO
+from ray_internals import validated_cluster_config
 
 RAY_PORTS = {6379, 8265, 8000, 10001, 8076}  # GCS, dashboard/Jobs API, Serve, Ray Client, object manager
 STORAGE = "/mnt/cluster_storage"
@@ -26,9 +26,7 @@ def raw() -> dict:
 
 
 def _validated(config: dict) -> dict:
-    prepared = prepare_config(copy.deepcopy(config))
-    validate_config(prepared)
-    return prepared
+    return validated_cluster_config(config)
 
 
 def test_ray_accepts_the_cluster_config(raw):

@@ -23,7 +23,8 @@ from raydistill.localcluster import LocalCluster
 from raydistill.models import ModelSpec, load_network
 from raydistill.training import StepPlan
 
-from conftest import BIN, REPO, png_bytes, registered_checkpoint
+from conftest import BIN, REPO, png_bytes
+from ray_internals import registered_checkpoint
 
 pytestmark = pytest.mark.e2e
 

@@ -8,9 +8,9 @@ import zipfile
 from pathlib import Path
 
 import yaml
-from ray._private.runtime_env.packaging import _zip_files
 
 from conftest import REPO
+from ray_internals import zip_upload
 
 HEAVY = [".venv/lib/python3.11/site-packages/torch/x.py", "runs/demo/manifest.json", "data/train.parquet",
          "data/images/0.png", "teacher.safetensors", "lib/raydistill/__pycache__/config.cpython-311.pyc",
@@ -25,7 +25,7 @@ def _excludes() -> list[str]:
 
 def _uploaded(root: Path, tmp_path: Path, include_gitignore: bool) -> set[str]:
     out = tmp_path / "pkg.zip"
-    _zip_files(str(root), _excludes(), str(out), include_gitignore=include_gitignore)
+    zip_upload(root, _excludes(), out, include_gitignore)
     with zipfile.ZipFile(out) as z:
         return {n for n in z.namelist() if not n.endswith("/")}
 

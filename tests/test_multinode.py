@@ -19,7 +19,8 @@ import pytest
 from raydistill.localcluster import LocalCluster
 from raydistill.training import StepPlan
 
-from conftest import BIN, REPO, registered_checkpoint
+from conftest import BIN, REPO
+from ray_internals import registered_checkpoint
 
 pytestmark = pytest.mark.e2e
 

@@ -16,14 +16,15 @@ import pytest
 from raydistill.secrets_scan import scan_repo, scan_text
 
 from conftest import REPO
+from ray_internals import LOCAL_NODE_INFO
 
 # Starts Ray the way `raydistill run` does without a cluster, reports, and waits for stdin.
 LOCAL_RAY = """
 import json, sys, ray
 from raydistill.pipeline import connect_ray
 assert connect_ray(), "expected to start a local Ray"
-node = ray._private.worker.global_worker.node
-print(json.dumps({"dashboard": node.address_info["webui_url"], "node_ip": node.node_ip_address}), flush=True)
+""" + LOCAL_NODE_INFO + """
+print(json.dumps(info), flush=True)
 sys.stdin.read()
 ray.shutdown()
 """

@@ -21,6 +21,7 @@ from raydistill import pipeline
 from raydistill.config import ConfigError, dump_yaml, load_config
 
 from conftest import REPO
+from ray_internals import terminated_tune_trials
 
 DEMO = REPO / "configs" / "demo.yaml"
 SMALL = "test_efficientnet"  # timm, 0.1M parameters: trials in seconds, not minutes
@@ -278,17 +279,10 @@ def _finished_trials(experiment: Path) -> dict[str, str]:
     """Trial id -> sha256 of its result.json, for the trials Tune's saved experiment state
     records as TERMINATED (what a restore will keep)."""
     found = {}
-    for state in experiment.glob("experiment_state-*.json"):
-        try:
-            trials = json.loads(state.read_text())["trial_data"]
-        except (ValueError, KeyError):
-            continue  # caught mid-write
-        for trial_json, _ in trials:
-            trial = json.loads(trial_json)
-            if trial.get("status") == "TERMINATED":
-                result = next(experiment.glob(f"*{trial['trial_id']}*/result.json"), None)
-                if result is not None:
-                    found[trial["trial_id"]] = hashlib.sha256(result.read_bytes()).hexdigest()
+    for trial_id in terminated_tune_trials(experiment):
+        result = next(experiment.glob(f"*{trial_id}*/result.json"), None)
+        if result is not None:
+            found[trial_id] = hashlib.sha256(result.read_bytes()).hexdigest()
     return found
 
 

@@ -191,7 +191,7 @@ def set_threads(cpus: float) -> None:
     import logging
     import warnings
 
-    from ray.train.v2._internal.execution import context
+    import importlib.util
 
     torch.set_num_threads(max(1, int(cpus)))
     # DeepSpeed's ZeRO calls collectives that torch deprecates, and torch warns on every call:
@@ -199,8 +199,10 @@ def set_threads(cpus: float) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     # Train V2 logs two INFO lines per report from every rank ("Reporting training result",
     # "Checkpoint successfully created"); our progress lines say the same once, on rank 0.
-    # The first comes from a logger named after its file, outside the "ray.train" tree.
-    for name in ("ray.train", context.__file__):
+    # The first comes from a logger named after its module's file, outside the "ray.train"
+    # tree: found by name, not imported (a Ray internal; checked against Ray 2.60.0).
+    report_logger = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    for name in ("ray.train", *([report_logger.origin] if report_logger else [])):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
