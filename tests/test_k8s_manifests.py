@@ -280,3 +280,21 @@ def test_image_installs_the_pinned_project_as_non_root():
     assert len(images) == 1  # one image, built from k8s/Dockerfile
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", "runs", ".git"} <= set(ignored)
+
+
+def test_gcs_fault_tolerance_points_at_the_redis_the_folder_deploys():
+    redis = {d["kind"]: d for d in yaml.safe_load_all((K8S / "redis.yaml").read_text()) if d}
+    service, port = redis["Service"]["metadata"]["name"], redis["Service"]["spec"]["ports"][0]["port"]
+    secret = redis["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]
+    for name in ("raycluster.yaml", "rayservice.yaml"):
+        (spec,) = _cluster_specs(_load(name))
+        ft = spec["gcsFaultToleranceOptions"]
+        assert ft["redisAddress"] == f"{service}:{port}", name
+        assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == secret, name
+    # The Ray pods may reach Redis, and only they may.
+    policy = next(d for d in _docs() if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "raydistill-ray")
+    assert any(peer.get("podSelector", {}).get("matchLabels") == redis["Service"]["spec"]["selector"]
+               for rule in policy["spec"]["egress"] for peer in rule["to"])
+    guard = redis["NetworkPolicy"]["spec"]
+    assert guard["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "raydistill"}}}],
+                                 "ports": [{"protocol": "TCP", "port": 6379}]}]

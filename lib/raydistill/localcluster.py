@@ -131,6 +131,50 @@ class Node:
         return self.log_path.read_text()[-chars:] if self.log_path.exists() else ""
 
 
+class DetachedHead(Node):
+    """A head started without `--block`, so that one of its processes (the GCS) can die and be
+    started again, as a supervisor would, without `ray start --block` tearing the node down
+    (it kills every other process once one exits). Its processes are found by the temp dir
+    their command lines name, and their children (workers rename themselves)."""
+
+    def __init__(self, name: str, args: list[str], env: dict, root: Path):
+        self.name, self.root, self.proc = name, root, None
+        self.log_path = root / f"{name}.log"
+        self._log = open(self.log_path, "w")
+        self.temp_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--temp-dir="))
+        out = subprocess.run([str(BIN / "ray"), "start", *args], env=env, stdout=self._log,
+                             stderr=subprocess.STDOUT, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"ray start of {name} failed: {self.tail()}")
+
+    def alive(self) -> bool:
+        return bool(self.pids_named("raylet"))
+
+    def processes(self):
+        import psutil
+
+        found = {}
+        for proc in psutil.process_iter(["cmdline"]):
+            if self.temp_dir in " ".join(proc.info["cmdline"] or []):
+                found[proc.pid] = proc
+                with contextlib.suppress(psutil.Error):
+                    found.update((c.pid, c) for c in proc.children(recursive=True))
+        return list(found.values())
+
+    def stop(self, timeout_s: float = 30) -> None:
+        import psutil
+
+        procs = self.processes()
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        self._log.close()
+
+
 class LocalCluster:
     """A head (`head_cpus` CPUs) plus worker nodes added with `add_node`.
 
@@ -138,7 +182,8 @@ class LocalCluster:
     `address` is the Jobs API URL, `gcs_address` what RAY_ADDRESS takes.
     """
 
-    def __init__(self, root: Path, head_cpus: float = 2, extra_env: dict | None = None):
+    def __init__(self, root: Path, head_cpus: float = 2, extra_env: dict | None = None,
+                 detached_head: bool = False):
         self.root = Path(root)  # keep it short: Ray's unix socket paths are bounded (~107 chars)
         self.root.mkdir(parents=True, exist_ok=True)
         token = self.root / "auth_token"
@@ -155,7 +200,7 @@ class LocalCluster:
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.gcs_address = f"127.0.0.1:{gcs}"
         self.nodes: list[Node] = []
-        self.head = self._start("head", head_cpus, [
+        self.head = self._start("head", head_cpus, detached=detached_head, args=[
             "--head", f"--port={gcs}", f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
             "--include-dashboard=true", f"--ray-client-server-port={client}",
         ])
@@ -165,9 +210,9 @@ class LocalCluster:
             self.stop()
             raise
 
-    def _start(self, name: str, cpus: float, args: list[str]) -> Node:
+    def _start(self, name: str, cpus: float, args: list[str], detached: bool = False) -> Node:
         agent, agent_grpc, metrics, runtime_env, node_manager, object_manager = free_ports(6)
-        node = Node(name, [
+        node = (DetachedHead if detached else Node)(name, [
             *args, f"--num-cpus={cpus}", f"--object-store-memory={OBJECT_STORE_BYTES}",
             f"--temp-dir={self.root / name}", f"--node-manager-port={node_manager}",
             f"--object-manager-port={object_manager}", f"--dashboard-agent-listen-port={agent}",
@@ -269,6 +314,24 @@ class LocalCluster:
         raise RuntimeError(f"the ray head's Jobs API did not come up in {timeout_s:.0f}s:\n{self.head.tail()}\n"
                            f"dashboard.log:\n{dashboard}")
 
+    def kill_gcs(self) -> dict:
+        """SIGKILL the head's GCS server (a detached head's: `detached_head=True`). Returns what
+        `restart_gcs` needs to start the same server again."""
+        import psutil
+
+        (pid,) = self.head.pids_named("gcs_server")
+        proc = psutil.Process(pid)
+        saved = {"cmd": proc.cmdline(), "env": proc.environ(), "cwd": proc.cwd()}
+        proc.kill()
+        proc.wait(timeout=30)
+        return saved
+
+    def restart_gcs(self, saved: dict) -> None:
+        """Start the GCS server again with its own command line, as a supervisor would: with
+        GCS fault tolerance on, it reloads the cluster's state from Redis."""
+        subprocess.Popen(saved["cmd"], env=saved["env"], cwd=saved["cwd"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+
     def stop(self) -> None:
         """Worker nodes first, then the head: each through its own process, never `ray stop`."""
         for node in reversed(self.nodes):
@@ -276,13 +339,13 @@ class LocalCluster:
 
     @classmethod
     @contextlib.contextmanager
-    def temporary(cls, head_cpus: float = 2, extra_env: dict | None = None):
+    def temporary(cls, head_cpus: float = 2, extra_env: dict | None = None, detached_head: bool = False):
         """A cluster under a new folder in /tmp (short: Ray's socket paths are bounded to ~107
         characters), stopped and its folder removed on exit; `cluster.root` holds anything
         else that should go with it."""
         root = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))
         try:
-            with cls(root, head_cpus, extra_env) as cluster:
+            with cls(root, head_cpus, extra_env, detached_head) as cluster:
                 yield cluster
         finally:
             shutil.rmtree(root, ignore_errors=True)
