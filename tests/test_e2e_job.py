@@ -349,3 +349,21 @@ def test_serve_deploy_of_the_generated_config_serves_from_another_directory(head
     assert failed.get("status") == "DEPLOY_FAILED", failed
     assert "student.safetensors: sha256 differs" in failed.get("message", ""), failed.get("message", "")[-1000:]
     assert _app_status(head, "again", elsewhere, {"RUNNING"})["status"] == "RUNNING"
+
+
+def test_a_runtime_env_that_cannot_be_built_fails_the_job_clearly(head, tmp_path):
+    """A package to ship that is not there: refused when submitted, naming it; and a pip
+    requirement that cannot be installed: the job fails, its status says the runtime env."""
+    missing = tmp_path / "nowhere" / "raydistill"
+    out = head.ray("job", "submit", "--runtime-env-json", json.dumps({"py_modules": [str(missing)]}),
+                   "--", "python", "-c", "print(1)", check=False, cwd=tmp_path)
+    assert out.returncode != 0 and str(missing) in out.stdout + out.stderr, (out.stdout + out.stderr)[-2000:]
+    env = {"pip": {"packages": ["raydistill-no-such-package==0.0.0"], "pip_install_options": ["--no-index"]}}
+    head.ray("job", "submit", "--no-wait", "--submission-id", "bad-env", "--runtime-env-json", json.dumps(env),
+             "--", "python", "-c", "print(1)", cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while head.job_status("bad-env") in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+        time.sleep(2)
+    assert head.job_status("bad-env") == "FAILED"
+    details = head.ray("job", "status", "bad-env", "--verbose", check=False).stdout
+    assert "runtime env" in details.lower() or "runtime_env" in details.lower(), details[-2000:]
