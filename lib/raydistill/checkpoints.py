@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from raydistill.artifacts import sha256
+from raydistill.sharding import is_fragment_mapped, link_optimizer_state, zero3_master_partitions
 
 STATE_FILE = "state.json"
 ADAM_STATE = ("exp_avg", "exp_avg_sq")
@@ -65,7 +66,7 @@ def _param_tensors(engine) -> dict[str, torch.Tensor]:
         if stage == 3:
             param = safe_get_local_fp32_param(p)
             moments = {key: safe_get_local_optimizer_state(p, key) for key in ADAM_STATE}
-        elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2, or bf16 without ZeRO: fragments of a flat buffer
+        elif is_fragment_mapped(p):  # ZeRO-1/2, or bf16 without ZeRO: fragments of a flat buffer
             param = safe_get_full_fp32_param(p)
             moments = {key: safe_get_full_optimizer_state(p, key) for key in ADAM_STATE}
         else:  # fp32 without ZeRO: the plain torch optimizer owns the parameter
@@ -134,7 +135,7 @@ def load(engine, directory: Path, *, rank: int, world_size: int) -> dict:
         saved = {key: tensors.get(f"{key}/{name}") for key in ("param", *ADAM_STATE)}
         if stage == 3:
             _set_local(engine, p, saved)
-        elif hasattr(p, "_hp_mapping"):
+        elif is_fragment_mapped(p):
             safe_set_full_fp32_param(p, saved["param"].to(p.device))
             for key in ADAM_STATE:
                 if saved[key] is not None:
@@ -198,15 +199,12 @@ def _ensure_optimizer_state(engine) -> None:
     torch_adam = isinstance(inner, torch.optim.Adam | torch.optim.AdamW)
     # ZeRO-3 hands its flat fp32 partitions to the optimizer only for the length of a step.
     owners = [p for group in inner.param_groups for p in group["params"]]
-    owners += getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])
+    owners += zero3_master_partitions(engine.optimizer)
     for p in owners:
         if not inner.state.get(p):
             inner.state[p] = {"step": torch.tensor(0.0) if torch_adam else 0,  # CPU Adam counts in ints
                               "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-    # ZeRO-1/2 and bf16 link each parameter's view of the moments only once they exist.
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
-        link()
+    link_optimizer_state(engine.optimizer)
 
 
 def _set_local(engine, p, saved: dict) -> None:

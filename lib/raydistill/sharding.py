@@ -85,6 +85,36 @@ def validate(ds_config: dict) -> None:
         raise ValueError(f"DeepSpeed rejects the ZeRO config: {err.errors()[0]['msg']}") from None
 
 
+# ---- DeepSpeed internals --------------------------------------------------------------------
+# Everything this project reads or sets inside DeepSpeed that its public API (deepspeed.utils'
+# tensor-fragment functions, engine.*) does not offer, in one place; checked against
+# deepspeed 0.19.8 (constraints.txt). An upgrade that moves one breaks here, by name.
+
+
+def is_fragment_mapped(param) -> bool:
+    """Whether the parameter is a view into a flat fp32 buffer (ZeRO-1/2, or bf16 without ZeRO),
+    so that its master weights and moments are reached through the tensor-fragment API."""
+    return hasattr(param, "_hp_mapping")
+
+
+def zero3_master_partitions(optimizer) -> list:
+    """ZeRO-3's flat fp32 master partitions (the optimizer sees them only during a step)."""
+    return list(getattr(optimizer, "fp32_partitioned_groups_flat", []))
+
+
+def zero12_master_partitions(optimizer) -> list:
+    """ZeRO-1/2's flat fp32 master partitions."""
+    return list(getattr(optimizer, "single_partition_of_fp32_groups", []))
+
+
+def link_optimizer_state(optimizer) -> None:
+    """ZeRO-1/2 and bf16 link each parameter's view of the Adam moments only once the moments
+    exist; after creating them by hand (a restore), link them now."""
+    link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
+
+
 def _skip_inference_only_ops() -> None:
     """Never JIT-build DeepSpeed's shared-memory comm op.
 
@@ -138,8 +168,7 @@ def state_bytes(engine) -> int:
     working weights, of the fp32 master weights and of the Adam moments (each tensor once)."""
     tensors = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
     optimizer = engine.optimizer
-    tensors += getattr(optimizer, "fp32_partitioned_groups_flat", [])  # ZeRO-3 masters
-    tensors += getattr(optimizer, "single_partition_of_fp32_groups", [])  # ZeRO-1/2 masters
+    tensors += zero3_master_partitions(optimizer) + zero12_master_partitions(optimizer)
     inner = getattr(optimizer, "optimizer", optimizer)
     tensors += [t for state in inner.state.values() for t in state.values() if torch.is_tensor(t)]
     seen: dict[int, int] = {}
@@ -167,7 +196,7 @@ def gather_counts(value: int) -> list[int]:
 def consolidated_state_dict(engine) -> dict | None:
     """Full weights gathered onto rank 0 (None elsewhere). All ranks must call it."""
     if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
+        state = engine._zero3_consolidated_16bit_state_dict()  # a DeepSpeed internal, see above
         return state if dist.get_rank() == 0 else None
     return engine.module.state_dict() if dist.get_rank() == 0 else None
 
