@@ -94,12 +94,16 @@ def worktree(ref: str):
     if not sha:
         raise SystemExit(f"--against {ref}: not a commit of this repository")
     path = Path(tempfile.mkdtemp(prefix="rd-against-"))
-    subprocess.run(["git", "worktree", "add", "--detach", str(path), sha], cwd=REPO, check=True,
-                   capture_output=True)
     try:
+        added = subprocess.run(["git", "worktree", "add", "--detach", str(path), sha], cwd=REPO,
+                               capture_output=True, text=True)
+        if added.returncode != 0:
+            raise SystemExit(f"--against {ref}: git worktree add failed: {added.stderr.strip()}")
         yield sha, path / "lib"
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO, capture_output=True)
+        shutil.rmtree(path, ignore_errors=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=REPO, capture_output=True)
 
 
 def interleave(variants: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
@@ -182,11 +186,9 @@ class Bench:
             "machine": machine(),
             "load_average": self._load.stop(),
         }
-        path = self.record_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, path)
+        from raydistill.artifacts import write_json
+
+        path = write_json(self.record_path(), record)
         print(json.dumps(line), flush=True)
         print(f"record: {path}", file=sys.stderr)
         return record

@@ -178,7 +178,9 @@ def ours_with(lib: Path, args) -> dict:
         cmd = [sys.executable, __file__, "--ours-only", "--runtime", args.runtime, "--out", str(record),
                *(["--quick"] if args.quick else [])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lib), os.environ.get("PYTHONPATH", "")])}
-        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"ours with {lib} failed:\n{out.stderr[-3000:]}")
         ours = json.loads(record.read_text())["results"]["ours"]
     return {int(c.removeprefix("c=")): r for c, r in ours.items()}
 

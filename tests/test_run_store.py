@@ -168,7 +168,13 @@ def test_fingerprint_tells_changed_data_in_sample_and_full_modes(tmp_path):
     os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert fingerprint(root)["sha256"] == second["sha256"]
     assert fingerprint(root, full=True)["sha256"] != full["sha256"]
-    with pytest.raises(FileNotFoundError):
+    before_move = fingerprint(root, full=True)
+    moved = tmp_path / "moved"
+    (tmp_path / "images").rename(moved)  # the same files elsewhere: the same fingerprint
+    assert fingerprint(str(moved), full=True) == before_move
+    from raydistill.data import DataError
+
+    with pytest.raises(DataError, match="nowhere.*no such file or folder"):
         fingerprint(str(tmp_path / "nowhere"))
 
 
@@ -222,3 +228,22 @@ def test_a_failed_attempt_leaves_the_last_good_outputs_usable(tmp_path):
     with run.stage("student", "s4") as outputs:
         outputs.append(write_json(weights, {"v": 4}))
     assert run.manifest()["stages"]["student"]["last_good"] is None and _verify(run, "student", weights) != good
+
+
+def test_a_full_disk_while_writing_weights_is_a_clear_error_too(tmp_path):
+    """safetensors' writer reports the OS error in its own exception type."""
+    script = textwrap.dedent("""
+        import resource, signal, sys, torch
+        from pathlib import Path
+        from raydistill.artifacts import ArtifactError, save_weights
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            save_weights(Path(sys.argv[1]), {"w": torch.zeros(100_000)}, {})
+        except ArtifactError as err:
+            print(err)
+    """)
+    path = tmp_path / "student.safetensors"
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "student.safetensors: cannot write it (File too large)" in out.stdout, out.stderr
+    assert list(tmp_path.iterdir()) == []  # no half file, no temp file left

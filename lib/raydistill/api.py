@@ -22,7 +22,7 @@ from pathlib import Path
 from raydistill.artifacts import ArtifactError, read_json
 from raydistill.artifacts import Run as RunDir
 from raydistill.config import Config, load_config
-from raydistill.pipeline import PIPELINE, connect_ray, execute, prepare
+from raydistill.pipeline import PIPELINE, execute, opened
 from raydistill.summaries import (DataSummary, DeploySummary, StudentSummary, SweepSummary, TeacherSummary,
                                   read_summary)
 
@@ -60,7 +60,11 @@ class Run:
         if not (root / "manifest.json").exists():
             raise ArtifactError(f"no run '{name}' under {root.parent} (no manifest.json)")
         summaries = {stage: read_summary(root, stage) for stage in ("data", "sweep", "teacher", "student", "deploy")}
-        paths = {key: root / rel for key, rel in ARTIFACTS.items() if (root / rel).exists()}
+        # Only files the manifest vouches for: a failed attempt may have overwritten one.
+        store = RunDir(storage, name)
+        vouched = {rel for stage in ("sweep", "teacher", "student", "deploy") for rel in store.good_outputs(stage)}
+        paths = {key: root / rel for key, rel in ARTIFACTS.items()
+                 if (rel == "manifest.json" or rel in vouched) and (root / rel).exists()}
         return cls(name=name, root=root, paths=paths, **summaries)
 
     @property
@@ -118,10 +122,8 @@ class Pipeline:
         if unknown:
             raise ValueError(f"unknown stages {sorted(unknown)}; choose from {list(PIPELINE)}")
         ordered = tuple(s for s in PIPELINE if s in stages)
-        run = RunDir(self.storage, self.name)
-        with run.lock():
-            data = prepare(self.config, run, ordered)
-            self._started_ray |= connect_ray()
+        with opened(self.config, self.storage, self.name, ordered) as (run, data, started):
+            self._started_ray |= started
             with _keep_sigint():
                 execute(self.config, run, data, ordered, resume)
         return Run.load(self.storage, self.name)

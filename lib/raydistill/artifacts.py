@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -70,11 +71,20 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(err, OSError) and err.errno in _NO_SPACE:
-            raise ArtifactError(f"{path}: cannot write it ({os.strerror(err.errno)}): free space on {path.parent} "
+        if _errno(err) in _NO_SPACE:
+            raise ArtifactError(f"{path}: cannot write it ({os.strerror(_errno(err))}): free space on {path.parent} "
                                 "(or raise the file-size limit) and rerun; the files written before are intact") from None
         raise
     return path
+
+
+def _errno(err: BaseException) -> int | None:
+    """The OS error behind a failed write: an OSError's, or the one safetensors' Rust writer
+    puts in its message ("... (os error 28)")."""
+    if isinstance(err, OSError):
+        return err.errno
+    found = re.search(r"\(os error (\d+)\)", str(err)) if type(err).__name__ == "SafetensorError" else None
+    return int(found.group(1)) if found else None
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -227,6 +237,7 @@ class Run:
         )
         try:
             yield outputs
+            written = {self._rel(p): sha256(p) for p in outputs}  # a missing output fails the stage
         except BaseException as err:
             # Ctrl-C, or SIGTERM (`ray job stop`, Kubernetes): after ray.init, Ray's own SIGTERM
             # handler raises SystemExit; before it, the CLI's raises KeyboardInterrupt.
@@ -236,10 +247,7 @@ class Run:
             except ArtifactError:  # the disk is full: the manifest keeps its last good state
                 pass
             raise
-        self._update_stage(
-            stage, status="done", end=time.time(), last_good=None,
-            outputs={self._rel(p): sha256(p) for p in outputs},
-        )
+        self._update_stage(stage, status="done", end=time.time(), last_good=None, outputs=written)
 
     def _rel(self, path: Path) -> str:
         path = Path(path).resolve()

@@ -18,6 +18,7 @@ falls back to an older kept checkpoint that every rank can read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -114,18 +115,19 @@ def read_state(directory: Path) -> dict:
         raise CheckpointError(f"checkpoint {directory} has no readable {STATE_FILE} ({err})") from None
 
 
-def load(engine, directory: Path, *, rank: int, world_size: int) -> dict:
-    """Restore weights, Adam moments, step counters and LR schedule; returns state.json."""
+def load(engine, directory: Path, *, rank: int, world_size: int, verified: tuple | None = None) -> dict:
+    """Restore weights, Adam moments, step counters and LR schedule; returns state.json.
+    `verified`: (state, shard path) already read and checked (load_first_good)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    state = read_state(directory)
+    state = verified[0] if verified else read_state(directory)
     stage = engine.zero_optimization_stage()
     if state["zero_stage"] != stage or (stage == 3 and state["world_size"] != world_size):
         raise CheckpointError(
             f"checkpoint {directory} was written by {state['world_size']} ranks with ZeRO-{state['zero_stage']}; "
             f"this run has {world_size} ranks with ZeRO-{stage}: start a new run name to train from scratch"
         )
-    path = _verified_shard(directory, state, rank, stage)
+    path = verified[1] if verified else _verified_shard(directory, state, rank, stage)
     try:
         tensors = load_file(str(path))
     except (OSError, SafetensorError) as err:
@@ -164,33 +166,40 @@ def _verified_shard(directory: Path, state: dict, rank: int, stage: int) -> Path
     return path
 
 
-def load_first_good(engine, directories: list[Path], *, rank: int, world_size: int,
+def load_first_good(engine, candidates: list, *, rank: int, world_size: int,
                     say: Callable[[str], None] = print) -> dict:
-    """Load the newest of `directories` (newest first) that every rank can read and verify;
-    rank 0 says which was skipped and why. The ranks agree through one all_reduce, so they
-    never resume from different steps."""
+    """Load the newest of `candidates` (newest first, the same list on every rank; each a folder
+    or anything with `as_directory()`, such as a ray.train.Checkpoint, opened one at a time)
+    that every rank can read and verify; rank 0 says which were skipped and why. The ranks
+    agree on each candidate through one all_reduce, so they never resume from different steps,
+    and no rank leaves the loop early whatever its error."""
     stage = engine.zero_optimization_stage()
-    problems: dict[int, str] = {}
-    for i, directory in enumerate(directories):
-        try:
-            state = read_state(directory)
-            _verified_shard(directory, state, rank, stage)
-        except CheckpointError as err:
-            problems[i] = str(err)
-    usable = torch.tensor([0 if i in problems else 1 for i in range(len(directories))], dtype=torch.int32,
-                          device=getattr(engine, "device", "cpu"))
+    skipped: list[str] = []
+    for candidate in candidates:
+        opened = candidate.as_directory() if hasattr(candidate, "as_directory") else contextlib.nullcontext(candidate)
+        with opened as directory:
+            directory, problem = Path(directory), None
+            try:
+                state = read_state(directory)
+                shard = _verified_shard(directory, state, rank, stage)
+            except Exception as err:  # unreadable, corrupt, vanished: this candidate is out
+                problem = str(err) or type(err).__name__
+            if _everyone(problem is None, engine, world_size):
+                if skipped and rank == 0:
+                    say(f"{skipped[0]}; falling back to {directory.name}, the newest kept checkpoint every "
+                        "rank can read")
+                return load(engine, directory, rank=rank, world_size=world_size, verified=(state, shard))
+            skipped.append(f"{directory.name} is unusable ({problem or 'a shard of another rank failed its check'})")
+    raise CheckpointError(f"none of the {len(candidates)} kept checkpoints is usable on every rank "
+                          f"(newest: {skipped[0] if skipped else 'none'}); start a new run name to train from scratch")
+
+
+def _everyone(ok: bool, engine, world_size: int) -> bool:
+    """Whether `ok` holds on every rank (one all_reduce)."""
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=getattr(engine, "device", "cpu"))
     if world_size > 1:
-        dist.all_reduce(usable, op=dist.ReduceOp.MIN)
-    for i, ok in enumerate(usable.tolist()):
-        if ok:
-            if i and rank == 0:
-                why = problems.get(0, "a shard of another rank failed its check")
-                say(f"checkpoint {directories[0].name} is unusable ({why}); falling back to {directories[i].name}, "
-                    f"the newest kept checkpoint every rank can read")
-            return load(engine, directories[i], rank=rank, world_size=world_size)
-    raise CheckpointError(f"none of the {len(directories)} kept checkpoints is usable on every rank "
-                          f"(newest: {problems.get(0, 'a shard of another rank failed its check')}); "
-                          "start a new run name to train from scratch")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _ensure_optimizer_state(engine) -> None:

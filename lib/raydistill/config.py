@@ -487,8 +487,8 @@ class DeployConfig(_Section):
     )
     max_json_depth: int = Field(32, ge=2, description="deepest JSON nesting a request may have (400 past it)")
     decode_threads: int = Field(
-        2, ge=1, description="threads decoding uploaded images off the replica's event loop (bounds the "
-        "memory decoding can take at once)",
+        2, ge=1, description="threads parsing request bodies and decoding uploaded images off the replica's "
+        "event loop (bounds the memory decoding can take at once)",
     )
     api_key_env: str | None = Field(
         None, description="name of an env var holding an API key; requests then need 'Authorization: Bearer KEY'"

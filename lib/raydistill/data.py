@@ -132,7 +132,7 @@ def _decode_image(cell) -> np.ndarray:
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
-def _locate(source: str):
+def locate(source: str):
     """(pyarrow filesystem, path, kind) for a local path or URI; kind: parquet | images."""
     from pyarrow import fs as pafs
 
@@ -241,7 +241,7 @@ def load_dataset(cfg: Config, source: str) -> Dataset:
     """Read, check and split `source`. Bad rows fail naming the row (Parquet) or the file (image
     folder), or are skipped and counted by reason (`data.on_bad_rows`)."""
     dcfg = cfg.data
-    filesystem, path, kind = _locate(source)
+    filesystem, path, kind = locate(source)
     if kind == "parquet":
         rows, class_names = _parquet_rows(source, filesystem, path, dcfg)
     else:

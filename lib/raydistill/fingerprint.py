@@ -18,19 +18,10 @@ EDGE_BYTES = 64 * 1024
 SAMPLED_FILES = 256
 
 
-def _open(source: str) -> tuple[pafs.FileSystem, str]:
-    try:
-        return pafs.FileSystem.from_uri(source)
-    except (pafs.ArrowInvalid, ValueError, TypeError):  # a plain local path
-        return pafs.LocalFileSystem(), source
-
-
 def _files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return [info]
-    if info.type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"{path}: no such file or folder")
     found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sorted((i for i in found if i.type == pafs.FileType.File and not i.base_name.startswith(".")),
                   key=lambda i: i.path)
@@ -47,13 +38,18 @@ def _content(fs: pafs.FileSystem, info: pafs.FileInfo, full: bool, digest) -> No
 
 
 def fingerprint(source: str, full: bool = False) -> dict:
-    """{"mode", "files", "bytes", "newest_mtime", "sha256"} of a local path or pyarrow URI."""
-    fs, path = _open(source)
+    """{"mode", "files", "bytes", "newest_mtime", "sha256"} of a local path or pyarrow URI
+    (found as the data stage finds it: data.locate, whose errors name the source). Paths are
+    hashed relative to the source, so moving the whole folder changes nothing."""
+    from raydistill.data import locate
+
+    fs, path, _ = locate(source)
     files = _files(fs, path)
     digest = hashlib.sha256()
     for info in files:
         mtime = info.mtime_ns if info.mtime_ns is not None else -1
-        digest.update(f"{info.path}\0{info.size}\0{mtime}\n".encode())
+        relative = info.path[len(path):].lstrip("/") or info.base_name
+        digest.update(f"{relative}\0{info.size}\0{mtime}\n".encode())
     step = 1 if full else max(1, len(files) // SAMPLED_FILES)
     for info in files[::step]:
         _content(fs, info, full, digest)

@@ -33,23 +33,28 @@ _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
 def json_depth(body: bytes) -> int:
-    """How deeply the JSON text nests arrays and objects, measured without parsing it, so that a
-    200k-deep body is refused before the recursive decoder sees it."""
+    """How deeply UTF-8 JSON text nests arrays and objects, measured without parsing it, so that
+    a 200k-deep body is refused before the recursive decoder sees it. (In UTF-8 the bytes of
+    '"', '\\' and brackets never occur inside another character.)"""
     brackets = np.frombuffer(_STRING.sub(b"", body).translate(None, _NOT_BRACKETS), dtype=np.uint8)
     if not brackets.size:
         return 0
-    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
-    return int(np.cumsum(steps).max())
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1).astype(np.int8)
+    return int(np.cumsum(steps, dtype=np.int32).max())
 
 
 def loads(body: bytes, max_depth: int):
-    """json.loads, refusing text that nests deeper than `max_depth`."""
+    """json.loads of a UTF-8 body (RFC 8259), refusing text that nests deeper than `max_depth`."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("request body is not UTF-8 JSON") from None
     depth = json_depth(body)
     if depth > max_depth:
         raise ProtocolError(f"request JSON nests {depth} levels deep, past the limit of {max_depth}")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return json.loads(text)
+    except (ValueError, RecursionError):  # ValueError: JSONDecodeError, or an int of > 4300 digits
         raise ProtocolError("request body is not valid JSON") from None
 
 
@@ -70,6 +75,9 @@ def _shape(tensor: dict, max_values: int) -> tuple[list[int], int]:
     if len(shape) > MAX_DIMS:
         raise ProtocolError(f"input '{name}': {len(shape)} dimensions; at most {MAX_DIMS} are accepted")
     count = math.prod(shape)  # Python ints: a product past 2**63 cannot wrap around
+    if max(shape, default=0) > max_values:  # [0, 10**30] holds no value, yet no array can have it
+        raise ProtocolError(f"input '{name}': dimension {max(shape)} of shape {shape} exceeds the limit of "
+                            f"{max_values} values a request may carry", status=413)
     if count > max_values:
         raise ProtocolError(f"input '{name}': shape {shape} holds {count} values, which exceeds the limit of "
                             f"{max_values} a request may carry", status=413)

@@ -142,10 +142,14 @@ class DetachedHead(Node):
         self.log_path = root / f"{name}.log"
         self._log = open(self.log_path, "w")
         self.temp_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--temp-dir="))
-        out = subprocess.run([str(BIN / "ray"), "start", *args], env=env, stdout=self._log,
-                             stderr=subprocess.STDOUT, timeout=300)
-        if out.returncode != 0:
-            raise RuntimeError(f"ray start of {name} failed: {self.tail()}")
+        try:
+            out = subprocess.run([str(BIN / "ray"), "start", *args], env=env, stdout=self._log,
+                                 stderr=subprocess.STDOUT, timeout=300)
+            if out.returncode != 0:
+                raise RuntimeError(f"ray start of {name} failed: {self.tail()}")
+        except BaseException:
+            self.stop()  # whatever it started before failing
+            raise
 
     def alive(self) -> bool:
         return bool(self.pids_named("raylet"))

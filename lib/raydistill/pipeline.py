@@ -306,6 +306,16 @@ def prepare(cfg: Config, run: Run, stages: tuple[str, ...]):
     return data
 
 
+@contextlib.contextmanager
+def opened(cfg: Config, storage: str, name: str, stages: tuple[str, ...]):
+    """Hold the run (its lock), refuse bad input, then join or start Ray: yields (run, data,
+    whether Ray was started here). The caller decides what to do with a Ray it started."""
+    run = Run(storage, name)
+    with run.lock():
+        data = prepare(cfg, run, stages)
+        yield run, data, connect_ray()
+
+
 def execute(cfg: Config, run: Run, data, stages: tuple[str, ...], resume: bool = False) -> dict:
     """Run the stages in order on the Ray this process is connected to; returns their
     summaries. Neither starts, blocks on nor shuts down Ray."""
@@ -329,10 +339,7 @@ def run_stages(cfg: Config, storage: str, name: str, stages: tuple[str, ...] = P
     import ray
 
     start = time.perf_counter()
-    run = Run(storage, name)
-    with run.lock():
-        data = prepare(cfg, run, stages)
-        started = connect_ray()
+    with opened(cfg, storage, name, stages) as (run, data, started):
         try:
             summaries = execute(cfg, run, data, stages, resume)
             if "deploy" in stages:

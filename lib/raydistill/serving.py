@@ -109,20 +109,22 @@ def check_pixels(arr: np.ndarray, expected: tuple[int, int, int], max_images: in
 def decode_upload(raw: bytes, expected: tuple[int, int, int], max_pixels: int) -> np.ndarray:
     """A PNG/JPEG upload -> float32 (C, H, W) on 0..1 at the model's input size. Its size is
     read from the header and refused past `max_pixels` before any pixel is decoded."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     channels, height, width = expected
     try:
-        with Image.open(io.BytesIO(raw)) as img:
+        with Image.open(io.BytesIO(raw), formats=("PNG", "JPEG")) as img:
             if img.width * img.height > max_pixels:
                 raise BadRequest(f"image of {img.width}x{img.height} pixels exceeds the limit of {max_pixels} "
                                  "(deploy.max_image_pixels)", status=413)
             img.draft("L" if channels == 1 else "RGB", (width, height))  # JPEG: decode at a reduced scale
             img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.float32) / 255.0
+    except BadRequest:
+        raise
     except Image.DecompressionBombError:  # past twice Pillow's own limit: refused by Image.open
         raise BadRequest(f"image exceeds the limit of {max_pixels} pixels (deploy.max_image_pixels)", 413) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except Exception:  # the bytes are the client's: whatever the decoder trips on is their mistake
         raise BadRequest("upload is not a decodable PNG or JPEG image") from None
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
@@ -252,25 +254,32 @@ class StudentServer:
         if version is not None and version != self.version:
             raise BadRequest(f"model '{name}' has no version '{version}'; serving '{self.version}'", status=404)
 
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, counted as it streams in: a chunked body (no Content-Length) is cut off at
-        the limit, not read whole first."""
+    async def _stream(self, request: Request):
+        """The body's chunks, counted as they arrive: a chunked body (no Content-Length) is cut
+        off at the limit, not read whole first."""
         limit = self.cfg.max_request_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise BadRequest(f"request body of {declared} bytes exceeds the limit of {limit} "
                              "(deploy.max_request_bytes)", status=413)
-        chunks, size = [], 0
+        size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise BadRequest(f"request body exceeds the limit of {limit} bytes (deploy.max_request_bytes)", 413)
-            chunks.append(chunk)
-        return b"".join(chunks)
+            yield chunk
+
+    async def _read_body(self, request: Request) -> bytes:
+        return b"".join([chunk async for chunk in self._stream(request)])
+
+    async def _off_loop(self, fn, *args):
+        """Run a parse or decode in the bounded pool: the event loop keeps serving meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, fn, *args)
 
     async def _read_json(self, request: Request) -> dict:
+        body = await self._read_body(request)
         try:
-            payload = loads(await self._read_body(request), self.cfg.max_json_depth)
+            payload = await self._off_loop(loads, body, self.cfg.max_json_depth)
         except ProtocolError as err:
             raise BadRequest(str(err), err.status) from None
         if not isinstance(payload, dict):
@@ -278,26 +287,27 @@ class StudentServer:
         return payload
 
     async def _read_uploads(self, request: Request) -> np.ndarray:
-        """Multipart image files (form field `file`) -> (B, C, H, W): the count is checked while
-        the form is parsed, each image's size before it is decoded, in the decode pool."""
-        body = await self._read_body(request)
-
-        async def stream():
-            yield body
-
+        """Multipart image files (form field `file`) -> (B, C, H, W): bytes and file count are
+        checked while the form streams in, each image's size before it is decoded, in the pool."""
         limit = self.cfg.max_request_images
         try:
-            form = await MultiPartParser(request.headers, stream(), max_files=limit, max_fields=limit,
+            form = await MultiPartParser(request.headers, self._stream(request), max_files=limit, max_fields=limit,
                                          max_part_size=self.cfg.max_request_bytes).parse()
         except MultiPartException as err:
             raise BadRequest(f"multipart body: {err.message}", 413 if "Too many" in err.message else 400) from None
-        files = form.getlist("file")
-        if not files or not all(isinstance(f, UploadFile) for f in files):
-            raise BadRequest("multipart request needs one or more image files in form field 'file'")
-        loop = asyncio.get_running_loop()
-        images = [loop.run_in_executor(self.decoder, decode_upload, await f.read(), self.spec.input_shape,
-                                       self.cfg.max_image_pixels) for f in files]
-        return np.stack(await asyncio.gather(*images))
+        try:
+            files = form.getlist("file")
+            if not files or not all(isinstance(f, UploadFile) for f in files):
+                raise BadRequest("multipart request needs one or more image files in form field 'file'")
+            decoded = await asyncio.gather(*[self._off_loop(decode_upload, await f.read(), self.spec.input_shape,
+                                                            self.cfg.max_image_pixels) for f in files],
+                                           return_exceptions=True)
+        finally:
+            await form.close()
+        errors = [d for d in decoded if isinstance(d, BaseException)]
+        if errors:
+            raise errors[0]
+        return np.stack(decoded)
 
     # ---- Open Inference Protocol v2 ------------------------------------------------------
 
@@ -360,8 +370,9 @@ class StudentServer:
         self._check_model(name, version)
         body = await self._read_body(request)
         try:
-            payload, arrays = decode_request(body, request.headers.get(HEADER_LENGTH), self.cfg.max_json_depth,
-                                             self.cfg.max_request_images * math.prod(self.spec.input_shape))
+            payload, arrays = await self._off_loop(
+                decode_request, body, request.headers.get(HEADER_LENGTH), self.cfg.max_json_depth,
+                self.cfg.max_request_images * math.prod(self.spec.input_shape))
             if set(arrays) != {INPUT_NAME}:
                 raise ProtocolError(f"expected one input named '{INPUT_NAME}', got {sorted(arrays)}")
             if payload["inputs"][0]["datatype"] != "FP32":

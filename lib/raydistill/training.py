@@ -7,7 +7,6 @@ trainer factory) live here too.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import tempfile
 import time
@@ -350,18 +349,24 @@ def count_attempt(path: str) -> int:
     return len(Path(path).read_text().splitlines())
 
 
-def _kept_checkpoints(latest) -> list:
+def _kept_checkpoints(latest, rank: int) -> list:
     """The latest registered checkpoint, then the older ones Ray Train keeps beside it (newest
-    first), to fall back on when the latest is corrupt. Folder names sort by time; newer ones
-    than the latest are a save that was never registered, and are left out."""
+    first), to fall back on when the latest is corrupt. Rank 0 lists the folder and every rank
+    gets its list, so all of them walk the same candidates. Folder names sort by time; newer
+    ones than the latest are a save that was never registered, and are left out."""
     import pyarrow.fs as pafs
     import ray.train
+    import torch.distributed as dist
 
-    parent = latest.path.rstrip("/").rsplit("/", 1)[0]
-    found = latest.filesystem.get_file_info(pafs.FileSelector(parent))
-    older = sorted((i.path for i in found if i.type == pafs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_") and i.path < latest.path), reverse=True)
-    return [latest, *(ray.train.Checkpoint(path, filesystem=latest.filesystem) for path in older)]
+    paths = [None]
+    if rank == 0:
+        parent = latest.path.rstrip("/").rsplit("/", 1)[0]
+        found = latest.filesystem.get_file_info(pafs.FileSelector(parent))
+        paths[0] = sorted((i.path for i in found if i.type == pafs.FileType.Directory
+                           and i.base_name.startswith("checkpoint_") and i.path < latest.path), reverse=True)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(paths, src=0)
+    return [latest, *(ray.train.Checkpoint(path, filesystem=latest.filesystem) for path in paths[0])]
 
 
 def _restore(engine, log: EpochLog, counters: dict, attempt: int, rank: int, world: int) -> int:
@@ -376,9 +381,8 @@ def _restore(engine, log: EpochLog, counters: dict, attempt: int, rank: int, wor
     checkpoint = ray.train.get_checkpoint()
     state = {}
     if checkpoint is not None:
-        with contextlib.ExitStack() as stack:
-            directories = [Path(stack.enter_context(c.as_directory())) for c in _kept_checkpoints(checkpoint)]
-            state = checkpoints.load_first_good(engine, directories, rank=rank, world_size=world, say=log.say)
+        state = checkpoints.load_first_good(engine, _kept_checkpoints(checkpoint, rank), rank=rank,
+                                            world_size=world, say=log.say)
     same_fit = state.get("fit_id") == counters["fit_id"]
     # Restarts of earlier fits carry over; this fit's are its attempts after the first.
     before = state.get("restarts_before", 0) if same_fit else state.get("restarts", 0)
