@@ -304,8 +304,11 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    # Tune saves its experiment state every couple of seconds: with few, fast trials it may
+    # record two finished only once all have, so there are trials enough to outlast that.
+    trials = 8
     cmd = [sys.executable, "-m", "raydistill.cli", "sweep", "--config", str(DEMO), "--storage", str(tmp_path),
-           "--name", "r", "--set", "sweep.num_trials=4", "--set", "sweep.epochs=1", "--set", "sweep.scheduler=fifo",
+           "--name", "r", "--set", f"sweep.num_trials={trials}", "--set", "sweep.epochs=1", "--set", "sweep.scheduler=fifo",
            "--set", "sweep.max_concurrent_trials=1", "--set", "sweep.mlflow=false",
            "--set", f"teacher.arch={SMALL}"]
     experiment = tmp_path / "r" / "sweep" / "ray" / "tune"
@@ -326,7 +329,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert "resuming the interrupted sweep" in out.stdout
     summary = json.loads((tmp_path / "r" / "sweep" / "summary.json").read_text())
     assert summary["resumed"] is True
-    assert len(summary["trials"]) == 4 and all(t["status"] == "completed" for t in summary["trials"])
+    assert len(summary["trials"]) == trials and all(t["status"] == "completed" for t in summary["trials"])
     ids = {t["trial_id"] for t in summary["trials"]}
     assert set(before) <= ids
     # A trial run again would have written its result.json anew.
