@@ -96,7 +96,7 @@ def _run_stages(args) -> int:
 
 def _data_preview(args) -> int:
     from raydistill.config import ConfigError, load_config
-    from raydistill.data import write_preview
+    from raydistill.augment import write_preview
 
     if args.count < 1:
         raise ConfigError(f"--count {args.count}: give at least 1")

@@ -40,41 +40,46 @@ def prune_channels(net: nn.Module, ratio: float, image_size: int, in_chans: int)
     return net
 
 
-def finetune(net: nn.Module, teacher: nn.Module, images: np.ndarray, labels: np.ndarray, *, image_size: int,
-             epochs: int, batch_size: int, lr: float, temperature: float, alpha: float, seed: int,
-             augment: list[dict], num_classes: int | None = None) -> nn.Module:
+def finetune(net: nn.Module, teacher: nn.Module, split, *, image_size: int, epochs: int, batch_size: int,
+             lr: float, temperature: float, alpha: float, seed: int, augment: list[dict],
+             num_classes: int | None = None, device: str = "cpu") -> nn.Module:
     """A short KD fine-tune in this process (a few dozen steps on CPU): the pruned student
-    learns back from the teacher on freshly augmented views (the data stage's own augment)."""
-    from raydistill.data import augment_batch
+    learns back from the teacher on freshly augmented views (the data stage's own augment) of
+    the stored training split (`data.SplitRef`), read a row group at a time."""
+    from raydistill.augment import augment_batch, epoch_groups
     from raydistill.kd import kd_loss
 
     if epochs == 0:
         return net
-    rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr)
-    steps = epochs * max(1, len(labels) // batch_size)
+    steps = epochs * sum(-(-n // batch_size) for _, _, n in split.groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    teacher.eval()
+    net.to(device)
+    teacher.to(device).eval()
     for epoch in range(epochs):
-        order = rng.permutation(len(labels))
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[i : i + batch_size]
-            # epoch offset 1000: fresh views, unlike any the student saw in distillation
-            views = augment_batch({"image": images[idx], "label": labels[idx], "id": idx},
+        # epoch offset 1000: fresh views, unlike any the student saw in distillation
+        for group in epoch_groups(split, seed, 1000 + epoch):
+            read = split.read(group)
+            views = augment_batch({"image": read.images, "label": read.labels, "id": read.ids},
                                   seed=seed, epoch=1000 + epoch, image_size=image_size, augment=augment,
                                   num_classes=num_classes)
-            # y: class ids, or soft labels (B, classes) when the augmentation mixes images
-            x, y = torch.from_numpy(views["image"]), torch.from_numpy(views["label"])
-            with torch.no_grad():
-                teacher_logits = teacher(x)
-            net.train()
-            loss = kd_loss(net(x), teacher_logits, y, temperature, alpha)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    recalibrate_batchnorm(net, images, image_size)
-    return net
+            for i in range(0, len(read.labels), batch_size):
+                # y: class ids, or soft labels (B, classes) when the augmentation mixes images
+                x = torch.from_numpy(views["image"][i : i + batch_size]).to(device)
+                y = torch.from_numpy(views["label"][i : i + batch_size]).to(device)
+                if len(x) < 2:  # BatchNorm cannot train on one row
+                    continue
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                net.train()
+                loss = kd_loss(net(x), teacher_logits, y, temperature, alpha)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    recalibrate_batchnorm(net, split.head(512).images, image_size)
+    teacher.cpu()
+    return net.cpu()  # exported and measured on the CPU
 
 
 # ---- ONNX -----------------------------------------------------------------------------

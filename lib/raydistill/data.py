@@ -1,25 +1,36 @@
-"""Data: read a labelled image set, check every row, split by seed, and build the Ray Data
-streams that augment training views on the fly.
+"""Data: read a labelled image set from storage with Ray Data, check every row on the workers,
+split it by a stable hash of each row's key, and store the splits as Parquet shards that every
+later stage streams.
 
 Sources (`data.source`): a Parquet file or folder, an image folder (one subfolder per class,
 PNG/JPEG), each a local path or any pyarrow filesystem URI (s3://, gs://, file://), or
 `digits` (bundled). In Parquet, an image cell holds encoded PNG/JPEG bytes or a numeric array
 (uint8 on 0..255, or floats on 0..1); a label cell holds an integer class id. Images are kept
-as uint8 (N, C, H, W): Parquet images at their native size (resizing to the model's input
-happens in `models.to_model_input`, so the served model accepts the same pixels the data set
-holds), image-folder images resized to data.image_size as they are decoded (their sizes
-differ). `data.channels` converts grey <-> RGB.
+as uint8 (C, H, W): Parquet images at their native size (resizing to the model's input happens
+in `models.to_model_input`, so the served model accepts the same pixels the data set holds),
+image-folder images resized to data.image_size as they are decoded (their sizes differ).
+`data.channels` converts grey <-> RGB.
 
-Augmentation (`data.augment`, an ordered list of ops) runs in Ray Data tasks on batches with
-kornia: every op draws its parameters per sample, seeded by (seed, epoch, row id), so views
-are fresh each epoch yet reproducible. Mixup / cutmix turn labels into soft (B, classes) rows.
+How it scales: the driver lists the source's files (Parquet) or class folders (image folder)
+and nothing more. Ray Data tasks read one Parquet row group, or one chunk of an image folder's
+files, decode and check its rows, and write them to the run's `data/splits/<split>/` as Parquet
+files whose row groups hold `data.batch_size` rows: the unit every later reader streams (an
+augmentation batch, an evaluation batch). The driver receives one small record per task (rows
+per split, bad rows by reason, the first bad row's place) and writes `splits/index.json`.
+A row's split is decided by a seeded hash of its key (file path relative to the source, plus
+the row index for Parquet), so splits are identical across reruns and block layouts, and an
+appended file leaves every earlier row in its split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
+import os
+import shutil
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,51 +39,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydistill.artifacts import atomic_write
+from raydistill.artifacts import atomic_write, write_json
 from raydistill.config import MIXING_OPS, Config
+
+SPLITS = ("train", "val", "test")
+INDEX = "index.json"
+FILES_PER_TASK = 256  # image-folder files one preparation task reads (a Parquet task: one row group)
 
 
 class DataError(RuntimeError):
     """Bad input data: the message names the source, the column or the row."""
-
-
-@dataclass
-class Split:
-    images: np.ndarray  # (N, C, H, W) uint8
-    labels: np.ndarray  # (N,) int64
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@dataclass
-class Dataset:
-    train: Split
-    val: Split
-    test: Split
-    num_classes: int
-    source: str
-    rows_read: int
-    rows_skipped: dict[str, int] = field(default_factory=dict)
-    class_names: list[str] | None = None  # image folders: class id -> folder name
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the images as stored: what the served model accepts."""
-        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
-
-    def summary(self, augment: list) -> dict:
-        return {
-            "source": self.source,
-            "rows_read": self.rows_read,
-            "rows_skipped": dict(self.rows_skipped),
-            "num_classes": self.num_classes,
-            "input_shape": list(self.input_shape),
-            "splits": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
-            "augmentations": [op.model_dump(mode="json") for op in augment],
-            "mixes_labels": any(op.op in MIXING_OPS for op in augment),
-            **({"class_names": self.class_names} if self.class_names else {}),
-        }
 
 
 def write_digits_parquet(path: Path) -> Path:
@@ -154,68 +130,6 @@ def locate(source: str):
     return filesystem, path, "images"
 
 
-def _read_table(source: str, filesystem, path: str, columns: list[str]) -> pa.Table:
-    import pyarrow.dataset as pads
-
-    try:
-        dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
-        schema = dataset.schema
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"data.source '{source}': not a readable Parquet file ({err})") from None
-    for key, name in zip(("data.image_column", "data.label_column"), columns):
-        if name not in schema.names:
-            raise DataError(
-                f"data.source '{source}' has no column '{name}' (set {key}; columns: {', '.join(schema.names)})"
-            )
-    try:
-        return dataset.to_table(columns=columns)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"data.source '{source}': corrupt Parquet data ({err})") from None
-
-
-def _parquet_rows(source: str, filesystem, path: str, dcfg):
-    """(where, image cell, label) per row of a Parquet file or folder."""
-    table = _read_table(source, filesystem, path, [dcfg.image_column, dcfg.label_column])
-    cells = table.column(dcfg.image_column).to_pylist()
-    labels = table.column(dcfg.label_column).to_pylist()
-    return [(f"row {i}", cell, label) for i, (cell, label) in enumerate(zip(cells, labels))], None
-
-
-def _image_folder_rows(source: str, filesystem, path: str):
-    """(where, encoded bytes, class id) per file of an image folder, and the class names.
-
-    Class ids follow the sorted subfolder names. Every file counts as a row: a file that is not
-    PNG/JPEG, or one outside a class folder, is a bad row like an undecodable one, never dropped
-    unseen. Files are read in parallel threads (I/O bound, and PIL decodes outside the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pyarrow import fs as pafs
-
-    files = sorted(
-        (e.path for e in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-         if e.type == pafs.FileType.File),
-    )
-    prefix = path.rstrip("/") + "/"
-    classes = sorted(e.base_name for e in filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
-                     if e.type == pafs.FileType.Directory)
-    if not classes:
-        raise DataError(f"data.source '{source}': an image folder needs one subfolder per class; found none")
-    class_id = {name: i for i, name in enumerate(classes)}
-
-    def read(file: str):
-        parts = file[len(prefix):].split("/")
-        where = f"file '{file}'"
-        if len(parts) != 2:
-            return where, ValueError("outside_class_folder"), None
-        if not parts[1].lower().endswith(IMAGE_EXTENSIONS):
-            return where, ValueError("not_an_image_file"), None
-        with filesystem.open_input_file(file) as f:
-            return where, f.readall(), class_id[parts[0]]
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(read, files)), classes
-
-
 def _to_channels(img: np.ndarray, channels: int) -> np.ndarray:
     """(C, H, W) uint8 -> `channels` channels (0: unchanged). Grey from RGB by ITU-R 601 luma."""
     if channels == 0 or img.shape[0] == channels:
@@ -237,230 +151,465 @@ def _resize_uint8(img: np.ndarray, size: int) -> np.ndarray:
     return np.stack(planes)
 
 
-def load_dataset(cfg: Config, source: str) -> Dataset:
-    """Read, check and split `source`. Bad rows fail naming the row (Parquet) or the file (image
-    folder), or are skipped and counted by reason (`data.on_bad_rows`)."""
+
+
+# ---- preparation: Ray Data tasks decode, check, split and store ------------------------------
+
+
+def row_key_hash(key: str, salt: str = "") -> int:
+    """A stable 63-bit hash of a row's key (no Python hash(): that is salted per process)."""
+    digest = hashlib.blake2b(f"{salt}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def split_of(key: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """The split a row belongs to: a seeded hash of its key, read as a number in [0, 1)."""
+    u = row_key_hash(key, f"split-{seed}") / 2**63
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
+class _ShardWriter:
+    """One task's checked rows, written per split as Parquet files whose row groups each hold
+    `rows_per_group` rows. Files are written under a temporary name and renamed, named after
+    the task's unit: a retried task overwrites its own output, never adds to it."""
+
+    def __init__(self, out: Path, unit: str, pixels: int, rows_per_group: int):
+        self.out, self.unit, self.pixels, self.rows_per_group = out, unit, pixels, rows_per_group
+        self.rows: dict[str, list] = {s: [] for s in SPLITS}
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.groups: dict[str, list[int]] = {s: [] for s in SPLITS}
+
+    def _path(self, split: str) -> Path:
+        return self.out / split / f"{self.unit}.parquet"
+
+    def add(self, split: str, image: np.ndarray, label: int, row_id: int) -> None:
+        self.rows[split].append((image, label, row_id))
+        if len(self.rows[split]) == self.rows_per_group:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        rows = self.rows[split]
+        if not rows:
+            return
+        flat = np.stack([r[0].reshape(-1) for r in rows]).reshape(-1)
+        table = pa.table({
+            "image": pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.uint8()), self.pixels),
+            "label": pa.array([r[1] for r in rows], type=pa.int64()),
+            "id": pa.array([r[2] for r in rows], type=pa.int64()),
+        })
+        if split not in self.writers:
+            tmp = self._path(split).with_suffix(".tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            self.writers[split] = pq.ParquetWriter(tmp, table.schema)
+        self.writers[split].write_table(table, row_group_size=len(rows))
+        self.groups[split].append(len(rows))
+        self.rows[split] = []
+
+    def close(self) -> dict:
+        """{split: [file name, [rows per row group], sha256]} of what was written."""
+        written = {}
+        for split in SPLITS:
+            self._flush(split)
+            if split in self.writers:
+                self.writers[split].close()
+                tmp, final = self._path(split).with_suffix(".tmp"), self._path(split)
+                os.replace(tmp, final)
+                sha = hashlib.sha256(final.read_bytes()).hexdigest()
+                written[split] = [final.name, self.groups[split], sha]
+        return written
+
+
+@dataclass
+class _Checker:
+    """The per-row checks and conversions, shared by every preparation task."""
+
+    kind: str  # parquet | images
+    shape: tuple  # (C, H, W) every stored image has
+    channels: int
+    image_size: int
+    num_classes: int
+    seed: int
+    val_fraction: float
+    test_fraction: float
+    fail_fast: bool
+
+    def image(self, cell, label) -> np.ndarray:
+        if isinstance(cell, ValueError):  # the reader already refused it
+            raise cell
+        if label is None:
+            raise ValueError("missing_label")
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+            raise ValueError("bad_label")
+        if label < 0 or (self.num_classes and label >= self.num_classes):
+            raise ValueError("label_out_of_range")
+        if cell is None:
+            raise ValueError("missing_image")
+        img = _to_channels(_decode_image(cell), self.channels)
+        if self.kind == "images":
+            img = _resize_uint8(img, self.image_size)
+        if img.shape != self.shape:
+            raise ValueError("wrong_shape")
+        return img
+
+    def run(self, rows, out: Path, unit: str, rows_per_group: int) -> dict:
+        """Check and store (key, where, cell, label) rows; one record of what happened."""
+        writer = _ShardWriter(out, unit, math.prod(self.shape), rows_per_group)
+        read, skipped, first_bad, label_max = 0, Counter(), None, -1
+        for key, where, cell, label in rows:
+            read += 1
+            try:
+                img = self.image(cell, label)
+            except ValueError as err:
+                skipped[str(err)] += 1
+                first_bad = first_bad or {"where": where, "reason": str(err)}
+                if self.fail_fast:
+                    break
+                continue
+            split = split_of(key, self.seed, self.val_fraction, self.test_fraction)
+            writer.add(split, img, int(label), row_key_hash(key))
+            label_max = max(label_max, int(label))
+        return {"unit": unit, "rows_read": read, "skipped": dict(skipped), "first_bad": first_bad,
+                "label_max": label_max, "written": writer.close()}
+
+
+def _parquet_units(item: dict, *, filesystem) -> list[dict]:
+    """flat_map: one Parquet file -> one unit per row group (a file whose footer cannot be
+    read is one unit that reports it)."""
+    file = item["file"]
+    try:
+        with filesystem.open_input_file(file) as f:
+            meta = pq.ParquetFile(f).metadata
+    except (pa.ArrowInvalid, OSError) as err:
+        return [{"file": file, "group": -1, "first_row": 0, "error": str(err)}]
+    firsts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+    return [{"file": file, "group": i, "first_row": int(firsts[i]), "error": ""} for i in range(meta.num_row_groups)]
+
+
+def _folder_units(item: dict, *, filesystem) -> list[dict]:
+    """flat_map: one class folder -> units of up to FILES_PER_TASK files (its listing happens
+    here, on a worker). Files in nested folders are rows outside a class folder."""
+    from pyarrow import fs as pafs
+
+    files = sorted(e.path for e in filesystem.get_file_info(pafs.FileSelector(item["folder"], recursive=True))
+                   if e.type == pafs.FileType.File)
+    return [{"files": json.dumps(files[i : i + FILES_PER_TASK]), "class_id": item["class_id"]}
+            for i in range(0, len(files), FILES_PER_TASK)]
+
+
+def _prepare_units(batch: dict, *, kind: str, source_path: str, filesystem, columns: list[str],
+                   checker: _Checker, out: str, rows_per_group: int) -> dict:
+    """map_batches (one unit per call): read, check, split and store; return one record."""
+    records = []
+    for i in range(len(next(iter(batch.values())))):
+        unit = {k: v[i] for k, v in batch.items()}
+        records.append(_prepare_one(unit, kind, source_path, filesystem, columns, checker, Path(out), rows_per_group))
+    return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
+
+
+def _relative(path: str, root: str) -> str:
+    root = root.rstrip("/")
+    return path[len(root) + 1:] if path.startswith(root + "/") else Path(path).name
+
+
+def _prepare_one(unit: dict, kind, source_path, filesystem, columns, checker, out, rows_per_group) -> dict:
+    if kind == "parquet":
+        file, group, first = str(unit["file"]), int(unit["group"]), int(unit["first_row"])
+        rel = _relative(file, source_path)
+        name = f"{row_key_hash(f'{rel}#{group}'):016x}"
+        if group < 0:
+            return {"unit": name, "rows_read": 1, "skipped": {"unreadable_file": 1}, "label_max": -1, "written": {},
+                    "first_bad": {"where": f"file '{file}'", "reason": f"unreadable_file ({unit['error']})"}}
+
+        def rows():
+            with filesystem.open_input_file(file) as f:
+                for start, record in _row_group_batches(pq.ParquetFile(f), group, columns, first):
+                    cells, labels = record.column(0).to_pylist(), record.column(1).to_pylist()
+                    for j, (cell, label) in enumerate(zip(cells, labels)):
+                        yield f"{rel}:{start + j}", f"file '{file}' row {start + j}", cell, label
+
+        try:
+            return checker.run(rows(), out, name, rows_per_group)
+        except (pa.ArrowInvalid, OSError) as err:  # a corrupt page inside the row group
+            return {"unit": name, "rows_read": 1, "skipped": {"unreadable_file": 1}, "label_max": -1, "written": {},
+                    "first_bad": {"where": f"file '{file}' row group {group}", "reason": f"unreadable_file ({err})"}}
+    files = json.loads(unit["files"])
+    class_id = int(unit["class_id"])
+    name = f"{row_key_hash(_relative(files[0], source_path)):016x}"
+
+    def rows():
+        for file in files:
+            rel = _relative(file, source_path)
+            where = f"file '{file}'"
+            if class_id < 0 or rel.count("/") != 1:
+                yield rel, where, ValueError("outside_class_folder"), class_id
+            elif not file.lower().endswith(IMAGE_EXTENSIONS):
+                yield rel, where, ValueError("not_an_image_file"), class_id
+            else:
+                with filesystem.open_input_file(file) as f:
+                    yield rel, where, f.readall(), class_id
+
+    return checker.run(rows(), out, name, rows_per_group)
+
+
+def _row_group_batches(parquet: pq.ParquetFile, group: int, columns: list[str], first_row: int):
+    """(index of the first row in the file, record batch) over one row group, in slices."""
+    start = first_row
+    for record in parquet.iter_batches(batch_size=1024, row_groups=[group], columns=columns):
+        yield start, record
+        start += record.num_rows
+
+
+def _check_columns(source: str, filesystem, file: str, columns: list[str]) -> None:
+    try:
+        with filesystem.open_input_file(file) as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"data.source '{source}': file '{file}' is not a readable Parquet file ({err})") from None
+    for key, name in zip(("data.image_column", "data.label_column"), columns):
+        if name not in names:
+            raise DataError(f"data.source '{source}' has no column '{name}' (set {key}; columns: {', '.join(names)})")
+
+
+def _parquet_shape(source: str, filesystem, files: list[str], columns: list[str], channels: int) -> tuple:
+    """(C, H, W) of the first decodable image among the first rows: what every row must match."""
+    for file in files[:4]:
+        with filesystem.open_input_file(file) as f:
+            try:
+                record = next(pq.ParquetFile(f).iter_batches(batch_size=64, columns=columns[:1]), None)
+            except (pa.ArrowInvalid, OSError):
+                continue
+        for cell in (record.column(0).to_pylist() if record is not None else []):
+            try:
+                return _to_channels(_decode_image(cell), channels).shape
+            except (ValueError, TypeError):
+                continue
+    raise DataError(f"data.source '{source}': no decodable image among the first rows of its first files")
+
+
+def _list_parquet(source: str, filesystem, path: str) -> list[str]:
+    from pyarrow import fs as pafs
+
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [path]
+    return sorted(e.path for e in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+                  if e.type == pafs.FileType.File and e.base_name.endswith(".parquet"))
+
+
+def prepare(cfg: Config, source: str, out: Path) -> "Dataset":
+    """Read, check, split and store `source` under `out` (data/splits). Bad rows fail naming the
+    file and row, or are skipped and counted by reason (`data.on_bad_rows`); either way the
+    verdict comes before any training starts. The new splits replace the old ones only once
+    they are complete: a failure leaves an earlier data stage's splits as they were."""
+    import ray.data
+    from pyarrow import fs as pafs
+
     dcfg = cfg.data
     filesystem, path, kind = locate(source)
+    columns = [dcfg.image_column, dcfg.label_column]
+    class_names = None
     if kind == "parquet":
-        rows, class_names = _parquet_rows(source, filesystem, path, dcfg)
+        files = _list_parquet(source, filesystem, path)
+        if not files:
+            raise DataError(f"data.source '{source}': no .parquet files")
+        _check_columns(source, filesystem, files[0], columns)
+        shape = _parquet_shape(source, filesystem, files, columns, dcfg.channels)
+        units = ray.data.from_items([{"file": f} for f in files]).flat_map(
+            _parquet_units, fn_kwargs={"filesystem": filesystem})
     else:
-        rows, class_names = _image_folder_rows(source, filesystem, path)
-    images: list[np.ndarray] = []
-    labels: list[int] = []
+        entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
+        class_names = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
+        if not class_names:
+            raise DataError(f"data.source '{source}': an image folder needs one subfolder per class; found none")
+        shape = (dcfg.channels or 3, dcfg.image_size, dcfg.image_size)
+        loose = sorted(e.path for e in entries if e.type == pafs.FileType.File)
+        folders = [{"folder": f"{path.rstrip('/')}/{n}", "class_id": i} for i, n in enumerate(class_names)]
+        units = ray.data.from_items(folders).flat_map(_folder_units, fn_kwargs={"filesystem": filesystem})
+        if loose:  # files beside the class folders: bad rows, counted like any other
+            units = units.union(ray.data.from_items(
+                [{"files": json.dumps(loose[i : i + FILES_PER_TASK]), "class_id": -1}
+                 for i in range(0, len(loose), FILES_PER_TASK)]))
+    checker = _Checker(kind, tuple(shape), dcfg.channels if kind == "parquet" else dcfg.channels or 3,
+                       dcfg.image_size, dcfg.num_classes, cfg.seed, dcfg.val_fraction, dcfg.test_fraction,
+                       fail_fast=dcfg.on_bad_rows == "fail")
+    staging = out.parent / f".{out.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        records = units.map_batches(
+            _prepare_units, batch_size=1, num_cpus=dcfg.cpus_per_task,
+            fn_kwargs={"kind": kind, "source_path": path, "filesystem": filesystem, "columns": columns,
+                       "checker": checker, "out": str(staging), "rows_per_group": dcfg.batch_size},
+        ).take_all()
+        data = _collect(cfg, source, [json.loads(r["record"]) for r in records], shape, class_names, staging)
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    data.root = str(out)
+    return data
+
+
+def _collect(cfg: Config, source: str, records: list[dict], shape, class_names, staging: Path) -> "Dataset":
+    """The tasks' records -> the verdict on bad rows and the index of the stored splits."""
+    dcfg = cfg.data
     skipped: Counter[str] = Counter()
-    shape = None
-    for where, cell, label in rows:
-        try:
-            if isinstance(cell, ValueError):  # the reader already refused it
-                raise cell
-            if label is None:
-                raise ValueError("missing_label")
-            if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
-                raise ValueError("bad_label")
-            if label < 0 or (dcfg.num_classes and label >= dcfg.num_classes):
-                raise ValueError("label_out_of_range")
-            if cell is None:
-                raise ValueError("missing_image")
-            img = _to_channels(_decode_image(cell), dcfg.channels if kind == "parquet" else dcfg.channels or 3)
-            if kind == "images":
-                img = _resize_uint8(img, dcfg.image_size)
-            shape = shape or img.shape
-            if img.shape != shape:
-                raise ValueError("wrong_shape")
-        except ValueError as err:
-            reason = str(err)
-            if dcfg.on_bad_rows == "fail":
-                raise DataError(
-                    f"data.source '{source}' {where}: {reason.replace('_', ' ')} "
-                    f"(set data.on_bad_rows=skip to drop such rows and count them)"
-                ) from None
-            skipped[reason] += 1
-            continue
-        images.append(img)
-        labels.append(int(label))
-    if len(images) < 10:
-        raise DataError(f"data.source '{source}': only {len(images)} usable rows; need at least 10")
-    x = np.stack(images)
-    y = np.asarray(labels, dtype=np.int64)
-    order = np.random.default_rng(cfg.seed).permutation(len(y))
-    n_test = max(1, int(round(len(y) * dcfg.test_fraction)))
-    n_val = max(1, int(round(len(y) * dcfg.val_fraction)))
-    test, val, train = np.split(order, [n_test, n_test + n_val])
-    num_classes = dcfg.num_classes or (len(class_names) if class_names else int(y.max()) + 1)
-    return Dataset(
-        train=Split(x[train], y[train]),
-        val=Split(x[val], y[val]),
-        test=Split(x[test], y[test]),
-        num_classes=num_classes,
-        source=source,
-        rows_read=len(rows),
-        rows_skipped=dict(skipped),
-        class_names=class_names,
-    )
+    for r in records:
+        skipped.update(r["skipped"])
+    bad = sorted((r["first_bad"] for r in records if r["first_bad"]), key=lambda b: b["where"])
+    if bad and dcfg.on_bad_rows == "fail":
+        reason = bad[0]["reason"]
+        raise DataError(f"data.source '{source}' {bad[0]['where']}: {reason.replace('_', ' ', 1).replace('_', ' ')} "
+                        f"(set data.on_bad_rows=skip to drop such rows and count them)")
+    groups: dict[str, list] = {s: [] for s in SPLITS}
+    shas = {}
+    for r in sorted(records, key=lambda r: r["unit"]):
+        for split, (name, sizes, sha) in r["written"].items():
+            groups[split].extend([f"{split}/{name}", g, n] for g, n in enumerate(sizes))
+            shas[f"{split}/{name}"] = sha
+    counts = {s: sum(n for _, _, n in groups[s]) for s in SPLITS}
+    usable = sum(counts.values())
+    if usable < 10:
+        raise DataError(f"data.source '{source}': only {usable} usable rows; need at least 10")
+    for split in SPLITS:
+        if counts[split] == 0:
+            raise DataError(f"data.source '{source}': the {split} split is empty ({usable} usable rows, "
+                            f"data.val_fraction={dcfg.val_fraction}, data.test_fraction={dcfg.test_fraction}): "
+                            "add rows or raise the fraction")
+    label_max = max(r["label_max"] for r in records)
+    num_classes = dcfg.num_classes or (len(class_names) if class_names else label_max + 1)
+    data = Dataset(root=str(staging), shape=tuple(int(v) for v in shape), num_classes=num_classes, source=source,
+                   rows_read=sum(r["rows_read"] for r in records), rows_skipped=dict(skipped),
+                   class_names=class_names, groups=groups, sha256=shas)
+    write_json(staging / INDEX, data.index())
+    return data
 
 
-# ---- Ray Data: augmented training views, streamed to the trainers -------------------------
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace `out` by the complete `staging` folder (the old one removed only after)."""
+    old = out.parent / f".{out.name}-old-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-_PIPELINES: dict = {}  # (ops, image size) -> built kornia modules, once per worker process
+# ---- the stored splits -----------------------------------------------------------------------
 
 
-def build_ops(augment: list[dict], image_size: int) -> list:
-    """[(op name, kornia module)] for an ordered `data.augment` list (dicts as dumped)."""
-    import warnings
+@dataclass
+class Dataset:
+    """The prepared data: where its splits are stored and what they hold. Small enough to send
+    to every worker: it holds the index of the stored row groups, never rows."""
 
-    import kornia.augmentation as K
-    from kornia.augmentation.auto import RandAugment
+    root: str  # data/splits
+    shape: tuple  # (C, H, W) of the stored images: what the served model accepts
+    num_classes: int
+    source: str
+    rows_read: int
+    rows_skipped: dict[str, int] = field(default_factory=dict)
+    class_names: list[str] | None = None  # image folders: class id -> folder name
+    groups: dict = field(default_factory=dict)  # split -> [[file, row group, rows], ...]
+    sha256: dict = field(default_factory=dict)  # file -> sha256
 
-    key = (json.dumps(augment, sort_keys=True), image_size)
-    if key in _PIPELINES:
-        return _PIPELINES[key]
-    built = []
-    for spec in augment:
-        op, p = spec["op"], spec["p"]
-        if op == "random_resized_crop":
-            m = K.RandomResizedCrop((image_size, image_size), scale=tuple(spec["scale"]), ratio=tuple(spec["ratio"]), p=p)
-        elif op == "flip":
-            m = (K.RandomHorizontalFlip if spec["direction"] == "horizontal" else K.RandomVerticalFlip)(p=p)
-        elif op == "rotation":
-            m = K.RandomRotation(spec["degrees"], p=p)
-        elif op == "affine":
-            m = K.RandomAffine(degrees=spec["degrees"], translate=(spec["translate"],) * 2,
-                               scale=tuple(spec["scale"]), p=p)
-        elif op == "color_jitter":
-            m = K.ColorJitter(spec["brightness"], spec["contrast"], spec["saturation"], spec["hue"], p=p)
-        elif op == "gaussian_noise":
-            m = K.RandomGaussianNoise(std=spec["std"], p=p)
-        elif op == "random_erasing":
-            m = K.RandomErasing(scale=tuple(spec["scale"]), ratio=tuple(spec["ratio"]), p=p)
-        elif op == "rand_augment":
-            # kornia draws which n ops run once per batch and their sign per sample; p gates the whole.
-            m = RandAugment(n=spec["n"], m=spec["magnitude"])
-            m = K.RandomApply(m, p=p) if p < 1 else m
-        elif op == "mixup":
-            m = K.RandomMixUpV2(lambda_val=tuple(spec["lambda_range"]), p=p, data_keys=["input", "class"])
-        elif op == "cutmix":
-            with warnings.catch_warnings():
-                # lambda = pasted area: the partner's share of the view, as mixup's lambda is.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                m = K.RandomCutMixV2(beta=spec["beta"], p=p, data_keys=["input", "class"], use_correct_lambda=False)
-        else:  # the config's discriminated union refuses unknown ops before this
-            raise ValueError(f"unknown augment op {op!r}")
-        built.append((op, m))
-    _PIPELINES[key] = built
-    return built
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.shape)  # type: ignore[return-value]
 
+    @property
+    def train(self) -> "SplitRef":
+        return SplitRef(self, "train")
 
-def apply_ops(ops: list, x, labels, num_classes: int | None):
-    """Run the ops on pixels x (B, C, S, S) on 0..1. Returns (views on 0..1, labels): the class
-    ids (B,) as given, or soft labels (B, num_classes) once a mixing op has run."""
-    import torch
-    import torch.nn.functional as F
+    @property
+    def val(self) -> "SplitRef":
+        return SplitRef(self, "val")
 
-    soft = None
-    for name, module in ops:
-        if name in MIXING_OPS:
-            if soft is None:
-                if not num_classes:
-                    raise ValueError(f"augment op {name} mixes labels: it needs the number of classes")
-                soft = F.one_hot(torch.as_tensor(labels).long(), num_classes).float()
-            # Pass row indices as the "class": kornia returns (row, partner row, partner's weight).
-            x, mix = module(x, torch.arange(len(x), dtype=x.dtype))
-            mix = mix.reshape(-1, len(x), 3)
-            for step in mix:  # cutmix may paste several times
-                partner, lam = step[:, 1].long(), step[:, 2:3].float()
-                soft = (1 - lam) * soft + lam * soft[partner]
-        elif name in ("color_jitter", "rand_augment") and x.shape[1] == 1:
-            # Colour ops want RGB: grey as three equal planes, back to one (hue/saturation are no-ops).
-            x = module(x.expand(-1, 3, -1, -1)).mean(dim=1, keepdim=True)
-        else:
-            x = module(x)
-    return x.clamp(0.0, 1.0), (labels if soft is None else soft)
+    @property
+    def test(self) -> "SplitRef":
+        return SplitRef(self, "test")
+
+    def split(self, name: str) -> "SplitRef":
+        return SplitRef(self, name)
+
+    def index(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "root"}
+
+    @classmethod
+    def load(cls, root: Path) -> "Dataset":
+        """The splits a finished data stage stored (its index names every file and row group)."""
+        index = json.loads((root / INDEX).read_text())
+        missing = [f for f in index["sha256"] if not (root / f).is_file()]
+        if missing:
+            raise DataError(f"{root}: stored split files are missing ({', '.join(missing[:3])}); rerun the data stage")
+        return cls(root=str(root), **{**index, "shape": tuple(index["shape"])})
+
+    def summary(self, augment: list) -> dict:
+        return {
+            "source": self.source,
+            "rows_read": self.rows_read,
+            "rows_skipped": dict(self.rows_skipped),
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "splits": {s: len(self.split(s)) for s in SPLITS},
+            "augmentations": [op.model_dump(mode="json") for op in augment],
+            "mixes_labels": any(op.op in MIXING_OPS for op in augment),
+            **({"class_names": self.class_names} if self.class_names else {}),
+        }
 
 
-def augment_batch(batch: dict, *, seed: int, epoch: int, image_size: int, augment: list[dict],
-                  num_classes: int | None = None, threads: int | None = None) -> dict:
-    """Ray Data map_batches fn: uint8 native images -> augmented, normalised model inputs.
-
-    Randomness is fresh per sample and per epoch yet reproducible: the generators are seeded
-    from (seed, epoch, first row id of the batch). The rows are also put in a fresh order each
-    epoch (a local shuffle with no data movement), so trainers' batches and mixup partners
-    differ from epoch to epoch. With mixup / cutmix the `label` column becomes soft labels
-    (B, num_classes) float32; otherwise it stays the class ids (B,).
-    """
-    import torch
-
-    from raydistill.models import normalize, resize
-
-    if threads:  # inside a Ray Data task: as many torch threads as the task's CPUs, no more
-        torch.set_num_threads(threads)
-    key = (seed, epoch, int(batch["id"][0]))
-    torch.manual_seed(hash(key) % (2**63))
-    order = np.random.default_rng(key).permutation(len(batch["id"]))
-    batch = {k: np.asarray(batch[k])[order] for k in ("image", "label", "id")}
-    x = resize(torch.from_numpy(np.ascontiguousarray(batch["image"])).float() / 255.0, image_size)
-    with torch.no_grad():
-        x, labels = apply_ops(build_ops(augment, image_size), x, batch["label"], num_classes)
-        x = normalize(x)
-    labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    return {"image": x.numpy(), "label": labels, "id": np.asarray(batch["id"])}
+@dataclass(frozen=True)
+class Batch:
+    images: np.ndarray  # (B, C, H, W) uint8
+    labels: np.ndarray  # (B,) int64
+    ids: np.ndarray  # (B,) int64, the row's stable id
 
 
-def _block_refs(split: Split, rows_per_block: int) -> list:
-    """The split as Arrow blocks in the object store, put there once and shared by all epochs.
-    Images are an Arrow tensor column: tasks read them as one (B, C, H, W) array, zero-copy."""
-    import ray
-    from ray.data.extensions import ArrowTensorArray
-
-    ids = np.arange(len(split), dtype=np.int64)
-    return [
-        ray.put(pa.table({"image": ArrowTensorArray.from_numpy(split.images[i : i + rows_per_block]),
-                          "label": split.labels[i : i + rows_per_block], "id": ids[i : i + rows_per_block]}))
-        for i in range(0, len(split), rows_per_block)
-    ]
+def read_group(root: str, file: str, group: int, shape: tuple) -> Batch:
+    """One stored row group (`data.batch_size` rows) as arrays; images zero-copy from Arrow."""
+    table = pq.ParquetFile(Path(root) / file).read_row_group(group)
+    flat = table.column("image").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return Batch(flat.reshape(-1, *shape), table.column("label").to_numpy(), table.column("id").to_numpy())
 
 
-def train_stream(cfg: Config, split: Split, epochs: int, rows_per_epoch: int | None = None,
-                 num_classes: int | None = None):
-    """All epochs of augmented views as one Ray Data stream (`rows_per_epoch` rows each, so
-    every trainer consumes its shard to the end and no work is left running).
+class SplitRef:
+    """One stored split, read a row group at a time: nothing holds the whole split."""
 
-    Nothing is materialised: Ray Data augments batches as trainers pull them (up to their
-    `data.prefetch_batches` ahead), in tasks that claim `data.cpus_per_task` CPUs and no GPU,
-    so on a cluster CPU-only nodes augment while GPU nodes train. One stream instead of one
-    pass per epoch keeps the pipeline running across epoch boundaries, so trainers never wait
-    for a new execution to start. Each epoch visits the blocks in its own seeded order (no
-    all-to-all shuffle: those tasks would claim whole CPUs that the trainers hold) and augments
-    with seed (seed, epoch, row id). Rows carry their `id` (row index in the split), so a
-    consumer can attach anything per view (e.g. teacher logits) to the very views it sees.
-    """
-    import ray.data
+    def __init__(self, data: Dataset, name: str):
+        self.data, self.name = data, name
 
-    refs = _block_refs(split, cfg.data.batch_size)  # one block, one augmentation batch
-    parts = []
-    for epoch in range(epochs):
-        order = np.random.default_rng((cfg.seed, epoch)).permutation(len(refs))
-        epoch_ds = ray.data.from_arrow_refs([refs[i] for i in order])
-        if rows_per_epoch is not None:
-            epoch_ds = epoch_ds.limit(rows_per_epoch)
-        parts.append(
-            epoch_ds.map_batches(
-                augment_batch,
-                batch_format="numpy",
-                batch_size=cfg.data.batch_size,
-                num_cpus=cfg.data.cpus_per_task,
-                fn_kwargs={
-                    "seed": cfg.seed,
-                    "epoch": epoch,
-                    "image_size": cfg.data.image_size,
-                    "augment": cfg.data.augment_spec(),
-                    "num_classes": num_classes,
-                    "threads": max(1, int(cfg.data.cpus_per_task)),
-                },
-            )
-        )
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    @property
+    def groups(self) -> list:
+        return self.data.groups[self.name]
+
+    def __len__(self) -> int:
+        return sum(n for _, _, n in self.groups)
+
+    def read(self, group: list) -> Batch:
+        return read_group(self.data.root, group[0], group[1], self.data.shape)
+
+    def batches(self, rank: int = 0, world: int = 1, padded: bool = False):
+        """This rank's share of the split (every world-th row group), a Batch per row group.
+        padded: every rank yields as many items (None for the missing ones), so ranks that
+        run collectives per batch (ZeRO-3 gathers parameters in each forward) stay in step."""
+        mine = self.groups[rank::world]
+        for group in mine:
+            yield self.read(group)
+        if padded:
+            for _ in range(len(self.groups[0::world]) - len(mine)):
+                yield None
+
+    def head(self, rows: int) -> Batch:
+        """The first `rows` rows (in stored order): a fixed sample for calibration and probes."""
+        parts, have = [], 0
+        for group in self.groups:
+            if have >= rows:
+                break
+            parts.append(self.read(group))
+            have += len(parts[-1].labels)
+        return Batch(np.concatenate([p.images for p in parts])[:rows], np.concatenate([p.labels for p in parts])[:rows],
+                     np.concatenate([p.ids for p in parts])[:rows])
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The whole split in memory, for small data only (benchmarks on digits, tests)."""
+        batch = self.head(len(self))
+        return batch.images, batch.labels
 
 
 def resolve_source(cfg: Config, data_dir: Path) -> str:
@@ -473,58 +622,51 @@ def resolve_source(cfg: Config, data_dir: Path) -> str:
     return str(path)
 
 
-# ---- preview: what the augmentation does, as a picture ------------------------------------
+def sample_rows(cfg: Config, source: str, count: int) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """The first `count` good rows of a source, read and checked on this process: a preview
+    needs a few, not a prepared data set."""
+    from pyarrow import fs as pafs
 
+    dcfg = cfg.data
+    filesystem, path, kind = locate(source)
+    columns = [dcfg.image_column, dcfg.label_column]
+    class_names = None
+    if kind == "parquet":
+        files = _list_parquet(source, filesystem, path)
+        _check_columns(source, filesystem, files[0], columns)
+        shape = _parquet_shape(source, filesystem, files, columns, dcfg.channels)
 
-def _caption(label, class_names: list[str] | None) -> str:
-    """A class id, or a soft label's two largest classes with their weights ("3:0.70  5:0.30")."""
-    def name(i: int) -> str:
-        return class_names[i] if class_names else str(i)
+        def rows():
+            for file in files:
+                with filesystem.open_input_file(file) as f:
+                    for record in pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns):
+                        yield from zip(record.column(0).to_pylist(), record.column(1).to_pylist())
+    else:
+        class_names = sorted(e.base_name for e in filesystem.get_file_info(pafs.FileSelector(path))
+                             if e.type == pafs.FileType.Directory)
+        shape = (dcfg.channels or 3, dcfg.image_size, dcfg.image_size)
 
-    label = np.asarray(label)
-    if label.ndim == 0:
-        return name(int(label))
-    top = np.argsort(label)[::-1][:2]
-    if label[top[1]] < 1e-3:
-        return name(int(top[0]))
-    return "  ".join(f"{name(int(i))}:{label[i]:.2f}" for i in top)
+        def rows():  # round-robin over the classes: a preview shows every class
+            listed = [sorted(e.path for e in filesystem.get_file_info(pafs.FileSelector(f"{path}/{name}"))
+                             if e.type == pafs.FileType.File and e.path.lower().endswith(IMAGE_EXTENSIONS))[:count]
+                      for name in class_names]
+            for turn in range(count):
+                for i, files in enumerate(listed):
+                    if turn < len(files):
+                        with filesystem.open_input_file(files[turn]) as f:
+                            yield f.readall(), i
 
-
-def preview_grid(cfg: Config, data: Dataset, count: int = 32, epoch: int = 0, tile: int = 96):
-    """A PIL image: `count` training images as the trainers see them in `epoch` (augmented by
-    the configured ops, same seeds as the stream), each captioned with its (mixed) label."""
-    from PIL import Image, ImageDraw
-
-    count = min(count, len(data.train))
-    ids = np.arange(count)
-    views = augment_batch({"image": data.train.images[:count], "label": data.train.labels[:count], "id": ids},
-                          seed=cfg.seed, epoch=epoch, image_size=cfg.data.image_size,
-                          augment=cfg.data.augment_spec(), num_classes=data.num_classes)
-    pixels = np.clip(views["image"] * 0.5 + 0.5, 0.0, 1.0)  # undo models.normalize
-    pixels = np.rint(pixels * 255).astype(np.uint8)
-    cols = min(8, count)
-    rows = -(-count // cols)
-    caption_h = 16
-    grid = Image.new("RGB", (cols * tile, rows * (tile + caption_h)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i in range(count):
-        img = pixels[i]
-        img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
-        cell = Image.fromarray(img).convert("RGB").resize((tile, tile), Image.NEAREST)
-        x, y = (i % cols) * tile, (i // cols) * (tile + caption_h)
-        grid.paste(cell, (x, y))
-        draw.text((x + 3, y + tile + 2), _caption(views["label"][i], data.class_names), fill="black")
-    return grid
-
-
-def write_preview(cfg: Config, out: str | Path, count: int = 32) -> Path:
-    """Read and check the configured source, save a PNG grid of augmented samples to `out`."""
-    import tempfile
-
-    out = Path(out)
-    with tempfile.TemporaryDirectory() as tmp:
-        data = load_dataset(cfg, resolve_source(cfg, Path(tmp)))
-        grid = preview_grid(cfg, data, count)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out, format="PNG")
-    return out
+    checker = _Checker(kind, tuple(shape), dcfg.channels if kind == "parquet" else dcfg.channels or 3,
+                       dcfg.image_size, dcfg.num_classes, cfg.seed, 0.0, 0.0, fail_fast=False)
+    images, labels = [], []
+    for cell, label in rows():
+        try:
+            images.append(checker.image(cell, label))
+        except ValueError:
+            continue
+        labels.append(int(label))
+        if len(labels) == count:
+            break
+    if not labels:
+        raise DataError(f"data.source '{source}': no usable rows")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), class_names

@@ -82,25 +82,24 @@ def _batches(shard, batch_size: int, total_steps: int, device, prefetch_batches:
 
 
 def student_worker(loop_config: dict) -> None:
-    import ray
     import ray.train
     import ray.train.torch
-    from safetensors.torch import load as load_safetensors
 
-    from raydistill.artifacts import save_weights
-    from raydistill.models import ModelSpec, accuracy, build_network, recalibrate_batchnorm
+    from raydistill.artifacts import load_weights, save_weights
+    from raydistill.models import build_network, load_network, recalibrate_batchnorm
     from raydistill.soft_targets import LOGITS_COLUMN
+    from raydistill.training import validation_metrics
 
-    cfg, spec, plan, (val_images, val_labels), train_images, rank, world, device = worker_start(loop_config, "student")
+    cfg, spec, plan, data, bn_images, rank, world, device = worker_start(loop_config, "student")
     scfg = cfg.student
     online = scfg.teacher_mode == "online"
     view_shape = (spec.input_shape[0], spec.image_size, spec.image_size)
 
     teacher = None
     if online:
-        teacher = build_network(ModelSpec(**loop_config["teacher_spec"]))
-        teacher.load_state_dict(load_safetensors(ray.get(loop_config["teacher_weights"])))
-        teacher.to(device).eval().requires_grad_(False)
+        # Read from the run's storage by each worker, hash-checked: the driver never loads it.
+        state, meta = load_weights(Path(loop_config["teacher_path"]), loop_config["teacher_sha256"])
+        teacher = load_network(state, meta).to(device).eval().requires_grad_(False)
 
     torch.manual_seed(cfg.seed)
     trainee = build_trainee(build_network(spec), teacher, scfg, view_shape)
@@ -120,8 +119,8 @@ def student_worker(loop_config: dict) -> None:
         loss = distill_step(model, opt, sched, x, y, teacher_logits, teacher_features, scfg)
         loss_sum, seen = loss_sum + loss, seen + 1
         if step % plan.steps_per_epoch == 0 or step == plan.total_steps:
-            recalibrate_batchnorm(plain, train_images, spec.image_size)
-            val_acc = accuracy(plain, val_images, val_labels, spec.image_size)
+            recalibrate_batchnorm(plain, bn_images, spec.image_size)
+            val_acc = validation_metrics(plain, data, spec.image_size, rank, world)["val_accuracy"]
             metrics = {"loss": loss_sum / seen, "val_accuracy": val_acc}
             log.line(step, metrics)
             ray.train.report({**metrics, "epoch": step // plan.steps_per_epoch, "step": step})
@@ -145,19 +144,19 @@ def student_spec(cfg: Config, data):
 def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, out_dir: Path,
                 teacher_sha256: str | None = None) -> tuple[dict, list[Path]]:
     """Distill, compress, measure. Writes student.safetensors, student.onnx, student.int8.onnx,
-    report.md/png (and soft_targets/ offline); returns (summary, files written)."""
+    report.md/png (and soft_targets/ offline); returns (summary, files written).
+
+    The driver only coordinates: distillation runs on Ray Train workers, and compression (the
+    pruning fine-tune, ONNX export, int8 calibration, accuracies and latencies) in one Ray task
+    holding `student.cpus_per_worker` CPUs (and a GPU with `student.use_gpu`)."""
     import ray
 
-    from raydistill.artifacts import load_weights
-    from raydistill.models import load_network
     from raydistill.training import train_on_ray
 
     scfg = cfg.student
-    teacher_state, teacher_meta = load_weights(teacher_path, teacher_sha256)
-    teacher = load_network(teacher_state, teacher_meta).eval()
     spec = student_spec(cfg, data)
     files: list[Path] = []
-    stream, extra = None, {"teacher_spec": None, "teacher_weights": None}
+    stream, extra = None, {"teacher_path": str(teacher_path.resolve()), "teacher_sha256": teacher_sha256}
     if scfg.teacher_mode == "offline":
         from raydistill.soft_targets import read_soft_targets, write_soft_targets
 
@@ -165,56 +164,65 @@ def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, 
         files += write_soft_targets(cfg, data, teacher_path, teacher_sha256,
                                     plan.rows_per_epoch(scfg.num_workers, scfg.batch_size), out_dir)
         stream = read_soft_targets(files)
-    else:
-        from raydistill.models import ModelSpec
-
-        from safetensors.torch import save as to_safetensors_bytes
-
-        # The hash-checked tensors, re-serialised: workers get exactly what was verified.
-        extra = {"teacher_spec": ModelSpec.from_meta(teacher_meta).__dict__,
-                 "teacher_weights": ray.put(to_safetensors_bytes(teacher_state))}
-    metrics, student, elapsed = train_on_ray("student", student_worker, cfg, data, spec, out_dir, extra, stream=stream)
-    summary, compressed = compress_student(cfg, data, student, spec, teacher, teacher_meta, teacher_accuracy,
-                                           out_dir, teacher_path)
+    metrics, elapsed = train_on_ray("student", student_worker, cfg, data, spec, out_dir, extra, stream=stream)
+    task = ray.remote(compress_student).options(num_cpus=scfg.cpus_per_worker, num_gpus=1 if scfg.use_gpu else 0,
+                                                max_retries=0)
+    summary, compressed = ray.get(task.remote(cfg, data, spec, teacher_path, teacher_sha256, teacher_accuracy,
+                                              out_dir))
     summary.update(steps=int(metrics["steps"]), epochs=scfg.epochs, samples_per_s=float(metrics["samples_per_s"]),
                    train_time_s=round(elapsed, 2))
     return summary, [*files, *compressed]
 
 
-def compress_student(cfg: Config, data, student: nn.Module, spec, teacher: nn.Module, teacher_meta: dict,
-                     teacher_accuracy: float, out_dir: Path, teacher_path: Path) -> tuple[dict, list[Path]]:
+def compress_student(cfg: Config, data, spec, teacher_path: Path, teacher_sha256: str | None,
+                     teacher_accuracy: float, out_dir: Path) -> tuple[dict, list[Path]]:
     """Prune (kept only if validation accuracy holds), save, export ONNX (checked against
-    torch), quantize to int8, measure every form, write the report. Returns (summary, files)."""
+    torch), quantize to int8, measure every form, write the report. Returns (summary, files).
+    Runs as a Ray task: it reads the trained student and the teacher from the run's storage,
+    and the splits a row group at a time. Latency is measured on one thread, as a replica with
+    `deploy.replica_cpus` <= 1 runs."""
     import time
 
     from raydistill import compress, report
-    from raydistill.artifacts import save_weights
-    from raydistill.models import Classifier, ModelSpec, accuracy, count_params
+    from raydistill.artifacts import load_weights, save_weights
+    from raydistill.evaluate import onnx_split_accuracy, split_metrics
+    from raydistill.models import Classifier, ModelSpec, build_network, count_params, load_network
 
     scfg = cfg.student
+    torch.set_num_threads(max(1, int(scfg.cpus_per_worker)))
     start = time.perf_counter()
     test, val = data.test, data.val
-    distilled = {"params": count_params(student), "accuracy": accuracy(student, test.images, test.labels, spec.image_size),
-                 "val_accuracy": accuracy(student, val.images, val.labels, spec.image_size)}
+    teacher_state, teacher_meta = load_weights(teacher_path, teacher_sha256)
+    teacher = load_network(teacher_state, teacher_meta).eval()
+    del teacher_state
+    student = build_network(spec)
+    student.load_state_dict(load_weights(out_dir / STUDENT_FILE)[0])
+
+    def accuracy(net, split) -> float:
+        return split_metrics(net, split, spec.image_size)["accuracy"]
+
+    distilled = {"params": count_params(student), "accuracy": accuracy(student, test),
+                 "val_accuracy": accuracy(student, val)}
     final, pruning = student, {"status": "off (student.prune_ratio=0)", "ratio": 0.0}
     if scfg.prune_ratio > 0:
         pruned = compress.prune_channels(copy.deepcopy(student), scfg.prune_ratio, spec.image_size, spec.input_shape[0])
-        compress.finetune(pruned, teacher, data.train.images, data.train.labels, image_size=spec.image_size,
+        compress.finetune(pruned, teacher, data.train, image_size=spec.image_size,
                           epochs=scfg.prune_finetune_epochs, batch_size=scfg.batch_size, lr=scfg.prune_finetune_lr,
                           temperature=scfg.temperature, alpha=scfg.alpha, seed=cfg.seed,
-                          augment=cfg.data.augment_spec(), num_classes=data.num_classes)
-        val_pruned = accuracy(pruned, val.images, val.labels, spec.image_size)
+                          augment=cfg.data.augment_spec(), num_classes=data.num_classes,
+                          device="cuda" if scfg.use_gpu and torch.cuda.is_available() else "cpu")
+        val_pruned = accuracy(pruned, val)
         kept = val_pruned >= distilled["val_accuracy"] - scfg.prune_max_drop
         pruning = {"status": "kept" if kept else f"rejected (val accuracy fell more than {scfg.prune_max_drop})",
                    "ratio": scfg.prune_ratio, "params_before": distilled["params"], "params_after": count_params(pruned),
                    "val_accuracy_before": distilled["val_accuracy"], "val_accuracy_after": val_pruned,
-                   "test_accuracy_after": accuracy(pruned, test.images, test.labels, spec.image_size),
+                   "test_accuracy_after": accuracy(pruned, test),
                    "finetune_epochs": scfg.prune_finetune_epochs}
         final = pruned if kept else student
     meta = {**spec.to_meta(), "pruned": "true" if final is not student else "false"}
     weights = save_weights(out_dir / STUDENT_FILE, final.state_dict(), meta)
     onnx_path = compress.export_onnx(final, spec, out_dir / ONNX_FILE)
-    onnx_check = compress.check_onnx(final, spec, onnx_path, test.images, scfg.onnx_tolerance)
+    onnx_check = compress.check_onnx(final, spec, onnx_path, test.head(256).images, scfg.onnx_tolerance)
     files = [weights, onnx_path]
 
     teacher_spec = ModelSpec.from_meta(teacher_meta)
@@ -229,15 +237,15 @@ def compress_student(cfg: Config, data, student: nn.Module, spec, teacher: nn.Mo
         forms["student"] = (report.torch_runner(Classifier(final, spec)), pruning["test_accuracy_after"],
                             count_params(final), weights)
     forms["student ONNX fp32"] = (report.onnx_runner(compress.onnx_session(onnx_path)),
-                                  compress.onnx_accuracy(onnx_path, test.images, test.labels), count_params(final), onnx_path)
+                                  onnx_split_accuracy(onnx_path, test), count_params(final), onnx_path)
     if scfg.quantize:
-        int8_path = compress.quantize_int8(onnx_path, out_dir / INT8_FILE, data.train.images[:512])
+        int8_path = compress.quantize_int8(onnx_path, out_dir / INT8_FILE, data.train.head(512).images)
         files.append(int8_path)
         forms["student int8 (ONNX)"] = (report.onnx_runner(compress.onnx_session(int8_path)),
-                                        compress.onnx_accuracy(int8_path, test.images, test.labels),
+                                        onnx_split_accuracy(int8_path, test),
                                         count_params(final), int8_path)
         # Validation figures let deploy.runtime=auto choose int8 without looking at the test split.
-        int8_val = compress.onnx_accuracy(int8_path, val.images, val.labels)
+        int8_val = onnx_split_accuracy(int8_path, val)
     rows = {}
     with report.one_thread():
         for name, (fn, acc, params, path) in forms.items():

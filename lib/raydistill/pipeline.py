@@ -51,22 +51,27 @@ def connect_ray() -> bool:
 
 
 def load_data(cfg: Config, run: Run):
-    """Read and check the data; (re)write data/summary.json when the data stage is not done:
-    its config changed, or the data at the source did (data.fingerprint). The summary holds the
+    """The prepared data (data.Dataset). Prepared anew (read, checked, split and stored by Ray
+    Data tasks into data/splits) when the data stage is not done: its config changed, the data
+    at the source did (data.fingerprint), or its stored splits are gone. The summary holds the
     fingerprint and is an input of every stage that trains, so those are redone too."""
-    from raydistill.data import load_dataset, resolve_source
+    from raydistill.data import INDEX, DataError, Dataset, prepare as prepare_splits, resolve_source
     from raydistill.fingerprint import fingerprint
 
     data_dir = run.dir("data")
+    splits = data_dir / "splits"
     source = resolve_source(cfg, data_dir)
     seen = fingerprint(source, full=cfg.data.fingerprint == "full")
     digest = f"{cfg.stage_digest('data')}-{seen['sha256'][:16]}"
-    done = run.is_done("data", digest)
-    with contextlib.nullcontext([]) if done else run.stage("data", digest, config=cfg.stage_config("data")) as outputs:
-        data = load_dataset(cfg, source)
-        if not done:
+    data = None
+    if run.is_done("data", digest):
+        with contextlib.suppress(DataError, FileNotFoundError):
+            data = Dataset.load(splits)
+    if data is None:
+        with run.stage("data", digest, config=cfg.stage_config("data")) as outputs:
+            data = prepare_splits(cfg, source, splits)
             summary = {**data.summary(cfg.data.augment), "source_fingerprint": seen}
-            outputs.append(write_json(data_dir / "summary.json", summary))
+            outputs.extend([write_json(data_dir / "summary.json", summary), splits / INDEX])
     log(f"data: {data.rows_read} rows read, splits train/val/test = "
         f"{len(data.train)}/{len(data.val)}/{len(data.test)}, skipped {data.rows_skipped or 'none'}")
     return data
@@ -281,9 +286,9 @@ def serve_forever(summary: dict) -> None:
 
 
 def prepare(cfg: Config, run: Run, stages: tuple[str, ...]):
-    """Start the run's record and refuse bad input before any cluster work: the data, what
-    earlier stages left, and the sweep's and teacher's settings against the data. Returns the
-    data (None when no stage needs it). The caller holds the run's lock."""
+    """Start the run's record and refuse bad input before any training: the data, what earlier
+    stages left, and the sweep's and teacher's settings against the data. Returns the data
+    (None when no stage needs it). The caller holds the run's lock and is connected to Ray."""
     run.start(cfg.model_dump(mode="json"), cfg.digest())
     log(f"run '{run.name}' in {run.root}")
     data = load_data(cfg, run) if {"sweep", "teacher", "student"} & set(stages) else None
@@ -308,12 +313,21 @@ def prepare(cfg: Config, run: Run, stages: tuple[str, ...]):
 
 @contextlib.contextmanager
 def opened(cfg: Config, storage: str, name: str, stages: tuple[str, ...]):
-    """Hold the run (its lock), refuse bad input, then join or start Ray: yields (run, data,
-    whether Ray was started here). The caller decides what to do with a Ray it started."""
+    """Hold the run (its lock), join or start Ray, refuse bad input: yields (run, data, whether
+    Ray was started here). The caller decides what to do with a Ray it started; one started
+    here for input that is then refused is shut down here."""
+    import ray
+
     run = Run(storage, name)
     with run.lock():
-        data = prepare(cfg, run, stages)
-        yield run, data, connect_ray()
+        started = connect_ray()  # the data stage reads and checks rows in Ray Data tasks
+        try:
+            data = prepare(cfg, run, stages)
+        except BaseException:
+            if started:
+                ray.shutdown()
+            raise
+        yield run, data, started
 
 
 def execute(cfg: Config, run: Run, data, stages: tuple[str, ...], resume: bool = False) -> dict:

@@ -4,7 +4,7 @@ augmented views the student will train on, as Parquet; the student then trains o
 For a teacher too large to sit beside the student in every training worker: the teacher runs
 once per view in a pool of actors (on GPUs when asked for), and the student workers only read
 (view, label, teacher_logits) rows. Views are the same ones the online mode would produce:
-`data.train_stream` augments with seed (seed, epoch, row id), so the stored stream is exactly
+`augment.train_stream` augments with seed (seed, epoch, row id), so the stored stream is exactly
 the stream the student would otherwise see.
 """
 
@@ -52,7 +52,7 @@ def write_soft_targets(cfg: Config, data, teacher_path: Path, teacher_sha256: st
 
     import ray.data
 
-    from raydistill.data import train_stream
+    from raydistill.augment import train_stream
 
     scfg = cfg.student
     target = out_dir / SOFT_TARGETS_DIR

@@ -27,7 +27,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 from ray.tune.stopper import Stopper
 
 from raydistill.artifacts import write_text
@@ -45,50 +44,52 @@ def log(msg: str) -> None:
 
 
 def trial_in_process(params: dict, base: dict, data) -> None:
-    """One Tune trial trained in this actor: reports val_accuracy, val_loss and loss every epoch."""
+    """One Tune trial trained in this actor: reports val_accuracy, val_loss and loss every epoch.
+    It reads the stored training split a row group at a time (`data` is the data.Dataset index)."""
     import torch
     import torch.nn.functional as F
     from ray import tune
 
-    from raydistill.data import augment_batch
+    from raydistill.augment import augment_batch, epoch_groups
     from raydistill.models import ModelSpec, build_network, recalibrate_batchnorm
-    from raydistill.training import set_threads, validation_metrics
+    from raydistill.training import BN_ROWS, set_threads, validation_metrics
 
     cfg = Config.model_validate(base).with_values(params)
-    (train_x, train_y), (val_x, val_y), num_classes = data
-    spec = ModelSpec(cfg.teacher.arch, num_classes, tuple(train_x.shape[1:]), cfg.data.image_size)
+    spec = ModelSpec(cfg.teacher.arch, data.num_classes, data.input_shape, cfg.data.image_size)
     set_threads(cfg.sweep.cpus_per_trial)
     torch.manual_seed(cfg.seed)
     net = build_network(spec)
     bs, epochs = cfg.teacher.batch_size, cfg.sweep.epochs
-    steps_per_epoch = max(1, len(train_y) // bs)
+    steps_per_epoch = sum(n // bs for _, _, n in data.train.groups)  # full batches of each row group
+    if steps_per_epoch < 1:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size}: stored row groups hold fewer rows than "
+                         f"teacher.batch_size={bs}")
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.teacher.lr, weight_decay=cfg.teacher.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.teacher.lr, total_steps=epochs * steps_per_epoch,
         pct_start=max(0.01, cfg.teacher.warmup_fraction),
     )
     augment = cfg.data.augment_spec()
-    ids = np.arange(len(train_y))
+    bn_images = data.train.head(BN_ROWS).images
     for epoch in range(epochs):
         net.train()
-        order = np.random.default_rng((cfg.seed, epoch)).permutation(len(train_y))
         loss_sum = 0.0
-        for i in range(steps_per_epoch):
-            idx = order[i * bs : (i + 1) * bs]
-            batch = augment_batch(
-                {"image": train_x[idx], "label": train_y[idx], "id": ids[idx]},
-                seed=cfg.seed, epoch=epoch, image_size=cfg.data.image_size, augment=augment,
-                num_classes=num_classes,
-            )
-            loss = F.cross_entropy(net(torch.from_numpy(batch["image"])), torch.from_numpy(batch["label"]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item()
-        recalibrate_batchnorm(net, train_x, spec.image_size)
+        for group in epoch_groups(data.train, cfg.seed, epoch):
+            read = data.train.read(group)
+            views = augment_batch({"image": read.images, "label": read.labels, "id": read.ids},
+                                  seed=cfg.seed, epoch=epoch, image_size=cfg.data.image_size, augment=augment,
+                                  num_classes=data.num_classes)
+            for i in range(0, len(read.labels) - bs + 1, bs):
+                x, y = torch.from_numpy(views["image"][i : i + bs]), torch.from_numpy(views["label"][i : i + bs])
+                loss = F.cross_entropy(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.item()
+        recalibrate_batchnorm(net, bn_images, spec.image_size)
         tune.report({
-            **validation_metrics(net, val_x, val_y, spec.image_size),
+            **validation_metrics(net, data, spec.image_size),
             "loss": loss_sum / steps_per_epoch,
             TIME_ATTR: epoch + 1,
             "reported_at": time.time(),
@@ -126,11 +127,10 @@ def trial_on_ray_train(params: dict, base: dict, data, storage: str) -> None:
     """One Tune trial that is a Ray Train run of the teacher loop on `sweep.trial_workers` workers."""
     import uuid
 
-    import ray
     from ray import tune
     from ray.train import FailureConfig, RunConfig
 
-    from raydistill.data import train_stream
+    from raydistill.augment import train_stream
     from raydistill.training import StepPlan, _fit, _trainer, teacher_spec, teacher_worker
 
     cfg = trial_config(Config.model_validate(base), params)
@@ -140,8 +140,7 @@ def trial_on_ray_train(params: dict, base: dict, data, storage: str) -> None:
     fit_id = uuid.uuid4().hex
     Path(storage).mkdir(parents=True, exist_ok=True)
     loop_config = {
-        "cfg": cfg.model_dump(mode="json"), "spec": spec.__dict__, "plan": plan.__dict__,
-        "eval": ray.put(((data.val.images, data.val.labels), data.train.images)),
+        "cfg": cfg.model_dump(mode="json"), "spec": spec.__dict__, "plan": plan.__dict__, "data": data,
         "fit_id": fit_id, "attempts_file": str(Path(storage) / f"attempts-{fit_id}.log"),
     }
     stream = train_stream(cfg, data.train, tcfg.epochs, plan.rows_per_epoch(tcfg.num_workers, tcfg.batch_size),
@@ -256,8 +255,7 @@ def _trainable(cfg: Config, data, out_dir: Path):
 
     base = cfg.model_dump(mode="json")
     if cfg.sweep.trial_workers == 0:
-        arrays = ((data.train.images, data.train.labels), (data.val.images, data.val.labels), data.num_classes)
-        fn = tune.with_parameters(trial_in_process, base=base, data=arrays)
+        fn = tune.with_parameters(trial_in_process, base=base, data=data)
         return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial})
     fn = tune.with_parameters(trial_on_ray_train, base=base, data=data,
                               storage=str((out_dir / "ray" / "train").resolve()))

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import save_file
 
 from raydistill.config import Config
 from raydistill.models import predict_logits
@@ -48,16 +47,15 @@ class StepPlan:
         return self.steps_per_epoch * self.accum * world_size * batch_size
 
 
-def validation_metrics(net, images, labels, image_size: int) -> dict:
-    """val_accuracy and val_loss (mean cross-entropy) from one forward pass over the split.
-    The loss is continuous: it still ranks two models whose accuracy on a few hundred images
-    ties, which a sweep's searcher and scheduler need."""
-    if len(labels) == 0:
-        return {"val_accuracy": 0.0, "val_loss": float("nan")}
-    logits = predict_logits(net, images, image_size)
-    target = torch.from_numpy(labels)
-    return {"val_accuracy": float((logits.argmax(1) == target).float().mean()),
-            "val_loss": float(torch.nn.functional.cross_entropy(logits, target))}
+def validation_metrics(net, data, image_size: int, rank: int = 0, world: int = 1) -> dict:
+    """val_accuracy and val_loss (mean cross-entropy) over the stored validation split, sharded
+    across the ranks (every rank calls this together). The loss is continuous: it still ranks
+    two models whose accuracy on a few hundred images ties, which a sweep's searcher and
+    scheduler need."""
+    from raydistill.evaluate import split_metrics
+
+    m = split_metrics(net, data.val, image_size, rank, world)
+    return {"val_accuracy": m["accuracy"], "val_loss": m["loss"]}
 
 
 class DataWait:
@@ -205,12 +203,15 @@ def set_threads(cpus: float) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+BN_ROWS = 512  # clean training rows Precise BN re-estimates statistics on (models.recalibrate_batchnorm)
+
+
 class WorkerStart(NamedTuple):
     cfg: Config
     spec: object  # models.ModelSpec
     plan: StepPlan
-    val: tuple  # (images, labels)
-    train_images: object  # for precise BN
+    data: object  # data.Dataset: the stored splits' index, read a row group at a time
+    bn_images: object  # the first BN_ROWS clean training images, for Precise BN
     rank: int
     world: int
     device: torch.device
@@ -218,18 +219,18 @@ class WorkerStart(NamedTuple):
 
 def worker_start(loop_config: dict, stage: str) -> WorkerStart:
     """What every worker of train_on_ray starts from (its torch threads set for its CPUs)."""
-    import ray
     import ray.train
     import ray.train.torch
 
     from raydistill.models import ModelSpec
 
     cfg = Config.model_validate(loop_config["cfg"])
-    val, train_images = ray.get(loop_config["eval"])
+    data = loop_config["data"]
     ctx = ray.train.get_context()
     set_threads(getattr(cfg, stage).cpus_per_worker)
-    return WorkerStart(cfg, ModelSpec(**loop_config["spec"]), StepPlan(**loop_config["plan"]), val, train_images,
-                       ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+    return WorkerStart(cfg, ModelSpec(**loop_config["spec"]), StepPlan(**loop_config["plan"]), data,
+                       data.train.head(BN_ROWS).images, ctx.get_world_rank(), ctx.get_world_size(),
+                       ray.train.torch.get_device())
 
 
 def _trainer(loop, loop_config: dict, stage_cfg, datasets: dict, run_config):
@@ -273,23 +274,21 @@ def train_on_ray(stage: str, worker, cfg: Config, data, spec, out_dir: Path, ext
     config starts afresh. `stream` replaces the default stream of augmented views (the student's
     offline mode passes the views joined with the teacher's logits). The worker saves
     `<stage>.safetensors` (and any `files`) into its
-    final checkpoint; they are copied to out_dir. Returns (final metrics of rank 0, the trained
-    plain network, seconds).
+    final checkpoint; they are copied to out_dir. Returns (final metrics of rank 0, seconds):
+    the driver never loads the trained network.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    from raydistill.artifacts import load_weights
-    from raydistill.data import train_stream
-    from raydistill.models import build_network, describe_network
+    from raydistill.augment import train_stream
+    from raydistill.models import describe_network
 
     stage_cfg = getattr(cfg, stage)
     describe_network(spec)  # an unknown arch fails here, before any worker starts
     plan = StepPlan.of(len(data.train), stage_cfg.num_workers, stage_cfg.batch_size, stage_cfg.epochs,
                        getattr(stage_cfg, "grad_accum_steps", 1))
     loop_config = {
-        "cfg": cfg.model_dump(mode="json"), "spec": spec.__dict__, "plan": plan.__dict__,
-        "eval": ray.put(((data.val.images, data.val.labels), data.train.images)), **(extra or {}),
+        "cfg": cfg.model_dump(mode="json"), "spec": spec.__dict__, "plan": plan.__dict__, "data": data,
+        **(extra or {}),
     }
     if stream is None:
         stream = train_stream(cfg, data.train, stage_cfg.epochs,
@@ -306,10 +305,7 @@ def train_on_ray(stage: str, worker, cfg: Config, data, spec, out_dir: Path, ext
     elapsed = time.perf_counter() - start
     for name in (f"{stage}.safetensors", *files):
         _copy_from_checkpoint(result, name, out_dir / name)
-    state, _ = load_weights(out_dir / f"{stage}.safetensors")
-    net = build_network(spec)
-    net.load_state_dict(state)
-    return result.metrics, net, elapsed
+    return result.metrics, elapsed
 
 
 def _copy_from_checkpoint(result, filename: str, dest: Path) -> Path:
@@ -323,9 +319,6 @@ def _copy_from_checkpoint(result, filename: str, dest: Path) -> Path:
 
 
 # ---- teacher --------------------------------------------------------------------------
-
-PROBE_FILE = "export_probe.safetensors"
-
 
 def _teacher_network(cfg: Config, spec):
     from raydistill.models import build_network, load_matching
@@ -435,9 +428,10 @@ def teacher_worker(loop_config: dict) -> None:
 
     from raydistill import sharding
     from raydistill.artifacts import save_weights
+    from raydistill.evaluate import split_metrics
     from raydistill.models import recalibrate_batchnorm
 
-    cfg, spec, plan, (val_images, val_labels), train_images, rank, world, device = worker_start(loop_config, "teacher")
+    cfg, spec, plan, data, bn_images, rank, world, device = worker_start(loop_config, "teacher")
     tcfg = cfg.teacher
     engine = sharding.wrap(_teacher_network(cfg, spec), sharding.deepspeed_config(tcfg, world, plan.total_steps))
     per_rank = sharding.gather_counts(sharding.local_param_count(engine))
@@ -467,8 +461,8 @@ def teacher_worker(loop_config: dict) -> None:
         metrics = {"step": step, "epoch": -(-step // plan.steps_per_epoch)}
         if epoch_end:
             # Every rank runs the same forwards here: ZeRO-3 gathers parameters collectively.
-            recalibrate_batchnorm(engine.module, train_images, spec.image_size, forward=adapter)
-            shown = {"loss": loss_sum / seen, **validation_metrics(adapter, val_images, val_labels, spec.image_size)}
+            recalibrate_batchnorm(engine.module, bn_images, spec.image_size, forward=adapter)
+            shown = {"loss": loss_sum / seen, **validation_metrics(adapter, data, spec.image_size, rank, world)}
             log.line(step, shown)
             metrics.update(shown, samples_per_s=log.samples_per_s(step))
             loss_sum, seen = 0.0, 0
@@ -478,23 +472,24 @@ def teacher_worker(loop_config: dict) -> None:
         elif epoch_end:
             _report(metrics)
 
-    # Export: gathered full weights, and the engine's own logits on a probe batch so the
-    # driver can check that the plain model reproduces the sharded one.
+    # Export: gathered full weights, checked on rank 0 (a plain model must reproduce the
+    # sharded engine's logits on a probe batch), and test accuracy, sharded like validation.
+    recalibrate_batchnorm(engine.module, bn_images, spec.image_size, forward=adapter)
     state = sharding.consolidated_state_dict(engine)
-    recalibrate_batchnorm(engine.module, train_images, spec.image_size, forward=adapter)
-    probe_images = val_images[:64]
+    probe_images = data.val.head(64).images
     probe_logits = predict_logits(adapter, probe_images, spec.image_size)
+    test = split_metrics(adapter, data.test, spec.image_size, rank, world)
+    checked = export_check(spec, state, probe_images, probe_logits, tcfg.dtype_name) if rank == 0 else {}
 
     def export(directory: Path) -> None:
         save_weights(directory / "teacher.safetensors", state, spec.to_meta())
-        save_file({"images": torch.from_numpy(probe_images), "logits": probe_logits}, str(directory / PROBE_FILE))
 
     # The last epoch's figures ride along, so every report with a checkpoint carries the metric
     # (a Tune scheduler reading these reports needs it in each).
     final = {**shown, "epoch": plan.epochs, "steps": plan.total_steps, "samples_per_s": log.samples_per_s(plan.total_steps),
              "params_per_rank": per_rank, "params_total": sharding.full_param_count(engine),
              "restarts": counters["restarts"], "resumes": counters["resumes"], "resumed_from_step": start_step,
-             **wait.metrics()}
+             "test_accuracy": test["accuracy"], "export_check": checked, **wait.metrics()}
     _report(final, engine, plan.total_steps, counters, rank_files=export)
 
 
@@ -535,15 +530,16 @@ def check_teacher(cfg: Config, spec, n_train: int) -> dict:
     return info
 
 
-def export_check(net, probe_path: Path, image_size: int, dtype_name: str) -> dict:
+def export_check(spec, state: dict, probe_images, engine_logits: torch.Tensor, dtype_name: str) -> dict:
     """The consolidated weights in a plain torch model against the sharded engine's logits."""
-    from safetensors.torch import load_file
+    from raydistill.models import build_network
 
-    probe = load_file(str(probe_path))
-    logits = predict_logits(net, probe["images"].numpy(), image_size)
-    diff = float((logits - probe["logits"]).abs().max())
+    net = build_network(spec)
+    net.load_state_dict(state)  # copied into the fp32 model, whatever the engine's dtype
+    logits = predict_logits(net, probe_images, spec.image_size)
+    diff = float((logits - engine_logits).abs().max())
     # fp32 matches to rounding; 16-bit engines compute in bf16/fp16, the plain model in fp32.
-    tolerance = 1e-4 if dtype_name == "fp32" else 0.05 * max(1.0, float(probe["logits"].abs().max()))
+    tolerance = 1e-4 if dtype_name == "fp32" else 0.05 * max(1.0, float(engine_logits.abs().max()))
     if diff > tolerance:
         raise RuntimeError(
             f"the consolidated teacher does not reproduce the sharded engine: logits differ by {diff:.3g} "
@@ -556,8 +552,6 @@ def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
     """Train the teacher on the cluster; write teacher.safetensors and return its summary."""
     import uuid
 
-    from raydistill.models import accuracy
-
     tcfg = cfg.teacher
     spec = teacher_spec(cfg, data)
     check_teacher(cfg, spec, len(data.train))
@@ -565,9 +559,9 @@ def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
     (out_dir / "ray").mkdir(parents=True, exist_ok=True)
     extra = {"fit_id": fit_id, "attempts_file": str((out_dir / "ray" / f"attempts-{fit_id}.log").resolve()),
              "tb_dir": str((out_dir / "tensorboard").resolve())}
-    metrics, net, elapsed = train_on_ray(
+    metrics, elapsed = train_on_ray(
         "teacher", teacher_worker, cfg, data, spec, out_dir, extra,
-        max_failures=tcfg.max_failures, keep_checkpoints=tcfg.keep_checkpoints, files=(PROBE_FILE,),
+        max_failures=tcfg.max_failures, keep_checkpoints=tcfg.keep_checkpoints,
     )
     return {
         "arch": tcfg.arch,
@@ -581,8 +575,8 @@ def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
         "restarts": int(metrics["restarts"]),
         "resumes": int(metrics["resumes"]),
         "resumed_from_step": int(metrics["resumed_from_step"]),
-        "accuracy": accuracy(net, data.test.images, data.test.labels, spec.image_size),
-        "export_check": export_check(net, out_dir / PROBE_FILE, spec.image_size, tcfg.dtype_name),
+        "accuracy": float(metrics["test_accuracy"]),
+        "export_check": metrics["export_check"],
         "samples_per_s": float(metrics["samples_per_s"]),
         # Rank 0's share of step time spent waiting for the next augmented batch (first batch apart).
         "data_wait_fraction": float(metrics["data_wait_fraction"]),
