@@ -149,10 +149,11 @@ def test_served_predictor_runs_the_onnx_files_like_torch(tmp_path, trained, digi
         Predictor(ServedModel(str(weights), sha256(weights), str(int8), sha256(fp32)), threads=1)
 
 
-def test_finetune_after_pruning_recovers_accuracy(trained, digits):
+def test_finetune_after_pruning_recovers_accuracy(trained, digits, tmp_path):
     import copy
 
     from raydistill.config import load_config
+    from raydistill.data import store_arrays
     from raydistill.models import accuracy
 
     images, labels = digits
@@ -160,7 +161,8 @@ def test_finetune_after_pruning_recovers_accuracy(trained, digits):
     pruned = compress.prune_channels(copy.deepcopy(trained), 0.5, 16, 1)
     recalibrate_batchnorm(pruned, images[:1500], 16)
     acc_pruned = accuracy(pruned, images[1500:], labels[1500:], 16)
-    compress.finetune(pruned, teacher, images[:1500], labels[:1500], image_size=16, epochs=2, batch_size=64,
+    train = store_arrays(tmp_path, {"train": (images[:1500], labels[:1500])}).train
+    compress.finetune(pruned, teacher, train, image_size=16, epochs=2, batch_size=64,
                       lr=2e-3, temperature=4.0, alpha=0.5, seed=0, augment=load_config(None, ["data.augment.gaussian_noise.std=0"]).data.augment_spec())
     acc_tuned = accuracy(pruned, images[1500:], labels[1500:], 16)
     assert acc_tuned > acc_pruned

@@ -1,39 +1,76 @@
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from raydistill.augment import augment_batch
 from raydistill.config import load_config
-from raydistill.data import DataError, augment_batch, load_dataset
+from raydistill.data import DataError, Dataset, prepare
 from raydistill.kd import kd_loss
 
 from conftest import REPO, png_bytes, write_table
 
 
-def test_digits_parquet_holds_the_real_digits(digits_parquet):
-    data = load_dataset(load_config(None), str(digits_parquet))
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    """Preparation reads and checks rows in Ray Data tasks: one local Ray for the module."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def load(cfg, source, tmp_path, name="splits") -> Dataset:
+    return prepare(cfg, str(source), tmp_path / name)
+
+
+def ids(split) -> np.ndarray:
+    return np.sort(np.concatenate([b.ids for b in split.batches()]))
+
+
+def test_digits_parquet_holds_the_real_digits(digits_parquet, tmp_path):
+    data = load(load_config(None), digits_parquet, tmp_path)
     assert data.rows_read == 1797 and data.rows_skipped == {}
     assert data.num_classes == 10 and data.input_shape == (1, 8, 8)
     assert len(data.train) + len(data.val) + len(data.test) == 1797
-    assert data.train.images.dtype == np.uint8 and data.train.images.max() == 255
+    images, labels = data.train.arrays()
+    assert images.dtype == np.uint8 and images.max() == 255 and images.shape == (len(data.train), 1, 8, 8)
+    # Stored in row groups of data.batch_size rows: the unit every reader streams.
+    assert {n for _, _, n in data.train.groups[:-1]} <= {256} and len(np.unique(ids(data.train))) == len(data.train)
+    assert Dataset.load(tmp_path / "splits").groups == data.groups
 
 
-def test_split_is_deterministic_by_seed(digits_parquet):
-    a = load_dataset(load_config(None, ["seed=1"]), str(digits_parquet))
-    b = load_dataset(load_config(None, ["seed=1"]), str(digits_parquet))
-    c = load_dataset(load_config(None, ["seed=2"]), str(digits_parquet))
-    assert np.array_equal(a.test.images, b.test.images)
-    assert not np.array_equal(a.test.images, c.test.images)
+def test_split_is_deterministic_by_seed_and_independent_of_layout(digits_parquet, tmp_path):
+    a = load(load_config(None, ["seed=1"]), digits_parquet, tmp_path, "a")
+    b = load(load_config(None, ["seed=1", "data.batch_size=100"]), digits_parquet, tmp_path, "b")
+    c = load(load_config(None, ["seed=2"]), digits_parquet, tmp_path, "c")
+    assert np.array_equal(ids(a.test), ids(b.test)) and np.array_equal(ids(a.train), ids(b.train))
+    assert not np.array_equal(ids(a.test), ids(c.test))
+    # The same rows in smaller row groups (more preparation tasks): the same splits.
+    relaid = tmp_path / "relaid" / digits_parquet.name
+    relaid.parent.mkdir()
+    pq.write_table(pq.read_table(digits_parquet), relaid, row_group_size=300)
+    d = load(load_config(None, ["seed=1"]), relaid, tmp_path, "d")
+    assert np.array_equal(ids(a.test), ids(d.test)) and np.array_equal(ids(a.val), ids(d.val))
+    # A file appended beside the data leaves every earlier row in its split.
+    pq.write_table(pq.read_table(digits_parquet).slice(0, 200), relaid.parent / "z-more.parquet")
+    e = load(load_config(None, ["seed=1"]), relaid.parent, tmp_path, "e")
+    assert set(ids(d.test)) <= set(ids(e.test)) and set(ids(d.train)) <= set(ids(e.train))
+    assert len(e.test) + len(e.val) + len(e.train) == 1797 + 200
 
 
 def test_png_cells_and_numeric_cells_decode_alike(tmp_path):
     rng = np.random.default_rng(0)
-    imgs = rng.integers(0, 256, size=(20, 8, 8), dtype=np.uint8)
-    labels = list(range(10)) * 2
-    png = write_table(tmp_path / "png.parquet", [png_bytes(i) for i in imgs], labels, pa.binary())
-    num = write_table(tmp_path / "num.parquet", [i.ravel().tolist() for i in imgs], labels, pa.list_(pa.uint8()))
+    imgs = rng.integers(0, 256, size=(40, 8, 8), dtype=np.uint8)
+    labels = list(range(10)) * 4
+    for kind in ("png", "num"):
+        (tmp_path / kind).mkdir()
+    png = write_table(tmp_path / "png" / "t.parquet", [png_bytes(i) for i in imgs], labels, pa.binary())
+    num = write_table(tmp_path / "num" / "t.parquet", [i.ravel().tolist() for i in imgs], labels, pa.list_(pa.uint8()))
     cfg = load_config(None)
-    a, b = load_dataset(cfg, str(png)), load_dataset(cfg, str(num))
-    assert np.array_equal(a.train.images, b.train.images)
+    a, b = load(cfg, png, tmp_path, "a"), load(cfg, num, tmp_path, "b")
+    assert np.array_equal(a.train.arrays()[0], b.train.arrays()[0])
 
 
 def _bad_table(tmp_path):
@@ -45,15 +82,17 @@ def _bad_table(tmp_path):
     return write_table(tmp_path / "bad.parquet", rows, labels, pa.binary())
 
 
-def test_bad_rows_fail_naming_the_row(tmp_path):
+def test_bad_rows_fail_naming_the_file_and_row(tmp_path):
     path = _bad_table(tmp_path)
-    with pytest.raises(DataError, match=r"row 4: undecodable image"):
-        load_dataset(load_config(None), str(path))
+    with pytest.raises(DataError, match=r"file '.*bad\.parquet' row 4: undecodable image"):
+        load(load_config(None), path, tmp_path)
+    assert not (tmp_path / "splits").exists()
 
 
 def test_bad_rows_skip_counts_each_reason(tmp_path):
     path = _bad_table(tmp_path)
-    data = load_dataset(load_config(None, ["data.on_bad_rows=skip"]), str(path))
+    data = load(load_config(None, ["data.on_bad_rows=skip", "data.val_fraction=0.3", "data.test_fraction=0.3"]),
+                path, tmp_path)
     assert data.rows_skipped == {"undecodable_image": 1, "missing_label": 1, "wrong_shape": 1}
     assert len(data.train) + len(data.val) + len(data.test) == 12
 
@@ -61,19 +100,50 @@ def test_bad_rows_skip_counts_each_reason(tmp_path):
 def test_missing_corrupt_and_wrong_columns(tmp_path, digits_parquet):
     cfg = load_config(None)
     with pytest.raises(DataError, match="no such file"):
-        load_dataset(cfg, str(tmp_path / "nope.parquet"))
+        load(cfg, tmp_path / "nope.parquet", tmp_path)
     corrupt = tmp_path / "corrupt.parquet"
     corrupt.write_bytes(digits_parquet.read_bytes()[:500])
     with pytest.raises(DataError, match="not a readable Parquet file"):
-        load_dataset(cfg, str(corrupt))
+        load(cfg, corrupt, tmp_path)
     with pytest.raises(DataError, match="no column 'img'.*data.image_column.*columns: image, label"):
-        load_dataset(load_config(None, ["data.image_column=img"]), str(digits_parquet))
+        load(load_config(None, ["data.image_column=img"]), digits_parquet, tmp_path)
 
 
-def test_augmentation_is_fresh_per_epoch_and_reproducible(digits_parquet):
+def test_a_corrupt_file_among_good_ones_is_named_or_counted(tmp_path, digits_parquet):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    table = pq.read_table(digits_parquet)
+    pq.write_table(table.slice(0, 900), folder / "a.parquet")
+    pq.write_table(table.slice(900), folder / "c.parquet")
+    (folder / "b.parquet").write_bytes((folder / "c.parquet").read_bytes()[:-300])  # footer cut off
+    with pytest.raises(DataError, match=r"file '.*/b\.parquet': unreadable file"):
+        load(load_config(None), folder, tmp_path)
+    data = load(load_config(None, ["data.on_bad_rows=skip"]), folder, tmp_path)
+    assert data.rows_skipped == {"unreadable_file": 1}
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+
+
+def test_an_empty_split_is_an_error_naming_the_source(tmp_path):
+    path = write_table(tmp_path / "few.parquet", [np.full(16, i, dtype=np.uint8).tolist() for i in range(12)],
+                       [i % 2 for i in range(12)], pa.list_(pa.uint8()))
+    with pytest.raises(DataError, match=r"few\.parquet': the (val|test) split is empty"):
+        load(load_config(None, ["data.val_fraction=0.01", "data.test_fraction=0.01"]), path, tmp_path)
+
+
+def test_a_failed_preparation_leaves_the_earlier_splits_intact(tmp_path, digits_parquet):
+    good = load(load_config(None), digits_parquet, tmp_path)
+    before = (tmp_path / "splits" / "index.json").read_bytes()
+    with pytest.raises(DataError):
+        load(load_config(None), _bad_table(tmp_path), tmp_path)
+    assert (tmp_path / "splits" / "index.json").read_bytes() == before
+    assert Dataset.load(tmp_path / "splits").groups == good.groups
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+
+
+def test_augmentation_is_fresh_per_epoch_and_reproducible(digits_parquet, tmp_path):
     cfg = load_config(None)
-    data = load_dataset(cfg, str(digits_parquet))
-    batch = {"image": data.train.images[:32], "label": data.train.labels[:32], "id": np.arange(32)}
+    head = load(cfg, digits_parquet, tmp_path).train.head(32)
+    batch = {"image": head.images, "label": head.labels, "id": head.ids}
     kw = {"seed": 0, "image_size": 16, "augment": cfg.data.augment_spec()}
     e0 = augment_batch(batch, epoch=0, **kw)["image"]
     again = augment_batch(batch, epoch=0, **kw)["image"]
@@ -168,13 +238,13 @@ def _image_folder(root, sizes=((8, 8), (12, 10))):
 
 def test_image_folder_via_uri_resizes_and_names_classes(tmp_path):
     root = _image_folder(tmp_path / "imgs")
-    data = load_dataset(load_config(None), root.as_uri())  # file:///...: any pyarrow filesystem URI
+    data = load(load_config(None), root.as_uri(), tmp_path, "a")  # file:///...: any pyarrow filesystem URI
     assert data.class_names == ["a_dog", "b_cat"] and data.num_classes == 2
     assert data.rows_read == 13 and data.rows_skipped == {}
     assert data.input_shape == (3, 16, 16)  # decoded, resized to data.image_size, RGB
-    grey = load_dataset(load_config(None, ["data.channels=1", "data.image_size=8"]), str(root))
+    grey = load(load_config(None, ["data.channels=1", "data.image_size=8"]), root, tmp_path, "b")
     assert grey.input_shape == (1, 8, 8)
-    labels = np.concatenate([grey.train.labels, grey.val.labels, grey.test.labels])
+    labels = np.concatenate([grey.split(s).arrays()[1] for s in ("train", "val", "test")])
     assert sorted(np.bincount(labels)) == [6, 7]
 
 
@@ -184,8 +254,8 @@ def test_image_folder_bad_files_fail_naming_the_file_or_are_counted(tmp_path):
     (root / "b_cat" / "notes.txt").write_text("hello")
     (root / "stray.png").write_bytes((root / "a_dog" / "0.png").read_bytes())
     with pytest.raises(DataError, match=r"file '.*/a_dog/broken\.png': undecodable image"):
-        load_dataset(load_config(None), str(root))
-    data = load_dataset(load_config(None, ["data.on_bad_rows=skip"]), str(root))
+        load(load_config(None), root, tmp_path)
+    data = load(load_config(None, ["data.on_bad_rows=skip"]), root, tmp_path)
     assert data.rows_skipped == {"undecodable_image": 1, "not_an_image_file": 1, "outside_class_folder": 1}
     assert data.rows_read == 16 and len(data.train) + len(data.val) + len(data.test) == 13
 
@@ -198,14 +268,14 @@ def test_parquet_folder_via_uri_and_out_of_range_labels(tmp_path):
     imgs = [np.full(16, i, dtype=np.uint8).tolist() for i in range(24)]
     write_table(folder / "part-0.parquet", imgs[:12], [i % 3 for i in range(12)], pa.list_(pa.uint8()))
     write_table(folder / "part-1.parquet", imgs[12:], [i % 3 for i in range(11)] + [7], pa.list_(pa.uint8()))
-    data = load_dataset(load_config(None), folder.as_uri())
+    data = load(load_config(None), folder.as_uri(), tmp_path)
     assert data.rows_read == 24 and data.num_classes == 8 and data.input_shape == (1, 4, 4)
-    with pytest.raises(DataError, match=r"row 23: label out of range"):
-        load_dataset(load_config(None, ["data.num_classes=3"]), folder.as_uri())
-    data = load_dataset(load_config(None, ["data.num_classes=3", "data.on_bad_rows=skip"]), str(folder))
+    with pytest.raises(DataError, match=r"part-1\.parquet' row 11: label out of range"):
+        load(load_config(None, ["data.num_classes=3"]), folder.as_uri(), tmp_path)
+    data = load(load_config(None, ["data.num_classes=3", "data.on_bad_rows=skip"]), folder, tmp_path)
     assert data.rows_skipped == {"label_out_of_range": 1} and data.num_classes == 3
     with pytest.raises(DataError, match="no such file or folder"):
-        load_dataset(load_config(None), (tmp_path / "nothing").as_uri())
+        load(load_config(None), (tmp_path / "nothing").as_uri(), tmp_path)
 
 
 def test_preview_writes_a_png_grid(tmp_path, digits_parquet, capsys):

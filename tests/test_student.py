@@ -36,14 +36,14 @@ def ray_session():
 def _with_teacher(tmp_path, name: str, digits_parquet) -> Run:
     """A run whose teacher stage is done: a small timm teacher recorded as the pipeline would
     (weights + summary, sha256 in manifest.json). Its quality does not matter here."""
-    from raydistill.data import load_dataset
+    from raydistill.data import sample_rows
 
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.source={digits_parquet}"])
-    data = load_dataset(cfg, str(digits_parquet))
-    spec = ModelSpec("resnet10t", data.num_classes, data.input_shape, cfg.data.image_size)
+    images, _, _ = sample_rows(cfg, str(digits_parquet), 512)
+    spec = ModelSpec("resnet10t", 10, images.shape[1:], cfg.data.image_size)
     torch.manual_seed(0)
     net = build_network(spec)
-    recalibrate_batchnorm(net, data.train.images, spec.image_size)
+    recalibrate_batchnorm(net, images, spec.image_size)
     run = Run(tmp_path, name)
     with run.stage("teacher", cfg.stage_digest("teacher")) as outputs:
         outputs.append(save_weights(run.dir("teacher") / "teacher.safetensors", net.state_dict(), spec.to_meta()))
@@ -52,7 +52,8 @@ def _with_teacher(tmp_path, name: str, digits_parquet) -> Run:
 
 
 def test_offline_student_trains_on_stored_soft_targets_of_the_same_views(tmp_path, ray_session, digits_parquet):
-    from raydistill.data import load_dataset, train_stream
+    from raydistill.augment import train_stream
+    from raydistill.data import Dataset
     from raydistill.training import StepPlan
 
     run = _with_teacher(tmp_path, "offline", digits_parquet)
@@ -73,7 +74,7 @@ def test_offline_student_trains_on_stored_soft_targets_of_the_same_views(tmp_pat
     assert all(outputs[f"student/soft_targets/{f.name}"] == sha256(f) for f in files)
     table = pq.read_table(files).to_pandas() if len(files) == 1 else \
         __import__("pandas").concat([pq.read_table(f).to_pandas() for f in files])
-    data = load_dataset(cfg, str(digits_parquet))
+    data = Dataset.load(run.root / "data" / "splits")
     plan = StepPlan.of(len(data.train), 1, cfg.student.batch_size, cfg.student.epochs)
     assert len(table) == plan.epochs * plan.rows_per_epoch(1, cfg.student.batch_size)
 

@@ -220,10 +220,10 @@ def test_sweep_with_a_yaml_space_writes_summary_best_yaml_plot_and_mlflow(tmp_pa
     best = load_config(out / "best.yaml")
     for key, value in summary["best_config"].items():
         assert best.value_of(key) == pytest.approx(value)
-    from raydistill.data import load_dataset, resolve_source
+    from raydistill.data import Dataset
     from raydistill.training import check_teacher, teacher_spec
 
-    data = load_dataset(best, resolve_source(best, tmp_path / "s" / "data"))
+    data = Dataset.load(tmp_path / "s" / "data" / "splits")
     check_teacher(best, teacher_spec(best, data), len(data.train))
 
     assert (out / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -285,13 +285,18 @@ def _parquet_units(item: dict, *, filesystem) -> list[dict]:
     return [{"file": file, "group": i, "first_row": int(firsts[i]), "error": ""} for i in range(meta.num_row_groups)]
 
 
+def _hidden(path: str) -> bool:
+    """.DS_Store, .lock and the like: no one's data, never counted as rows."""
+    return path.rsplit("/", 1)[-1].startswith(".")
+
+
 def _folder_units(item: dict, *, filesystem) -> list[dict]:
     """flat_map: one class folder -> units of up to FILES_PER_TASK files (its listing happens
     here, on a worker). Files in nested folders are rows outside a class folder."""
     from pyarrow import fs as pafs
 
     files = sorted(e.path for e in filesystem.get_file_info(pafs.FileSelector(item["folder"], recursive=True))
-                   if e.type == pafs.FileType.File)
+                   if e.type == pafs.FileType.File and not _hidden(e.path))
     return [{"files": json.dumps(files[i : i + FILES_PER_TASK]), "class_id": item["class_id"]}
             for i in range(0, len(files), FILES_PER_TASK)]
 
@@ -317,8 +322,7 @@ def _prepare_one(unit: dict, kind, source_path, filesystem, columns, checker, ou
         rel = _relative(file, source_path)
         name = f"{row_key_hash(f'{rel}#{group}'):016x}"
         if group < 0:
-            return {"unit": name, "rows_read": 1, "skipped": {"unreadable_file": 1}, "label_max": -1, "written": {},
-                    "first_bad": {"where": f"file '{file}'", "reason": f"unreadable_file ({unit['error']})"}}
+            return _unreadable(name, f"file '{file}'", unit["error"])
 
         def rows():
             with filesystem.open_input_file(file) as f:
@@ -330,8 +334,7 @@ def _prepare_one(unit: dict, kind, source_path, filesystem, columns, checker, ou
         try:
             return checker.run(rows(), out, name, rows_per_group)
         except (pa.ArrowInvalid, OSError) as err:  # a corrupt page inside the row group
-            return {"unit": name, "rows_read": 1, "skipped": {"unreadable_file": 1}, "label_max": -1, "written": {},
-                    "first_bad": {"where": f"file '{file}' row group {group}", "reason": f"unreadable_file ({err})"}}
+            return _unreadable(name, f"file '{file}' row group {group}", str(err))
     files = json.loads(unit["files"])
     class_id = int(unit["class_id"])
     name = f"{row_key_hash(_relative(files[0], source_path)):016x}"
@@ -349,6 +352,12 @@ def _prepare_one(unit: dict, kind, source_path, filesystem, columns, checker, ou
                     yield rel, where, f.readall(), class_id
 
     return checker.run(rows(), out, name, rows_per_group)
+
+
+def _unreadable(unit: str, where: str, detail: str) -> dict:
+    """The record of a unit whose Parquet data cannot be read: one bad row, naming the file."""
+    return {"unit": unit, "rows_read": 1, "skipped": {"unreadable_file": 1}, "label_max": -1, "written": {},
+            "first_bad": {"where": where, "reason": "unreadable_file", "detail": detail}}
 
 
 def _row_group_batches(parquet: pq.ParquetFile, group: int, columns: list[str], first_row: int):
@@ -422,7 +431,7 @@ def prepare(cfg: Config, source: str, out: Path) -> "Dataset":
         if not class_names:
             raise DataError(f"data.source '{source}': an image folder needs one subfolder per class; found none")
         shape = (dcfg.channels or 3, dcfg.image_size, dcfg.image_size)
-        loose = sorted(e.path for e in entries if e.type == pafs.FileType.File)
+        loose = sorted(e.path for e in entries if e.type == pafs.FileType.File and not _hidden(e.path))
         folders = [{"folder": f"{path.rstrip('/')}/{n}", "class_id": i} for i, n in enumerate(class_names)]
         units = ray.data.from_items(folders).flat_map(_folder_units, fn_kwargs={"filesystem": filesystem})
         if loose:  # files beside the class folders: bad rows, counted like any other
@@ -455,8 +464,9 @@ def _collect(cfg: Config, source: str, records: list[dict], shape, class_names, 
         skipped.update(r["skipped"])
     bad = sorted((r["first_bad"] for r in records if r["first_bad"]), key=lambda b: b["where"])
     if bad and dcfg.on_bad_rows == "fail":
-        reason = bad[0]["reason"]
-        raise DataError(f"data.source '{source}' {bad[0]['where']}: {reason.replace('_', ' ', 1).replace('_', ' ')} "
+        first = bad[0]
+        detail = f" ({first['detail']})" if first.get("detail") else ""
+        raise DataError(f"data.source '{source}' {first['where']}: {first['reason'].replace('_', ' ')}{detail} "
                         f"(set data.on_bad_rows=skip to drop such rows and count them)")
     groups: dict[str, list] = {s: [] for s in SPLITS}
     shas = {}
@@ -610,6 +620,28 @@ class SplitRef:
         """The whole split in memory, for small data only (benchmarks on digits, tests)."""
         batch = self.head(len(self))
         return batch.images, batch.labels
+
+
+def store_arrays(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], rows_per_group: int = 256,
+                 num_classes: int | None = None) -> Dataset:
+    """In-memory (images uint8 (N, C, H, W), labels) per split, stored as the data stage stores
+    splits (rows keep their index as id): for tests, benchmarks and notebooks with arrays at hand."""
+    out.mkdir(parents=True, exist_ok=True)
+    shape = tuple(next(iter(splits.values()))[0].shape[1:])
+    groups: dict[str, list] = {s: [] for s in SPLITS}
+    shas = {}
+    for split, (images, labels) in splits.items():
+        writer = _ShardWriter(out, split, math.prod(shape), rows_per_group)
+        for i, (img, label) in enumerate(zip(images, labels)):
+            writer.add(split, img, int(label), i)
+        for name, sizes, sha in writer.close().values():
+            groups[split] = [[f"{split}/{name}", g, n] for g, n in enumerate(sizes)]
+            shas[f"{split}/{name}"] = sha
+    labels_max = max(int(labels.max()) for _, labels in splits.values())
+    data = Dataset(root=str(out), shape=shape, num_classes=num_classes or labels_max + 1, source="arrays",
+                   rows_read=sum(len(labels) for _, labels in splits.values()), groups=groups, sha256=shas)
+    write_json(out / INDEX, data.index())
+    return data
 
 
 def resolve_source(cfg: Config, data_dir: Path) -> str:
