@@ -70,6 +70,10 @@ def test_bad_space_or_metric_names_the_key(tmp_path, space, sweep, expected):
         ({"teacher.lr": {"uniform": [0.01, 0.001]}}, {}, "sweep.space.teacher.lr"),
         ({"teacher.no_such_key": {"uniform": [0.0, 1.0]}}, {}, "teacher.no_such_key"),
         ({"teacher.lr": {"loguniform": [1e-3, 1e-2]}}, {"metric": "f1"}, "sweep.metric"),
+        # Keys the trial loop never reads (found in its code): in-process trials do not clip...
+        ({"teacher.grad_clip": {"uniform": [0.5, 2.0]}}, {}, "teacher.grad_clip: in-process trials"),
+        # ...and Ray Train trials set their own workers and epochs.
+        ({"teacher.epochs": {"int": [1, 3]}}, {"trial_workers": 2}, "teacher.epochs: Ray Train trials"),
     ],
 )
 def test_cli_exits_2_for_a_bad_sweep_before_anything_runs(tmp_path, space, sweep, key):
@@ -82,6 +86,15 @@ def test_cli_exits_2_for_a_bad_sweep_before_anything_runs(tmp_path, space, sweep
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_keys_the_trials_read_are_derived_from_the_trial_code():
+    from raydistill.sweep import _config_reads, trial_in_process
+
+    reads, escapes = _config_reads(trial_in_process)
+    assert not escapes
+    assert {"teacher.lr", "teacher.weight_decay", "teacher.batch_size", "data.augment", "seed"} <= reads
+    assert "teacher.grad_clip" not in reads and "teacher" not in reads  # whole chains only
 
 
 def test_space_round_trips_through_yaml(tmp_path):

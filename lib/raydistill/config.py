@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from raydistill.space import Dist
 
+# Sections a sweep trial reads: it trains the teacher on the (augmented) data. A key elsewhere
+# would change nothing the trials measure, so its "best" value would be noise.
+SWEEPABLE_SECTIONS = ("seed", "data", "teacher")
+
 
 class ConfigError(ValueError):
     """A config that cannot run: the message is one line naming the key."""
@@ -725,10 +729,35 @@ def load_config(path: str | Path | None, sets: list[str] | None = None) -> Confi
             raise ConfigError(f"--config {path}: expected a mapping of sections at the top level")
     cfg = _build(tree, sets or [])
     if cfg.sweep.num_trials:
-        from raydistill.space import check_space
-
         check_space(cfg)
     return cfg
+
+
+def check_space(cfg: "Config") -> None:
+    """Every key a value the trials read, every bound or choice a valid value for it.
+
+    Raises ConfigError naming the key. Called before Ray starts.
+    """
+    for key, dist in cfg.sweep.space.items():
+        where = f"sweep.space.{key}"
+        path = key.split(".")
+        try:
+            model = _section_for(path)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: not a config key ({err})") from None
+        field = model.model_fields[path[-1]].annotation
+        if isinstance(field, type) and issubclass(field, BaseModel):
+            raise ConfigError(f"{where}: '{key}' is a section; name one of its values, e.g. {key}.{next(iter(field.model_fields))}")
+        if path[0] not in SWEEPABLE_SECTIONS:
+            raise ConfigError(
+                f"{where}: sweep trials train the teacher, so only keys under "
+                f"{', '.join(SWEEPABLE_SECTIONS)} change what they measure"
+            )
+        for value in dist.values_to_check():
+            try:
+                cfg.with_values({key: value})
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {dist.describe()} allows a value the config refuses: {err}") from None
 
 
 def dump_yaml(cfg: Config) -> str:

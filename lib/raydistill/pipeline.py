@@ -304,11 +304,19 @@ def prepare(cfg: Config, run: Run, stages: tuple[str, ...]):
         from raydistill.training import check_teacher, teacher_spec
 
         check_teacher(cfg, teacher_spec(cfg, data), len(data.train))
+    return data
+
+
+def check_before_ray(cfg: Config, stages: tuple[str, ...]) -> None:
+    """What can be refused from the config alone, before Ray starts or data is read."""
+    if "sweep" in stages:
+        from raydistill.sweep import check_keys_read
+
+        check_keys_read(cfg)
     if "deploy" in stages:
         from raydistill.serving import read_api_key
 
         read_api_key(cfg.deploy)  # a configured but unreadable key fails now, not after training
-    return data
 
 
 @contextlib.contextmanager
@@ -318,6 +326,7 @@ def opened(cfg: Config, storage: str, name: str, stages: tuple[str, ...]):
     here for input that is then refused is shut down here."""
     import ray
 
+    check_before_ray(cfg, stages)
     run = Run(storage, name)
     with run.lock():
         started = connect_ray()  # the data stage reads and checks rows in Ray Data tasks

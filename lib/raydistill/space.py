@@ -11,7 +11,8 @@ Each entry is one distribution: `uniform` / `loguniform` (floats in [low, high])
 (integers in [low, high], both included) or `choice` (a list of values). Checked in two steps,
 both before any trial starts: the shape of each entry when the config loads (empty or inverted
 ranges, a non-positive loguniform bound), and then that every key names a config value the
-trials read and that every bound is a valid value for it (`check_space`).
+trials read and that every bound is a valid value for it (`config.check_space`; the keys
+the trial loop itself reads: `sweep.check_keys_read`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_valid
 
 KINDS = ("uniform", "loguniform", "int", "choice")
 _ATTR = {"uniform": "uniform", "loguniform": "loguniform", "int": "integer", "choice": "choice"}
-# Sections a sweep trial reads: it trains the teacher on the (augmented) data. A key elsewhere
-# would change nothing the trials measure, so its "best" value would be noise.
-SWEEPABLE_SECTIONS = ("seed", "data", "teacher")
-
 
 class Dist(BaseModel):
     """One search dimension: exactly one of uniform, loguniform, int, choice."""
@@ -92,32 +89,3 @@ class Dist(BaseModel):
 
     def describe(self) -> str:
         return f"{self.kind} {list(self.spec(self.kind))}"
-
-
-def check_space(cfg) -> None:
-    """Every key a value the trials read, every bound or choice a valid value for it.
-
-    Raises ConfigError naming the key. Called before Ray starts.
-    """
-    from raydistill.config import ConfigError, _section_for
-
-    for key, dist in cfg.sweep.space.items():
-        where = f"sweep.space.{key}"
-        path = key.split(".")
-        try:
-            model = _section_for(path)
-        except ConfigError as err:
-            raise ConfigError(f"{where}: not a config key ({err})") from None
-        field = model.model_fields[path[-1]].annotation
-        if isinstance(field, type) and issubclass(field, BaseModel):
-            raise ConfigError(f"{where}: '{key}' is a section; name one of its values, e.g. {key}.{next(iter(field.model_fields))}")
-        if path[0] not in SWEEPABLE_SECTIONS:
-            raise ConfigError(
-                f"{where}: sweep trials train the teacher, so only keys under "
-                f"{', '.join(SWEEPABLE_SECTIONS)} change what they measure"
-            )
-        for value in dist.values_to_check():
-            try:
-                cfg.with_values({key: value})
-            except ConfigError as err:
-                raise ConfigError(f"{where}: {dist.describe()} allows a value the config refuses: {err}") from None

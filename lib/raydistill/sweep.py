@@ -100,14 +100,76 @@ def trial_config(cfg: Config, params: dict) -> Config:
     """The teacher config one Ray Train trial runs: the sampled values, `sweep.trial_workers`
     workers, `sweep.epochs` epochs, and no mid-run checkpoints (a stopped trial is not resumed:
     the searcher samples a new one)."""
-    return cfg.with_values({
-        **params,
-        "teacher.num_workers": cfg.sweep.trial_workers,
-        "teacher.epochs": cfg.sweep.epochs,
-        "teacher.global_batch_size": None,
-        "teacher.checkpoint_every_steps": 10**9,
-        "teacher.max_failures": 0,
-    })
+    return cfg.with_values({**params, **_trial_overrides(cfg)})
+
+
+def _config_reads(fn, name: str = "cfg", model: type = Config) -> tuple[set[str], bool]:
+    """The dotted config keys `fn`'s own code reads through the variable `name` (attribute
+    chains such as cfg.teacher.lr, and the fields a section's method reads, such as
+    cfg.data.augment_spec() -> data.augment), and whether `name` escapes whole into a call
+    (then what is read cannot be told from this code alone)."""
+    import ast
+    import inspect
+    import textwrap
+
+    from pydantic import BaseModel
+
+    def resolve(parts: list[str], model: type) -> set[str]:
+        head = parts[0]
+        if head in model.model_fields:
+            annotation = model.model_fields[head].annotation
+            if len(parts) > 1 and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                return {f"{head}.{key}" for key in resolve(parts[1:], annotation)}
+            return {head}
+        attr = getattr(model, head, None)
+        method = attr.fget if isinstance(attr, property) else attr
+        return _config_reads(method, "self", model)[0] if callable(method) else set()
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    inner = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    reads, escapes = set(), False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            escapes |= any(isinstance(a, ast.Name) and a.id == name for a in [*node.args, *(k.value for k in node.keywords)])
+        if not isinstance(node, ast.Attribute) or id(node) in inner:
+            continue  # only whole chains: cfg.teacher.lr, not its part cfg.teacher
+        parts, root = [], node
+        while isinstance(root, ast.Attribute):
+            parts.append(root.attr)
+            root = root.value
+        if isinstance(root, ast.Name) and root.id == name:
+            reads |= resolve(parts[::-1], model)
+    return reads, escapes
+
+
+def check_keys_read(cfg: Config) -> None:
+    """Refuse a swept key the trials never read (its "best" value would be noise), derived from
+    the trial code itself: an in-process trial reads what trial_in_process reads; a Ray Train
+    trial runs the teacher stage's loop, which reads every teacher key but those trial_config
+    overrides. Raises ConfigError naming the key."""
+    if not cfg.sweep.num_trials:
+        return
+    if cfg.sweep.trial_workers:
+        overridden = set(_trial_overrides(cfg))
+        for key in cfg.sweep.space:
+            if key in overridden:
+                raise ConfigError(f"sweep.space.{key}: Ray Train trials (sweep.trial_workers="
+                                  f"{cfg.sweep.trial_workers}) set {key} themselves, so sweeping it changes nothing")
+        return
+    reads, escapes = _config_reads(trial_in_process)
+    if escapes:
+        return
+    for key in cfg.sweep.space:
+        if not any(key == r or key.startswith(r + ".") for r in reads):
+            read = sorted(r for r in reads if r.split(".")[0] in ("seed", "data", "teacher"))
+            raise ConfigError(
+                f"sweep.space.{key}: in-process trials (sweep.trial_workers: 0) never read {key}; they read "
+                f"{', '.join(read)} (run Ray Train trials, sweep.trial_workers: N, to sweep the teacher's other keys)")
+
+
+def _trial_overrides(cfg: Config) -> dict:
+    return {"teacher.num_workers": cfg.sweep.trial_workers, "teacher.epochs": cfg.sweep.epochs,
+            "teacher.global_batch_size": None, "teacher.checkpoint_every_steps": 10**9, "teacher.max_failures": 0}
 
 
 def _timed_report_callback():
