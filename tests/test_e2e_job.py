@@ -19,7 +19,7 @@ import yaml
 
 from raydistill.artifacts import Run, sha256
 from raydistill.config import load_config
-from raydistill.localcluster import LocalCluster
+from raydistill.testing.localcluster import LocalCluster
 from raydistill.models import ModelSpec, load_network
 from raydistill.training import StepPlan
 
@@ -49,7 +49,7 @@ def _hashes(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def head():
-    """A real Ray head of 2 CPUs, token auth on (raydistill.localcluster)."""
+    """A real Ray head of 2 CPUs, token auth on (raydistill.testing.localcluster)."""
     with LocalCluster.temporary(head_cpus=2) as cluster:
         yield cluster
 

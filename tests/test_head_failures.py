@@ -23,7 +23,7 @@ import requests
 import yaml
 
 from raydistill.artifacts import save_weights, sha256
-from raydistill.localcluster import LocalCluster, free_ports
+from raydistill.testing.localcluster import LocalCluster, free_ports
 from raydistill.models import ModelSpec, build_network
 
 from conftest import BIN

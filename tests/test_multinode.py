@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from raydistill.localcluster import LocalCluster
+from raydistill.testing.localcluster import LocalCluster
 from raydistill.training import StepPlan
 
 from conftest import BIN, REPO

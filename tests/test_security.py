@@ -13,7 +13,7 @@ import sys
 import psutil
 import pytest
 
-from raydistill.secrets_scan import scan_repo, scan_text
+from raydistill.testing.secrets_scan import scan_repo, scan_text
 
 from conftest import REPO
 from ray_internals import LOCAL_NODE_INFO

@@ -20,7 +20,7 @@ from torch import nn
 
 from raydistill.config import Config, StudentConfig
 from raydistill.kd import HintProjection, features_and_logits, feature_channels, kd_loss  # noqa: F401 (re-export)
-from raydistill.training import EpochLog, StepPlan, worker_start
+from raydistill.training import EpochLog, StepPlan, stream_batches, worker_start
 
 STUDENT_FILE, ONNX_FILE, INT8_FILE = "student.safetensors", "student.onnx", "student.int8.onnx"
 MEASURE_FILE = "before_pruning.safetensors.measure"  # transient: only its size is reported
@@ -71,16 +71,6 @@ def distill_step(trainee, opt, sched, x, y, teacher_logits, teacher_features, sc
     return loss.item()
 
 
-def _batches(shard, batch_size: int, total_steps: int, device, prefetch_batches: int = 4):
-    """(step, {column: tensor}) from a Ray Data shard, stopping at exactly total_steps."""
-    step = 0
-    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=prefetch_batches):
-        if step >= total_steps:
-            break
-        step += 1
-        yield step, {k: v.to(device) for k, v in batch.items()}
-
-
 def student_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -110,7 +100,8 @@ def student_worker(loop_config: dict) -> None:
     log = EpochLog("student", plan, scfg.batch_size * world, rank)
     shard = ray.train.get_dataset_shard("train")
     loss_sum, seen, step = 0.0, 0, 0
-    for step, batch in _batches(shard, scfg.batch_size, plan.total_steps, device, cfg.data.prefetch_batches):
+    for step, batch in stream_batches(shard, scfg.batch_size, plan.total_steps, device,
+                                      prefetch_batches=cfg.data.prefetch_batches):
         x, y = batch["image"], batch["label"]  # y: class ids (B,) or mixed soft labels (B, classes)
         if online:
             teacher_logits, teacher_features = teacher_targets(teacher, x, trainee.hint is not None)

@@ -18,16 +18,13 @@ import yaml
 
 from raydistill.artifacts import Run, read_json, write_json, write_text
 from raydistill.config import Config, dump_yaml
+from raydistill.console import log
 
 if TYPE_CHECKING:  # serving imports Ray Serve: only the deploy stage pays for it
     from raydistill.serving import ServedModel
 
 PIPELINE = ("sweep", "teacher", "student", "deploy")
 DATA_SUMMARY = "data/summary.json"  # holds the source's fingerprint: an input of every stage that trains
-
-
-def log(msg: str) -> None:
-    print(f"[raydistill] {msg}", flush=True)
 
 
 def connect_ray() -> bool:

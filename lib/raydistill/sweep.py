@@ -31,13 +31,10 @@ from ray.tune.stopper import Stopper
 
 from raydistill.artifacts import write_text
 from raydistill.config import Config, ConfigError, SweepConfig
+from raydistill.console import log
 
 EXPERIMENT = "tune"  # out_dir/ray/tune: the Tune experiment (what --resume restores)
 TIME_ATTR = "epoch"  # every trial report carries its epoch: the schedulers' clock
-
-
-def log(msg: str) -> None:
-    print(f"[raydistill] {msg}", flush=True)
 
 
 # ---- trials ---------------------------------------------------------------------------------
@@ -193,7 +190,7 @@ def trial_on_ray_train(params: dict, base: dict, data, storage: str) -> None:
     from ray.train import FailureConfig, RunConfig
 
     from raydistill.augment import train_stream
-    from raydistill.training import StepPlan, _fit, _trainer, teacher_spec, teacher_worker
+    from raydistill.training import StepPlan, fit_trainer, teacher_spec, teacher_worker, torch_trainer
 
     cfg = trial_config(Config.model_validate(base), params)
     tcfg = cfg.teacher
@@ -211,7 +208,7 @@ def trial_on_ray_train(params: dict, base: dict, data, storage: str) -> None:
         name=f"trial-{tune.get_context().get_trial_id()}", storage_path=storage,
         failure_config=FailureConfig(max_failures=0), callbacks=[_timed_report_callback()],
     )
-    _fit(_trainer(teacher_worker, loop_config, tcfg, {"train": stream}, run_config), "sweep trial")
+    fit_trainer(torch_trainer(teacher_worker, loop_config, tcfg, {"train": stream}, run_config), "sweep trial")
 
 
 # ---- search -------------------------------------------------------------------------------

@@ -114,12 +114,13 @@ class DataWait:
 
 def stream_batches(shard, batch_size: int, total_steps: int, device, skip: int = 0, prefetch_batches: int = 4,
                    wait: DataWait | None = None):
-    """(step, images, labels) from a Ray Data shard, stopping at exactly total_steps.
+    """(step, {column: tensor on device}) from a Ray Data shard, stopping at exactly total_steps.
 
     `skip` batches are drawn and dropped first: a run resumed from a checkpoint at step k
     consumes the same stream (augmentation is seeded per epoch and row) and continues at k+1.
-    Labels are class ids (B,) or, with mixup / cutmix, soft labels (B, classes); cross-entropy
-    takes either. `wait` (a DataWait) measures the time spent waiting for each batch.
+    Columns: image, label (class ids (B,) or, with mixup / cutmix, soft labels (B, classes);
+    cross-entropy takes either), id, and whatever else the stream carries (the student's
+    teacher_logits offline). `wait` (a DataWait) measures the time spent waiting for each batch.
     """
     step = 0
     batches = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=prefetch_batches)
@@ -132,7 +133,7 @@ def stream_batches(shard, batch_size: int, total_steps: int, device, skip: int =
         if step > skip:
             if step == skip + 1 and skip and wait is not None:
                 wait.start_over()
-            yield step, batch["image"].to(device), batch["label"].to(device)
+            yield step, {k: v.to(device) for k, v in batch.items()}
 
 
 class EpochLog:
@@ -233,7 +234,7 @@ def worker_start(loop_config: dict, stage: str) -> WorkerStart:
                        ray.train.torch.get_device())
 
 
-def _trainer(loop, loop_config: dict, stage_cfg, datasets: dict, run_config):
+def torch_trainer(loop, loop_config: dict, stage_cfg, datasets: dict, run_config):
     """A TorchTrainer (Train V2): gloo on CPU, NCCL on GPU."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -251,7 +252,7 @@ def _trainer(loop, loop_config: dict, stage_cfg, datasets: dict, run_config):
     )
 
 
-def _fit(trainer, stage: str):
+def fit_trainer(trainer, stage: str):
     """trainer.fit() with a clear error naming the stage when a worker fails."""
     from ray.train import TrainingFailedError
 
@@ -299,9 +300,9 @@ def train_on_ray(stage: str, worker, cfg: Config, data, spec, out_dir: Path, ext
         failure_config=FailureConfig(max_failures=max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
     )
-    trainer = _trainer(worker, loop_config, stage_cfg, {"train": stream}, run_config)
+    trainer = torch_trainer(worker, loop_config, stage_cfg, {"train": stream}, run_config)
     start = time.perf_counter()
-    result = _fit(trainer, stage)
+    result = fit_trainer(trainer, stage)
     elapsed = time.perf_counter() - start
     for name in (f"{stage}.safetensors", *files):
         _copy_from_checkpoint(result, name, out_dir / name)
@@ -450,8 +451,8 @@ def teacher_worker(loop_config: dict) -> None:
     wait = DataWait()
     micro_steps = stream_batches(shard, tcfg.batch_size, plan.total_steps * plan.accum, device,
                                  skip=start_step * plan.accum, prefetch_batches=cfg.data.prefetch_batches, wait=wait)
-    for micro, x, y in micro_steps:
-        loss_sum, seen = loss_sum + wait.timed(teacher_step, engine, x, y), seen + 1
+    for micro, batch in micro_steps:
+        loss_sum, seen = loss_sum + wait.timed(teacher_step, engine, batch["image"], batch["label"]), seen + 1
         if micro % plan.accum:
             continue
         step = micro // plan.accum

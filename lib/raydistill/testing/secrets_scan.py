@@ -1,5 +1,5 @@
 """Find key-like strings in files: the repository must hold no credentials (tests scan every
-tracked file with this; run it before a commit with `python -m raydistill.secrets_scan`).
+tracked file with this; run it before a commit with `python -m raydistill.testing.secrets_scan`).
 
 Patterns follow the common secret scanners' high-confidence rules: cloud access keys,
 private key blocks, provider tokens, and assignments of long random-looking literals to names
