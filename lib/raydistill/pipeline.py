@@ -310,6 +310,10 @@ def check_before_ray(cfg: Config, stages: tuple[str, ...]) -> None:
         from raydistill.sweep import check_keys_read
 
         check_keys_read(cfg)
+    if "teacher" in stages:
+        from raydistill.training import check_teacher_network
+
+        check_teacher_network(cfg)
     if "deploy" in stages:
         from raydistill.serving import read_api_key
 

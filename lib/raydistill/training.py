@@ -513,18 +513,31 @@ def teacher_spec(cfg: Config, data):
     return ModelSpec(cfg.teacher.arch, data.num_classes, data.input_shape, cfg.data.image_size)
 
 
-def check_teacher(cfg: Config, spec, n_train: int) -> dict:
-    """Everything about a teacher run that can be refused before a worker starts."""
-    from raydistill import sharding
-    from raydistill.models import describe_network, init_file_matches
+def check_teacher_network(cfg: Config, spec=None) -> dict:
+    """The teacher refusals that need no data (checked before Ray starts): an unknown
+    architecture, activation checkpointing it lacks, a missing init file. Without `spec`, a
+    stand-in for the data's classes and channels: these answers do not depend on them."""
+    from raydistill.models import ModelSpec, describe_network
 
     tcfg = cfg.teacher
+    size = cfg.data.image_size
+    spec = spec or ModelSpec(tcfg.arch, max(2, cfg.data.num_classes), (cfg.data.channels or 3, size, size), size)
     info = describe_network(spec)  # meta device: a 1B-parameter teacher costs no memory here
     if tcfg.activation_checkpointing and not info["grad_checkpointing"]:
         raise ValueError(f"teacher.activation_checkpointing: timm's {tcfg.arch} does not support it")
+    if tcfg.init_from and not Path(tcfg.init_from).is_file():
+        raise ValueError(f"teacher.init_from {tcfg.init_from}: no such file")
+    return info
+
+
+def check_teacher(cfg: Config, spec, n_train: int) -> dict:
+    """Everything about a teacher run that can be refused before a worker starts."""
+    from raydistill import sharding
+    from raydistill.models import init_file_matches
+
+    tcfg = cfg.teacher
+    info = check_teacher_network(cfg, spec)
     if tcfg.init_from:
-        if not Path(tcfg.init_from).is_file():
-            raise ValueError(f"teacher.init_from {tcfg.init_from}: no such file")
         init_file_matches(tcfg.init_from, info["shapes"])
     plan = StepPlan.of(n_train, tcfg.num_workers, tcfg.batch_size, tcfg.epochs, tcfg.grad_accum_steps)
     sharding.validate(sharding.deepspeed_config(tcfg, tcfg.num_workers, plan.total_steps))
