@@ -70,9 +70,10 @@ def test_bad_space_or_metric_names_the_key(tmp_path, space, sweep, expected):
         ({"teacher.lr": {"uniform": [0.01, 0.001]}}, {}, "sweep.space.teacher.lr"),
         ({"teacher.no_such_key": {"uniform": [0.0, 1.0]}}, {}, "teacher.no_such_key"),
         ({"teacher.lr": {"loguniform": [1e-3, 1e-2]}}, {"metric": "f1"}, "sweep.metric"),
-        # Keys the trial loop never reads (found in its code): in-process trials do not clip...
-        ({"teacher.grad_clip": {"uniform": [0.5, 2.0]}}, {}, "teacher.grad_clip: in-process trials"),
-        # ...and Ray Train trials set their own workers and epochs.
+        # Keys a trial sets itself: in-process trials run sweep.epochs and one process...
+        ({"teacher.epochs": {"int": [1, 3]}}, {}, "teacher.epochs: in-process trials"),
+        ({"teacher.num_workers": {"choice": [1, 2]}}, {}, "teacher.num_workers: in-process trials"),
+        # ...and Ray Train trials set their own workers and epochs too.
         ({"teacher.epochs": {"int": [1, 3]}}, {"trial_workers": 2}, "teacher.epochs: Ray Train trials"),
     ],
 )
@@ -86,15 +87,6 @@ def test_cli_exits_2_for_a_bad_sweep_before_anything_runs(tmp_path, space, sweep
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0]
     assert not (tmp_path / "runs").exists()
-
-
-def test_keys_the_trials_read_are_derived_from_the_trial_code():
-    from raydistill.sweep import _config_reads, trial_in_process
-
-    reads, escapes = _config_reads(trial_in_process)
-    assert not escapes
-    assert {"teacher.lr", "teacher.weight_decay", "teacher.batch_size", "data.augment", "seed"} <= reads
-    assert "teacher.grad_clip" not in reads and "teacher" not in reads  # whole chains only
 
 
 def test_space_round_trips_through_yaml(tmp_path):
@@ -348,3 +340,29 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     # A trial run again would have written its result.json anew.
     after = _finished_trials(experiment)
     assert {k: after[k] for k in before} == before
+
+
+def test_an_in_process_trial_trains_the_teacher_stages_recipe(tmp_path, local_ray):
+    """The same config, seed and steps give the same loss curve in a sweep trial as in the
+    teacher stage: one recipe (engine, schedule, clipping, batch) and the same rows in order."""
+    import ray
+
+    from raydistill import pipeline
+    from raydistill.data import Dataset
+
+    sets = [f"teacher.arch={SMALL}", "teacher.num_workers=1", "teacher.cpus_per_worker=1", "teacher.epochs=2",
+            "sweep.epochs=2", "sweep.cpus_per_trial=1", "sweep.num_trials=0", "teacher.grad_clip=0.5"]
+    cfg = load_config(DEMO, sets)
+    summary = pipeline.run_stages(cfg, str(tmp_path), "same", ("teacher",))["teacher"]
+    data = Dataset.load(tmp_path / "same" / "data" / "splits")
+    def in_process_losses(cfg, data) -> list[float]:  # local: shipped to the worker by value
+        from raydistill.sweep import train_in_process
+
+        reports = []
+        train_in_process(cfg, data, reports.append)
+        return [r["loss"] for r in reports]
+
+    # In a Ray worker process, as a Tune trial runs (its own process group of one).
+    losses = ray.get(ray.remote(num_cpus=1)(in_process_losses).remote(cfg, data))
+    assert len(losses) == 2 and [s for s, _ in summary["loss_curve"]] == [19, 38]  # 1,259 rows / 64
+    assert losses == pytest.approx([loss for _, loss in summary["loss_curve"]], rel=1e-5)

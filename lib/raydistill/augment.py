@@ -121,9 +121,13 @@ def augment_batch(batch: dict, *, seed: int, epoch: int, image_size: int, augmen
 
 
 def _read_and_augment(batch: dict, *, root: str, shape: tuple, **augment_kwargs) -> dict:
-    """map_batches fn (one stored row group per call): read it from storage and augment it."""
+    """map_batches fn (one stored row group per call): read it from storage, augment it for
+    its epoch, keep its first `take` rows (an epoch ends part-way through its last group)."""
     read = read_group(root, str(batch["file"][0]), int(batch["group"][0]), shape)
-    return augment_batch({"image": read.images, "label": read.labels, "id": read.ids}, **augment_kwargs)
+    views = augment_batch({"image": read.images, "label": read.labels, "id": read.ids},
+                          epoch=int(batch["epoch"][0]), **augment_kwargs)
+    take = int(batch["take"][0])
+    return {k: v[:take] for k, v in views.items()}
 
 
 def epoch_groups(split: SplitRef, seed: int, epoch: int, rows: int | None = None) -> list:
@@ -138,48 +142,74 @@ def epoch_groups(split: SplitRef, seed: int, epoch: int, rows: int | None = None
     return chosen
 
 
+def stream_plan(split: SplitRef, seed: int, epochs: int, rows_per_epoch: int | None = None) -> list[dict]:
+    """Every row group every epoch reads, in order: {file, group, epoch, take (rows kept)}."""
+    items = []
+    for epoch in range(epochs):
+        left = rows_per_epoch if rows_per_epoch is not None else len(split)
+        for file, group, rows in epoch_groups(split, seed, epoch, rows_per_epoch):
+            items.append({"file": file, "group": group, "epoch": epoch, "take": min(rows, left)})
+            left -= items[-1]["take"]
+    return items
+
+
 def train_stream(cfg: Config, split: SplitRef, epochs: int, rows_per_epoch: int | None = None,
                  num_classes: int | None = None):
     """All epochs of augmented views as one Ray Data stream (`rows_per_epoch` rows each, so
     every trainer consumes its shard to the end and no work is left running).
 
-    Nothing is materialised and nothing passes through the driver: the stream is a list of
-    stored row groups, and Ray Data tasks read each one from storage and augment it as trainers
-    pull batches (up to their `data.prefetch_batches` ahead), claiming `data.cpus_per_task` CPUs
-    and no GPU, so on a cluster CPU-only nodes augment while GPU nodes train. One stream instead
-    of one pass per epoch keeps the pipeline running across epoch boundaries. Each epoch visits
-    the row groups in its own seeded order (no all-to-all shuffle: those tasks would claim whole
-    CPUs that the trainers hold) and augments with seed (seed, epoch, row id). Rows carry their
-    `id`, so a consumer can attach anything per view (e.g. teacher logits) to the very views it sees.
+    Nothing is materialised and nothing passes through the driver: the stream is the list of
+    stored row groups every epoch reads (stream_plan), and Ray Data tasks read each one from
+    storage and augment it as trainers pull batches (up to their `data.prefetch_batches`
+    ahead), claiming `data.cpus_per_task` CPUs and no GPU, so on a cluster CPU-only nodes
+    augment while GPU nodes train. One stream for all epochs keeps the pipeline running across
+    epoch boundaries. Each epoch visits the row groups in its own seeded order (no all-to-all
+    shuffle: those tasks would claim whole CPUs that the trainers hold) and augments with seed
+    (seed, epoch, row id). Rows carry their `id`, so a consumer can attach anything per view
+    (e.g. teacher logits) to the very views it sees. Consumed in order (the trainers ask Ray
+    Data to preserve it), the stream is the same on every run: a resume skips exactly what
+    it trained on, and an in-process sweep trial (local_batches) sees the same rows.
     """
     import ray.data
 
     data = split.data
-    parts = []
-    for epoch in range(epochs):
-        groups = epoch_groups(split, cfg.seed, epoch, rows_per_epoch)
-        epoch_ds = ray.data.from_items([{"file": g[0], "group": g[1]} for g in groups]).map_batches(
-            _read_and_augment,
-            batch_size=1,
-            num_cpus=cfg.data.cpus_per_task,
-            fn_kwargs={
-                "root": data.root,
-                "shape": tuple(data.shape),
-                "seed": cfg.seed,
-                "epoch": epoch,
-                "image_size": cfg.data.image_size,
-                "augment": cfg.data.augment_spec(),
-                "num_classes": num_classes,
-                "threads": max(1, int(cfg.data.cpus_per_task)),
-            },
-        )
-        if rows_per_epoch is not None:
-            epoch_ds = epoch_ds.limit(rows_per_epoch)
-        parts.append(epoch_ds)
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    items = stream_plan(split, cfg.seed, epochs, rows_per_epoch)
+    return ray.data.from_items(items).map_batches(
+        _read_and_augment,
+        batch_size=1,
+        num_cpus=cfg.data.cpus_per_task,
+        fn_kwargs={
+            "root": data.root,
+            "shape": tuple(data.shape),
+            "seed": cfg.seed,
+            "image_size": cfg.data.image_size,
+            "augment": cfg.data.augment_spec(),
+            "num_classes": num_classes,
+            "threads": max(1, int(cfg.data.cpus_per_task)),
+        },
+    )
 
 
-# ---- preview: what the augmentation does, as a picture ------------------------------------
+def local_batches(cfg: Config, split: SplitRef, epochs: int, rows_per_epoch: int, batch_size: int,
+                  num_classes: int | None = None):
+    """(micro-batch number, {"image", "label"} tensors) in this process: the rows, in order,
+    that a single trainer pulls from train_stream, read and augmented here. For an in-process
+    sweep trial, which holds no Ray Data stream."""
+    import torch
+
+    kwargs = {"seed": cfg.seed, "image_size": cfg.data.image_size, "augment": cfg.data.augment_spec(),
+              "num_classes": num_classes}
+    data = split.data
+    micro, images, labels = 0, [], []
+    for item in stream_plan(split, cfg.seed, epochs, rows_per_epoch):
+        views = _read_and_augment({k: [v] for k, v in item.items()}, root=data.root, shape=tuple(data.shape), **kwargs)
+        images.append(views["image"])
+        labels.append(views["label"])
+        while sum(len(y) for y in labels) >= batch_size:
+            x, y = np.concatenate(images), np.concatenate(labels)
+            micro += 1
+            yield micro, {"image": torch.from_numpy(x[:batch_size]), "label": torch.from_numpy(y[:batch_size])}
+            images, labels = [x[batch_size:]], [y[batch_size:]]
 
 
 def _caption(label, class_names: list[str] | None) -> str:

@@ -283,11 +283,9 @@ def serve_forever(summary: dict) -> None:
 
 
 def prepare(cfg: Config, run: Run, stages: tuple[str, ...]):
-    """Start the run's record and refuse bad input before any training: the data, what earlier
-    stages left, and the sweep's and teacher's settings against the data. Returns the data
-    (None when no stage needs it). The caller holds the run's lock and is connected to Ray."""
-    run.start(cfg.model_dump(mode="json"), cfg.digest())
-    log(f"run '{run.name}' in {run.root}")
+    """Refuse bad input before any training: the data, what earlier stages left, and the
+    sweep's and teacher's settings against the data. Returns the data (None when no stage
+    needs it). The caller holds the run's lock, has started its record and is connected to Ray."""
     data = load_data(cfg, run) if {"sweep", "teacher", "student"} & set(stages) else None
     for stage, needs, path in (("student", "teacher", "teacher/teacher.safetensors"),
                                ("deploy", "student", "student/student.safetensors")):
@@ -307,9 +305,9 @@ def prepare(cfg: Config, run: Run, stages: tuple[str, ...]):
 def check_before_ray(cfg: Config, stages: tuple[str, ...]) -> None:
     """What can be refused from the config alone, before Ray starts or data is read."""
     if "sweep" in stages:
-        from raydistill.sweep import check_keys_read
+        from raydistill.sweep import check_swept_keys
 
-        check_keys_read(cfg)
+        check_swept_keys(cfg)
     if "teacher" in stages:
         from raydistill.training import check_teacher_network
 
@@ -330,6 +328,8 @@ def opened(cfg: Config, storage: str, name: str, stages: tuple[str, ...]):
     check_before_ray(cfg, stages)
     run = Run(storage, name)
     with run.lock():
+        run.start(cfg.model_dump(mode="json"), cfg.digest())
+        log(f"run '{run.name}' in {run.root}")
         started = connect_ray()  # the data stage reads and checks rows in Ray Data tasks
         try:
             data = prepare(cfg, run, stages)

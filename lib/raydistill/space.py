@@ -11,8 +11,8 @@ Each entry is one distribution: `uniform` / `loguniform` (floats in [low, high])
 (integers in [low, high], both included) or `choice` (a list of values). Checked in two steps,
 both before any trial starts: the shape of each entry when the config loads (empty or inverted
 ranges, a non-positive loguniform bound), and then that every key names a config value the
-trials read and that every bound is a valid value for it (`config.check_space`; the keys
-the trial loop itself reads: `sweep.check_keys_read`).
+trials read and that every bound is a valid value for it (`config.check_space`), and before
+Ray starts that the trials do not set the key themselves (`sweep.check_swept_keys`).
 """
 
 from __future__ import annotations

@@ -41,132 +41,77 @@ TIME_ATTR = "epoch"  # every trial report carries its epoch: the schedulers' clo
 
 
 def trial_in_process(params: dict, base: dict, data) -> None:
-    """One Tune trial trained in this actor: reports val_accuracy, val_loss and loss every epoch.
-    It reads the stored training split a row group at a time (`data` is the data.Dataset index)."""
-    import torch
-    import torch.nn.functional as F
+    """One Tune trial trained in this actor: reports val_accuracy, val_loss and loss every epoch."""
     from ray import tune
 
-    from raydistill.augment import augment_batch, epoch_groups
-    from raydistill.models import ModelSpec, build_network, recalibrate_batchnorm
-    from raydistill.training import BN_ROWS, set_threads, validation_metrics
-
     cfg = Config.model_validate(base).with_values(params)
-    spec = ModelSpec(cfg.teacher.arch, data.num_classes, data.input_shape, cfg.data.image_size)
+    train_in_process(cfg, data, lambda metrics: tune.report({**metrics, "reported_at": time.time()}))
+
+
+def train_in_process(cfg: Config, data, report) -> None:
+    """The teacher stage's recipe at the sweep's budget, in this process: the same DeepSpeed
+    engine config (optimizer, LR schedule, clipping, ZeRO stage) at world size 1, with the
+    teacher's global batch kept by accumulating over its workers' micro-batches, the same
+    loop (training.teacher_fit) and the rows a single trainer would stream. Calls
+    report(metrics) every epoch. `data` is the data.Dataset index; rows are read a row group
+    at a time."""
+    from raydistill import sharding
+    from raydistill.augment import local_batches
+    from raydistill.models import recalibrate_batchnorm
+    from raydistill.training import (BN_ROWS, StepPlan, _EvalAdapter, _teacher_network, set_threads,
+                                     single_process_group, teacher_fit, teacher_spec, validation_metrics)
+
+    cfg = cfg.with_values(trial_overrides(cfg, in_process=True))
+    tcfg = cfg.teacher
+    spec = teacher_spec(cfg, data)
     set_threads(cfg.sweep.cpus_per_trial)
-    torch.manual_seed(cfg.seed)
-    net = build_network(spec)
-    bs, epochs = cfg.teacher.batch_size, cfg.sweep.epochs
-    steps_per_epoch = sum(n // bs for _, _, n in data.train.groups)  # full batches of each row group
-    if steps_per_epoch < 1:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size}: stored row groups hold fewer rows than "
-                         f"teacher.batch_size={bs}")
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.teacher.lr, weight_decay=cfg.teacher.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.teacher.lr, total_steps=epochs * steps_per_epoch,
-        pct_start=max(0.01, cfg.teacher.warmup_fraction),
-    )
-    augment = cfg.data.augment_spec()
+    single_process_group()
+    plan = StepPlan.of(len(data.train), 1, tcfg.batch_size, tcfg.epochs, tcfg.grad_accum_steps)
+    engine = sharding.wrap(_teacher_network(cfg, spec), sharding.deepspeed_config(tcfg, 1, plan.total_steps))
+    adapter = _EvalAdapter(engine, engine.device)
     bn_images = data.train.head(BN_ROWS).images
-    for epoch in range(epochs):
-        net.train()
-        loss_sum = 0.0
-        for group in epoch_groups(data.train, cfg.seed, epoch):
-            read = data.train.read(group)
-            views = augment_batch({"image": read.images, "label": read.labels, "id": read.ids},
-                                  seed=cfg.seed, epoch=epoch, image_size=cfg.data.image_size, augment=augment,
-                                  num_classes=data.num_classes)
-            for i in range(0, len(read.labels) - bs + 1, bs):
-                x, y = torch.from_numpy(views["image"][i : i + bs]), torch.from_numpy(views["label"][i : i + bs])
-                loss = F.cross_entropy(net(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                loss_sum += loss.item()
-        recalibrate_batchnorm(net, bn_images, spec.image_size)
-        tune.report({
-            **validation_metrics(net, data, spec.image_size),
-            "loss": loss_sum / steps_per_epoch,
-            TIME_ATTR: epoch + 1,
-            "reported_at": time.time(),
-        })
+    batches = local_batches(cfg, data.train, plan.epochs, plan.rows_per_epoch(1, tcfg.batch_size), tcfg.batch_size,
+                            data.num_classes)
+
+    def after_step(step: int, epoch_loss: float | None) -> None:
+        if epoch_loss is None:
+            return
+        recalibrate_batchnorm(engine.module, bn_images, spec.image_size, forward=adapter)
+        report({**validation_metrics(adapter, data, spec.image_size), "loss": epoch_loss,
+                TIME_ATTR: step // plan.steps_per_epoch})
+
+    teacher_fit(engine, batches, plan, after_step)
 
 
 def trial_config(cfg: Config, params: dict) -> Config:
-    """The teacher config one Ray Train trial runs: the sampled values, `sweep.trial_workers`
-    workers, `sweep.epochs` epochs, and no mid-run checkpoints (a stopped trial is not resumed:
-    the searcher samples a new one)."""
-    return cfg.with_values({**params, **_trial_overrides(cfg)})
+    """The teacher config one Ray Train trial runs: the sampled values and trial_overrides."""
+    return cfg.with_values({**params, **trial_overrides(cfg, in_process=False)})
 
 
-def _config_reads(fn, name: str = "cfg", model: type = Config) -> tuple[set[str], bool]:
-    """The dotted config keys `fn`'s own code reads through the variable `name` (attribute
-    chains such as cfg.teacher.lr, and the fields a section's method reads, such as
-    cfg.data.augment_spec() -> data.augment), and whether `name` escapes whole into a call
-    (then what is read cannot be told from this code alone)."""
-    import ast
-    import inspect
-    import textwrap
-
-    from pydantic import BaseModel
-
-    def resolve(parts: list[str], model: type) -> set[str]:
-        head = parts[0]
-        if head in model.model_fields:
-            annotation = model.model_fields[head].annotation
-            if len(parts) > 1 and isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                return {f"{head}.{key}" for key in resolve(parts[1:], annotation)}
-            return {head}
-        attr = getattr(model, head, None)
-        method = attr.fget if isinstance(attr, property) else attr
-        return _config_reads(method, "self", model)[0] if callable(method) else set()
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    inner = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
-    reads, escapes = set(), False
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            escapes |= any(isinstance(a, ast.Name) and a.id == name for a in [*node.args, *(k.value for k in node.keywords)])
-        if not isinstance(node, ast.Attribute) or id(node) in inner:
-            continue  # only whole chains: cfg.teacher.lr, not its part cfg.teacher
-        parts, root = [], node
-        while isinstance(root, ast.Attribute):
-            parts.append(root.attr)
-            root = root.value
-        if isinstance(root, ast.Name) and root.id == name:
-            reads |= resolve(parts[::-1], model)
-    return reads, escapes
-
-
-def check_keys_read(cfg: Config) -> None:
-    """Refuse a swept key the trials never read (its "best" value would be noise), derived from
-    the trial code itself: an in-process trial reads what trial_in_process reads; a Ray Train
-    trial runs the teacher stage's loop, which reads every teacher key but those trial_config
-    overrides. Raises ConfigError naming the key."""
-    if not cfg.sweep.num_trials:
-        return
-    if cfg.sweep.trial_workers:
-        overridden = set(_trial_overrides(cfg))
-        for key in cfg.sweep.space:
-            if key in overridden:
-                raise ConfigError(f"sweep.space.{key}: Ray Train trials (sweep.trial_workers="
-                                  f"{cfg.sweep.trial_workers}) set {key} themselves, so sweeping it changes nothing")
-        return
-    reads, escapes = _config_reads(trial_in_process)
-    if escapes:
-        return
-    for key in cfg.sweep.space:
-        if not any(key == r or key.startswith(r + ".") for r in reads):
-            read = sorted(r for r in reads if r.split(".")[0] in ("seed", "data", "teacher"))
-            raise ConfigError(
-                f"sweep.space.{key}: in-process trials (sweep.trial_workers: 0) never read {key}; they read "
-                f"{', '.join(read)} (run Ray Train trials, sweep.trial_workers: N, to sweep the teacher's other keys)")
-
-
-def _trial_overrides(cfg: Config) -> dict:
+def trial_overrides(cfg: Config, in_process: bool) -> dict:
+    """What a trial sets itself on top of the sampled values: the sweep's epoch budget, its
+    workers (an in-process trial is one process that keeps the teacher's global batch by
+    accumulating over the teacher's workers' micro-batches), and no mid-run checkpoints (a
+    stopped trial is not resumed: the searcher samples a new one)."""
+    tcfg = cfg.teacher
+    if in_process:
+        return {"teacher.epochs": cfg.sweep.epochs, "teacher.num_workers": 1, "teacher.global_batch_size": None,
+                "teacher.grad_accum_steps": tcfg.grad_accum_steps * tcfg.num_workers}
     return {"teacher.num_workers": cfg.sweep.trial_workers, "teacher.epochs": cfg.sweep.epochs,
             "teacher.global_batch_size": None, "teacher.checkpoint_every_steps": 10**9, "teacher.max_failures": 0}
+
+
+def check_swept_keys(cfg: Config) -> None:
+    """Refuse a swept key whose sampled value the trial replaces with its own (trial_overrides),
+    so that its "best" value would be noise. Raises ConfigError naming the key."""
+    if not cfg.sweep.num_trials:
+        return
+    in_process = cfg.sweep.trial_workers == 0
+    kind = "in-process trials (sweep.trial_workers: 0)" if in_process else \
+        f"Ray Train trials (sweep.trial_workers: {cfg.sweep.trial_workers})"
+    for key in cfg.sweep.space:
+        if key in trial_overrides(cfg, in_process):
+            raise ConfigError(f"sweep.space.{key}: {kind} set {key} themselves, so sweeping it changes nothing")
 
 
 def _timed_report_callback():

@@ -236,9 +236,13 @@ def worker_start(loop_config: dict, stage: str) -> WorkerStart:
 
 def torch_trainer(loop, loop_config: dict, stage_cfg, datasets: dict, run_config):
     """A TorchTrainer (Train V2): gloo on CPU, NCCL on GPU."""
-    from ray.train import ScalingConfig
+    from ray.train import DataConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Batches in the stream's order: a resumed run skips exactly the batches it trained on,
+    # and a one-worker run sees what an in-process sweep trial of the same config sees.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -248,6 +252,7 @@ def torch_trainer(loop, loop_config: dict, stage_cfg, datasets: dict, run_config
             resources_per_worker={"CPU": stage_cfg.cpus_per_worker},
         ),
         datasets=datasets,
+        dataset_config=DataConfig(execution_options=ingest),
         run_config=run_config,
     )
 
@@ -422,6 +427,45 @@ def teacher_step(engine, x, y) -> float:
     return loss.item()
 
 
+def teacher_fit(engine, micro_batches, plan: StepPlan, after_step, wait: DataWait | None = None) -> None:
+    """The teacher recipe's loop, shared by the teacher stage's workers and the sweep's
+    in-process trials: every micro-batch through teacher_step (the DeepSpeed engine steps the
+    optimizer, LR schedule and clipping at accumulation boundaries), then after_step(step,
+    mean loss of the epoch at an epoch's end, else None) after each optimizer step."""
+    loss_sum, seen = 0.0, 0
+    for micro, batch in micro_batches:
+        x, y = batch["image"], batch["label"]
+        loss = wait.timed(teacher_step, engine, x, y) if wait is not None else teacher_step(engine, x, y)
+        loss_sum, seen = loss_sum + loss, seen + 1
+        if micro % plan.accum:
+            continue
+        step = micro // plan.accum
+        if step % plan.steps_per_epoch == 0 or step == plan.total_steps:
+            after_step(step, loss_sum / seen)
+            loss_sum, seen = 0.0, 0
+        else:
+            after_step(step, None)
+
+
+def single_process_group() -> None:
+    """A gloo process group of one, for a DeepSpeed engine outside Ray Train (an in-process
+    sweep trial): the same engine and recipe as the teacher's workers, at world size 1."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    # What a launcher (torchrun, Ray Train) would set, and DeepSpeed reads.
+    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(key, value)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
 def teacher_worker(loop_config: dict) -> None:
     """One Ray Train worker: ZeRO engine, streamed batches, per-epoch val accuracy, sharded
     checkpoints every N steps, and a consolidated export at the end."""
@@ -447,31 +491,30 @@ def teacher_worker(loop_config: dict) -> None:
     adapter = _EvalAdapter(engine, device)
 
     shard = ray.train.get_dataset_shard("train")
-    loss_sum, seen, shown = 0.0, 0, {}
+    shown, curve = {}, []
     wait = DataWait()
     micro_steps = stream_batches(shard, tcfg.batch_size, plan.total_steps * plan.accum, device,
                                  skip=start_step * plan.accum, prefetch_batches=cfg.data.prefetch_batches, wait=wait)
-    for micro, batch in micro_steps:
-        loss_sum, seen = loss_sum + wait.timed(teacher_step, engine, batch["image"], batch["label"]), seen + 1
-        if micro % plan.accum:
-            continue
-        step = micro // plan.accum
-        epoch_end = step % plan.steps_per_epoch == 0 or step == plan.total_steps
+
+    def after_step(step: int, epoch_loss: float | None) -> None:
+        nonlocal shown
         # The final step's checkpoint is the export below; between, every N steps (or epoch).
-        save = step < plan.total_steps and (step % every == 0 if every else epoch_end)
+        save = step < plan.total_steps and (step % every == 0 if every else epoch_loss is not None)
         metrics = {"step": step, "epoch": -(-step // plan.steps_per_epoch)}
-        if epoch_end:
+        if epoch_loss is not None:
             # Every rank runs the same forwards here: ZeRO-3 gathers parameters collectively.
             recalibrate_batchnorm(engine.module, bn_images, spec.image_size, forward=adapter)
-            shown = {"loss": loss_sum / seen, **validation_metrics(adapter, data, spec.image_size, rank, world)}
+            shown = {"loss": epoch_loss, **validation_metrics(adapter, data, spec.image_size, rank, world)}
+            curve.append([step, epoch_loss])
             log.line(step, shown)
             metrics.update(shown, samples_per_s=log.samples_per_s(step))
-            loss_sum, seen = 0.0, 0
         if save:
             _report(metrics, engine, step, counters)
             log.say(f"checkpoint at step {step} (every rank's shard; latest {tcfg.keep_checkpoints} kept)")
-        elif epoch_end:
+        elif epoch_loss is not None:
             _report(metrics)
+
+    teacher_fit(engine, micro_steps, plan, after_step, wait)
 
     # Export: gathered full weights, checked on rank 0 (a plain model must reproduce the
     # sharded engine's logits on a probe batch), and test accuracy, sharded like validation.
@@ -490,7 +533,7 @@ def teacher_worker(loop_config: dict) -> None:
     final = {**shown, "epoch": plan.epochs, "steps": plan.total_steps, "samples_per_s": log.samples_per_s(plan.total_steps),
              "params_per_rank": per_rank, "params_total": sharding.full_param_count(engine),
              "restarts": counters["restarts"], "resumes": counters["resumes"], "resumed_from_step": start_step,
-             "test_accuracy": test["accuracy"], "export_check": checked, **wait.metrics()}
+             "test_accuracy": test["accuracy"], "export_check": checked, "loss_curve": curve, **wait.metrics()}
     _report(final, engine, plan.total_steps, counters, rank_files=export)
 
 
@@ -597,6 +640,8 @@ def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
         "data_wait_ms_per_step": float(metrics["data_wait_ms_per_step"]),
         "data_first_batch_s": float(metrics["data_first_batch_s"]),
         "data_wait_fraction_with_start": float(metrics["data_wait_fraction_with_start"]),
+        # [step, mean training loss of the epoch] per epoch this fit trained (a resume starts anew).
+        "loss_curve": [[int(step), float(loss)] for step, loss in metrics["loss_curve"]],
         "lr": tcfg.lr,
         "weight_decay": tcfg.weight_decay,
         "train_time_s": round(elapsed, 2),
