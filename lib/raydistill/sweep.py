@@ -55,11 +55,10 @@ def train_in_process(cfg: Config, data, report) -> None:
     loop (training.teacher_fit) and the rows a single trainer would stream. Calls
     report(metrics) every epoch. `data` is the data.Dataset index; rows are read a row group
     at a time."""
-    from raydistill import sharding
     from raydistill.augment import local_batches
     from raydistill.models import recalibrate_batchnorm
-    from raydistill.training import (BN_ROWS, StepPlan, _EvalAdapter, _teacher_network, set_threads,
-                                     single_process_group, teacher_fit, teacher_spec, validation_metrics)
+    from raydistill.training import (BN_ROWS, EvalAdapter, StepPlan, set_threads, single_process_group, teacher_engine,
+                                     teacher_fit, teacher_spec, validation_metrics)
 
     cfg = cfg.with_values(trial_overrides(cfg, in_process=True))
     tcfg = cfg.teacher
@@ -67,8 +66,8 @@ def train_in_process(cfg: Config, data, report) -> None:
     set_threads(cfg.sweep.cpus_per_trial)
     single_process_group()
     plan = StepPlan.of(len(data.train), 1, tcfg.batch_size, tcfg.epochs, tcfg.grad_accum_steps)
-    engine = sharding.wrap(_teacher_network(cfg, spec), sharding.deepspeed_config(tcfg, 1, plan.total_steps))
-    adapter = _EvalAdapter(engine, engine.device)
+    engine = teacher_engine(cfg, spec, 1, plan.total_steps)
+    adapter = EvalAdapter(engine, engine.device)
     bn_images = data.train.head(BN_ROWS).images
     batches = local_batches(cfg, data.train, plan.epochs, plan.rows_per_epoch(1, tcfg.batch_size), tcfg.batch_size,
                             data.num_classes)

@@ -326,7 +326,7 @@ def _copy_from_checkpoint(result, filename: str, dest: Path) -> Path:
 
 # ---- teacher --------------------------------------------------------------------------
 
-def _teacher_network(cfg: Config, spec):
+def teacher_network(cfg: Config, spec):
     from raydistill.models import build_network, load_matching
 
     torch.manual_seed(cfg.seed)  # identical init on every rank before ZeRO partitions it
@@ -336,6 +336,14 @@ def _teacher_network(cfg: Config, spec):
     if cfg.teacher.activation_checkpointing:
         net.set_grad_checkpointing(True)
     return net
+
+
+def teacher_engine(cfg: Config, spec, world: int, total_steps: int):
+    """The teacher network in its DeepSpeed engine: the recipe (optimizer, LR schedule,
+    clipping, precision, ZeRO stage) is the engine's config."""
+    from raydistill import sharding
+
+    return sharding.wrap(teacher_network(cfg, spec), sharding.deepspeed_config(cfg.teacher, world, total_steps))
 
 
 def count_attempt(path: str) -> int:
@@ -478,7 +486,7 @@ def teacher_worker(loop_config: dict) -> None:
 
     cfg, spec, plan, data, bn_images, rank, world, device = worker_start(loop_config, "teacher")
     tcfg = cfg.teacher
-    engine = sharding.wrap(_teacher_network(cfg, spec), sharding.deepspeed_config(tcfg, world, plan.total_steps))
+    engine = teacher_engine(cfg, spec, world, plan.total_steps)
     per_rank = sharding.gather_counts(sharding.local_param_count(engine))
     counters = {"fit_id": loop_config["fit_id"]}
     # Rank 0 counts the attempt: only its counters reach state.json and the final metrics.
@@ -488,7 +496,7 @@ def teacher_worker(loop_config: dict) -> None:
     start_step = _restore(engine, log, counters, attempt, rank, world)
     log.start_step = start_step
     every = tcfg.checkpoint_every_steps
-    adapter = _EvalAdapter(engine, device)
+    adapter = EvalAdapter(engine, device)
 
     shard = ray.train.get_dataset_shard("train")
     shown, curve = {}, []
@@ -537,7 +545,7 @@ def teacher_worker(loop_config: dict) -> None:
     _report(final, engine, plan.total_steps, counters, rank_files=export)
 
 
-class _EvalAdapter:
+class EvalAdapter:
     """Lets models.accuracy call a DeepSpeed engine like a plain module."""
 
     def __init__(self, engine, device):
