@@ -424,7 +424,7 @@ def prepare(cfg: Config, source: str, out: Path) -> "Dataset":
         _check_columns(source, filesystem, files[0], columns)
         shape = _parquet_shape(source, filesystem, files, columns, dcfg.channels)
         units = ray.data.from_items([{"file": f} for f in files]).flat_map(
-            _parquet_units, fn_kwargs={"filesystem": filesystem})
+            _parquet_units, fn_kwargs={"filesystem": filesystem}, num_cpus=dcfg.cpus_per_task)
     else:
         entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
         class_names = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
@@ -433,7 +433,8 @@ def prepare(cfg: Config, source: str, out: Path) -> "Dataset":
         shape = (dcfg.channels or 3, dcfg.image_size, dcfg.image_size)
         loose = sorted(e.path for e in entries if e.type == pafs.FileType.File and not _hidden(e.path))
         folders = [{"folder": f"{path.rstrip('/')}/{n}", "class_id": i} for i, n in enumerate(class_names)]
-        units = ray.data.from_items(folders).flat_map(_folder_units, fn_kwargs={"filesystem": filesystem})
+        units = ray.data.from_items(folders).flat_map(_folder_units, fn_kwargs={"filesystem": filesystem},
+                                                      num_cpus=dcfg.cpus_per_task)
         if loose:  # files beside the class folders: bad rows, counted like any other
             units = units.union(ray.data.from_items(
                 [{"files": json.dumps(loose[i : i + FILES_PER_TASK]), "class_id": -1}
