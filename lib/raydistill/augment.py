@@ -190,6 +190,20 @@ def train_stream(cfg: Config, split: SplitRef, epochs: int, rows_per_epoch: int 
     )
 
 
+def rebatch(pieces, size: int):
+    """(x, y) arrays of exactly `size` rows from an iterator of (x, y) pieces of any length,
+    in order; a tail shorter than `size` is dropped (as iter_torch_batches' drop_last)."""
+    xs, ys, have = [], [], 0
+    for x, y in pieces:
+        xs.append(x)
+        ys.append(y)
+        have += len(y)
+        while have >= size:
+            x_all, y_all = np.concatenate(xs), np.concatenate(ys)
+            yield x_all[:size], y_all[:size]
+            xs, ys, have = [x_all[size:]], [y_all[size:]], have - size
+
+
 def local_batches(cfg: Config, split: SplitRef, epochs: int, rows_per_epoch: int, batch_size: int,
                   num_classes: int | None = None):
     """(micro-batch number, {"image", "label"} tensors) in this process: the rows, in order,
@@ -200,16 +214,10 @@ def local_batches(cfg: Config, split: SplitRef, epochs: int, rows_per_epoch: int
     kwargs = {"seed": cfg.seed, "image_size": cfg.data.image_size, "augment": cfg.data.augment_spec(),
               "num_classes": num_classes}
     data = split.data
-    micro, images, labels = 0, [], []
-    for item in stream_plan(split, cfg.seed, epochs, rows_per_epoch):
-        views = _read_and_augment({k: [v] for k, v in item.items()}, root=data.root, shape=tuple(data.shape), **kwargs)
-        images.append(views["image"])
-        labels.append(views["label"])
-        while sum(len(y) for y in labels) >= batch_size:
-            x, y = np.concatenate(images), np.concatenate(labels)
-            micro += 1
-            yield micro, {"image": torch.from_numpy(x[:batch_size]), "label": torch.from_numpy(y[:batch_size])}
-            images, labels = [x[batch_size:]], [y[batch_size:]]
+    views = (_read_and_augment({k: [v] for k, v in item.items()}, root=data.root, shape=tuple(data.shape), **kwargs)
+             for item in stream_plan(split, cfg.seed, epochs, rows_per_epoch))
+    for micro, (x, y) in enumerate(rebatch(((v["image"], v["label"]) for v in views), batch_size), start=1):
+        yield micro, {"image": torch.from_numpy(x), "label": torch.from_numpy(y)}
 
 
 def _caption(label, class_names: list[str] | None) -> str:

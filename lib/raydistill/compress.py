@@ -46,37 +46,33 @@ def finetune(net: nn.Module, teacher: nn.Module, split, *, image_size: int, epoc
     """A short KD fine-tune in this process (a few dozen steps on CPU): the pruned student
     learns back from the teacher on freshly augmented views (the data stage's own augment) of
     the stored training split (`data.SplitRef`), read a row group at a time."""
-    from raydistill.augment import augment_batch, epoch_groups
+    from raydistill.augment import augment_batch, epoch_groups, rebatch
     from raydistill.kd import kd_loss
 
     if epochs == 0:
         return net
     opt = torch.optim.AdamW(net.parameters(), lr=lr)
-    steps = epochs * sum(-(-n // batch_size) for _, _, n in split.groups)
+    steps = epochs * (len(split) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     net.to(device)
     teacher.to(device).eval()
     for epoch in range(epochs):
         # epoch offset 1000: fresh views, unlike any the student saw in distillation
-        for group in epoch_groups(split, seed, 1000 + epoch):
-            read = split.read(group)
-            views = augment_batch({"image": read.images, "label": read.labels, "id": read.ids},
-                                  seed=seed, epoch=1000 + epoch, image_size=image_size, augment=augment,
-                                  num_classes=num_classes)
-            for i in range(0, len(read.labels), batch_size):
-                # y: class ids, or soft labels (B, classes) when the augmentation mixes images
-                x = torch.from_numpy(views["image"][i : i + batch_size]).to(device)
-                y = torch.from_numpy(views["label"][i : i + batch_size]).to(device)
-                if len(x) < 2:  # BatchNorm cannot train on one row
-                    continue
-                with torch.no_grad():
-                    teacher_logits = teacher(x)
-                net.train()
-                loss = kd_loss(net(x), teacher_logits, y, temperature, alpha)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+        views = (augment_batch({"image": b.images, "label": b.labels, "id": b.ids}, seed=seed, epoch=1000 + epoch,
+                               image_size=image_size, augment=augment, num_classes=num_classes)
+                 for b in map(split.read, epoch_groups(split, seed, 1000 + epoch)))
+        # Full batches across row groups: one input shape, every row used but an epoch's tail.
+        for x, y in rebatch(((v["image"], v["label"]) for v in views), batch_size):
+            # y: class ids, or soft labels (B, classes) when the augmentation mixes images
+            x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+            net.train()
+            loss = kd_loss(net(x), teacher_logits, y, temperature, alpha)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
     recalibrate_batchnorm(net, split.head(512).images, image_size)
     teacher.cpu()
     return net.cpu()  # exported and measured on the CPU

@@ -595,16 +595,41 @@ class SplitRef:
     def read(self, group: list) -> Batch:
         return read_group(self.data.root, group[0], group[1], self.data.shape)
 
-    def batches(self, rank: int = 0, world: int = 1, padded: bool = False):
-        """This rank's share of the split (every world-th row group), a Batch per row group.
-        padded: every rank yields as many items (None for the missing ones), so ranks that
-        run collectives per batch (ZeRO-3 gathers parameters in each forward) stay in step."""
-        mine = self.groups[rank::world]
-        for group in mine:
+    def batches(self, rank: int = 0, world: int = 1):
+        """This rank's share of the split (every world-th row group), a Batch per row group."""
+        for group in self.groups[rank::world]:
             yield self.read(group)
-        if padded:
-            for _ in range(len(self.groups[0::world]) - len(mine)):
-                yield None
+
+    def chunks(self, size: int, rank: int = 0, world: int = 1):
+        """This rank's share (every world-th row group) as (images, labels, rows) chunks of
+        exactly `size` rows, the last padded with blank images (only the first `rows` are
+        real). Every rank yields as many chunks, so ranks that run collectives per forward
+        (ZeRO-3) stay in step, and every forward has one shape (oneDNN caches state per
+        input shape: a shape per row-group size grows memory with the data set)."""
+        counts = [sum(g[2] for g in self.groups[r::world]) for r in range(world)]
+        total = max(-(-n // size) for n in counts)
+        images, labels = [], []
+        emitted = 0
+        for group in self.groups[rank::world]:
+            batch = self.read(group)
+            images.append(batch.images)
+            labels.append(batch.labels)
+            while sum(len(y) for y in labels) >= size:
+                x, y = np.concatenate(images), np.concatenate(labels)
+                yield x[:size], y[:size], size
+                emitted += 1
+                images, labels = [x[size:]], [y[size:]]
+        left = sum(len(y) for y in labels)
+        blank = np.zeros((size, *self.data.shape), dtype=np.uint8)
+        while emitted < total:
+            if left:
+                x = np.concatenate([*images, blank[: size - left]])
+                y = np.concatenate([*labels, np.zeros(size - left, dtype=np.int64)])
+                yield x, y, left
+                left = 0
+            else:
+                yield blank, np.zeros(size, dtype=np.int64), 0
+            emitted += 1
 
     def head(self, rows: int) -> Batch:
         """The first `rows` rows (in stored order): a fixed sample for calibration and probes."""

@@ -156,13 +156,19 @@ def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, 
                                     plan.rows_per_epoch(scfg.num_workers, scfg.batch_size), out_dir)
         stream = read_soft_targets(files)
     metrics, elapsed = train_on_ray("student", student_worker, cfg, data, spec, out_dir, extra, stream=stream)
-    task = ray.remote(compress_student).options(num_cpus=scfg.cpus_per_worker, num_gpus=1 if scfg.use_gpu else 0,
-                                                max_retries=0)
+    task = ray.remote(_compress_in_task).options(num_cpus=scfg.cpus_per_worker, num_gpus=1 if scfg.use_gpu else 0,
+                                                 max_retries=0)
     summary, compressed = ray.get(task.remote(cfg, data, spec, teacher_path, teacher_sha256, teacher_accuracy,
                                               out_dir))
     summary.update(steps=int(metrics["steps"]), epochs=scfg.epochs, samples_per_s=float(metrics["samples_per_s"]),
                    train_time_s=round(elapsed, 2))
     return summary, [*files, *compressed]
+
+
+def _compress_in_task(cfg: Config, *args) -> tuple[dict, list[Path]]:
+    """compress_student in its Ray task, with torch threads for the task's CPUs."""
+    torch.set_num_threads(max(1, int(cfg.student.cpus_per_worker)))
+    return compress_student(cfg, *args)
 
 
 def compress_student(cfg: Config, data, spec, teacher_path: Path, teacher_sha256: str | None,
@@ -180,7 +186,6 @@ def compress_student(cfg: Config, data, spec, teacher_path: Path, teacher_sha256
     from raydistill.models import Classifier, ModelSpec, build_network, count_params, load_network
 
     scfg = cfg.student
-    torch.set_num_threads(max(1, int(scfg.cpus_per_worker)))
     start = time.perf_counter()
     test, val = data.test, data.val
     teacher_state, teacher_meta = load_weights(teacher_path, teacher_sha256)

@@ -2,8 +2,9 @@
 
 No process holds a whole split: each rank reads every world-th row group, counts correct
 predictions and sums the cross-entropy, and the ranks add their counts with one all_reduce.
-Under ZeRO-3 every forward gathers parameters collectively, so every rank runs as many forwards
-(a rank with fewer row groups runs a discarded one on a blank image to stay in step).
+Every forward has EVAL_BATCH rows (the last padded with blank images whose results are dropped):
+one input shape, and under ZeRO-3, where every forward gathers parameters collectively, as
+many forwards on every rank.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from raydistill.data import SplitRef
 from raydistill.models import device_of, to_model_input
 
+EVAL_BATCH = 128  # rows per evaluation forward, the same for every chunk (the last is padded)
+
 
 @torch.no_grad()
 def split_metrics(net, split: SplitRef, image_size: int, rank: int = 0, world: int = 1) -> dict:
@@ -24,15 +27,12 @@ def split_metrics(net, split: SplitRef, image_size: int, rank: int = 0, world: i
         net.eval()
     device = device_of(net)
     sums = torch.zeros(3, dtype=torch.float64)  # correct, summed loss, rows
-    for batch in split.batches(rank, world, padded=world > 1):
-        images = batch.images if batch is not None else np.zeros((1, *split.data.shape), dtype=np.uint8)
+    for images, labels, rows in split.chunks(EVAL_BATCH, rank, world):
         x = to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(device).float() / 255.0, image_size)
-        logits = net(x).float().cpu()
-        if batch is None:
-            continue
-        target = torch.from_numpy(batch.labels)
+        logits = net(x).float().cpu()[:rows]  # blank padding rows are dropped here
+        target = torch.from_numpy(labels[:rows])
         sums += torch.tensor([float((logits.argmax(1) == target).sum()),
-                              float(F.cross_entropy(logits, target, reduction="sum")), float(len(target))],
+                              float(F.cross_entropy(logits, target, reduction="sum")) if rows else 0.0, float(rows)],
                              dtype=torch.float64)
     if world > 1:
         import torch.distributed as dist
@@ -48,9 +48,9 @@ def onnx_split_accuracy(path, split: SplitRef) -> float:
     from raydistill.compress import onnx_logits, onnx_session
 
     session = onnx_session(path)
-    correct = rows = 0
-    for batch in split.batches():
-        predicted = onnx_logits(session, batch.images).argmax(1)
-        correct += int((predicted == batch.labels).sum())
-        rows += len(batch.labels)
-    return correct / rows if rows else 0.0
+    correct = total = 0
+    for images, labels, rows in split.chunks(EVAL_BATCH):
+        predicted = onnx_logits(session, images, batch=EVAL_BATCH)[:rows].argmax(1)
+        correct += int((predicted == labels[:rows]).sum())
+        total += rows
+    return correct / total if total else 0.0
