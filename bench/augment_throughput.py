@@ -3,17 +3,22 @@ torchvision.transforms.v2 per sample, and how long the teacher waits for data.
 
 In one run, on the same machine and cores, with the same ordered ops (random resized crop,
 flip, rotation, colour jitter, gaussian noise, random erasing, then mixup with soft labels):
-  - ours:      `data.train_stream` (Ray Data tasks, --cpus-per-task each, kornia on
-               batches of `data.batch_size` rows (256 by default), per-sample randomness)
-               consumed with `iter_torch_batches` in batches of --batch as a trainer does, on
-               a local Ray of --cores CPUs;
-  - baseline:  `torch.utils.data.DataLoader(num_workers=--cores)`, each sample through a
+  - ours:      `augment.train_stream` over the stored training split the data stage
+               (`data.prepare`) wrote: Ray Data tasks (--cpus-per-task each) read one stored
+               row group of `data.batch_size` rows (256 by default) from storage and augment it
+               with kornia (per-sample randomness), consumed with `iter_torch_batches` in batches
+               of --batch as a trainer does, on a local Ray of --cores CPUs;
+  - baseline:  `torch.utils.data.DataLoader(num_workers=--cores)` over the same images (that
+               training split, held in memory), each sample through a
                `torchvision.transforms.v2.Compose` of the same ops, v2.MixUp on each batch in
                collate, one torch thread per worker;
-on two data sets: synthetic 3x64x64 images (model input 64) and the bundled digits (1x8x8,
-model input 16, as the demo). Images/s are counted after the first batch (steady state; the
-start-up time is printed beside), best of --repeats (3; 2 with --quick), variants interleaved
-so that load drifts on a shared machine hit both alike.
+on data sets (--sets) written as Parquet and prepared by the data stage (1% of the rows each to
+the val and test splits, the rest to train): `rgb64`, synthetic 3x64x64 images as PNG (model
+input 64); `digits`, the bundled digits (1x8x8 uint8 arrays, repeated to the set's size, model
+input 16, as the demo); `rgb224`, synthetic 3x224x224 PNG images (model input 224; not in the
+default run). Images/s are counted after the first batch (steady state; the start-up time is
+printed beside), best of --repeats (3; 2 with --quick), variants interleaved so that load
+drifts on a shared machine hit both alike.
 
 Then a short real teacher run (the demo's resnet10t, ZeRO-3 on 2 Ray Train workers, the same
 ops on the digits) reports `data_wait_fraction`: rank 0's time waiting for the next batch over
@@ -22,6 +27,7 @@ its training-step time (first batch apart).
 Targets: ours >= 1.5x the DataLoader's images/s (each data set); data wait < 5% of step time.
 
     python bench/augment_throughput.py [--quick] [--cores 2] [--repeats 3] [--no-teacher]
+                                       [--sets rgb64,digits[,rgb224]] [--images N]
 --quick: 2,048 images per set instead of 8,192, 2 repeats, a 1-epoch teacher instead of 3.
 """
 
@@ -57,24 +63,49 @@ def config(image_size: int, cpus_per_task: float, aug_batch: int | None, extra: 
         *([f"data.batch_size={aug_batch}"] if aug_batch else []), *extra])
 
 
-def datasets(quick: bool) -> dict:
-    """name -> (Split, num_classes, model input size)."""
+SETS = {  # --sets name -> (label, channels, side, model input size); rows are PNG cells or uint8 arrays
+    "rgb64": ("synthetic 3x64x64", 3, 64, 64),
+    "digits": ("digits 1x8x8 -> 16", 1, 8, 16),
+    "rgb224": ("synthetic 3x224x224", 3, 224, 224),
+}
+SPLIT_FRACTIONS = ["data.val_fraction=0.01", "data.test_fraction=0.01"]  # nearly every row to train
+
+
+def source_rows(name: str, n: int):
+    """(images uint8 (n, C, H, W), labels, write as PNG) of a set, before the data stage."""
     import numpy as np
+    from sklearn.datasets import load_digits
 
-    from raydistill.config import load_config
-    from raydistill.data import Split, load_dataset, write_digits_parquet
-
-    n = 2048 if quick else 8192
+    _, channels, side, _ = SETS[name]
     rng = np.random.default_rng(0)
-    synthetic = Split(rng.integers(0, 256, (n, 3, 64, 64), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int64))
-    path = write_digits_parquet(Path(tempfile.mkdtemp()) / "digits.parquet")
-    digits = load_dataset(load_config(None), str(path))
-    # All 1,797 digits (the train split is 1,258): repeated to n rows, so both sets run as long.
-    x = np.concatenate([digits.train.images, digits.val.images, digits.test.images])
-    y = np.concatenate([digits.train.labels, digits.val.labels, digits.test.labels])
-    reps = -(-n // len(y))
-    return {"synthetic 3x64x64": (synthetic, 10, 64),
-            "digits 1x8x8 -> 16": (Split(np.tile(x, (reps, 1, 1, 1))[:n], np.tile(y, reps)[:n]), 10, 16)}
+    if name == "digits":
+        # All 1,797 digits, repeated to n rows, so every set runs as long.
+        d = load_digits()
+        x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+        reps = -(-n // len(x))
+        return np.tile(x, (reps, 1, 1, 1))[:n], np.tile(d.target, reps)[:n].astype(np.int64), False
+    return (rng.integers(0, 256, (n, channels, side, side), dtype=np.uint8),
+            rng.integers(0, 10, n).astype(np.int64), True)
+
+
+def datasets(names: list[str], n: int, aug_batch: int | None, work: Path) -> dict:
+    """label -> (the prepared training split, a data.SplitRef; num_classes; model input size).
+    Each set is written as Parquet and prepared by the data stage (needs a running Ray); its
+    stored row groups hold `data.batch_size` rows, the unit ours augments."""
+    from harness import prepared
+
+    sets = {}
+    for name in names:
+        label, _, _, size = SETS[name]
+        images, labels, png = source_rows(name, n)
+        start = time.perf_counter()
+        data = prepared(config(size, 1.0, aug_batch, SPLIT_FRACTIONS), images, labels, work / name, png=png,
+                        rows_per_group=2048)
+        del images, labels
+        print(f"[augment_throughput] {label}: {data.rows_read} rows prepared in {time.perf_counter() - start:.1f} s, "
+              f"{len(data.train)} to train in {len(data.train.groups)} row groups", flush=True)
+        sets[label] = (data.train, data.num_classes, size)
+    return sets
 
 
 def _count(batches) -> dict:
@@ -92,7 +123,7 @@ def _count(batches) -> dict:
 
 
 def ours(split, num_classes: int, size: int, args) -> dict:
-    from raydistill.data import train_stream
+    from raydistill.augment import train_stream
 
     cfg = config(size, args.cpus_per_task, args.aug_batch)
     stream = train_stream(cfg, split, epochs=1, num_classes=num_classes)
@@ -104,16 +135,16 @@ def ours(split, num_classes: int, size: int, args) -> dict:
 class _PerSample:
     """A map-style data set: each uint8 image through a torchvision v2 pipeline."""
 
-    def __init__(self, split, transform):
-        self.split, self.transform = split, transform
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self):
-        return len(self.split)
+        return len(self.labels)
 
     def __getitem__(self, i):
         import torch
 
-        return self.transform(torch.from_numpy(self.split.images[i])), int(self.split.labels[i])
+        return self.transform(torch.from_numpy(self.images[i])), int(self.labels[i])
 
 
 def torchvision_ops(size: int, channels: int):
@@ -141,7 +172,7 @@ def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def baseline(split, num_classes: int, size: int, args) -> dict:
+def baseline(arrays, num_classes: int, size: int, args) -> dict:
     import torch
     from torch.utils.data import DataLoader, default_collate
     from torchvision.transforms import v2
@@ -151,7 +182,8 @@ def baseline(split, num_classes: int, size: int, args) -> dict:
     def collate(rows):
         return mixup(*default_collate(rows))
 
-    loader = DataLoader(_PerSample(split, torchvision_ops(size, split.images.shape[1])), batch_size=args.batch,
+    images, labels = arrays
+    loader = DataLoader(_PerSample(images, labels, torchvision_ops(size, images.shape[1])), batch_size=args.batch,
                         shuffle=True, num_workers=args.cores, collate_fn=collate, drop_last=True,
                         worker_init_fn=_one_thread, prefetch_factor=4,
                         generator=torch.Generator().manual_seed(0))
@@ -182,35 +214,49 @@ def main() -> None:
     parser.add_argument("--cpus-per-task", type=float, default=1.0, help="ours: CPUs per Ray Data augmentation task")
     parser.add_argument("--no-teacher", action="store_true", help="skip the teacher data-wait run (the target "
                         "is then not met: half of it is unmeasured)")
+    parser.add_argument("--sets", default="rgb64,digits",
+                        help=f"comma-separated data sets, of {', '.join(SETS)} (default rgb64,digits)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="rows written per set (default 8,192; 2,048 with --quick)")
     args = bench.parse()
+    names = [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SETS]
+    if unknown or not names:
+        parser.error(f"--sets: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SETS)}")
+    n = args.images or (2048 if args.quick else 8192)
 
     import logging
+    import shutil
 
     import ray
 
-    sets = datasets(args.quick)
+    work = Path(tempfile.mkdtemp(prefix="augment_bench_"))
     ray.init(address="local", num_cpus=args.cores, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO line per execution otherwise
-    variants = {}
-    for name, (split, classes, size) in sets.items():
-        variants[f"{name} / ours"] = lambda s=split, c=classes, z=size: ours(s, c, z, args)
-        variants[f"{name} / DataLoader"] = lambda s=split, c=classes, z=size: baseline(s, c, z, args)
     wait = None
     try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO line per execution otherwise
+        sets = datasets(names, n, args.aug_batch, work)
+        variants = {}
+        for name, (split, classes, size) in sets.items():
+            arrays = split.arrays()  # the DataLoader's copy of the same training images, in memory
+            variants[f"{name} / ours"] = lambda s=split, c=classes, z=size: ours(s, c, z, args)
+            variants[f"{name} / DataLoader"] = lambda a=arrays, c=classes, z=size: baseline(a, c, z, args)
         runs = interleave(variants, args.repeats)
         if not args.no_teacher:
             wait = teacher_wait(args)
     finally:
         ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
 
     top = {k: best(v, "images_per_s") for k, v in runs.items()}
     ratios = {s: top[f"{s} / ours"]["images_per_s"] / top[f"{s} / DataLoader"]["images_per_s"] for s in sets}
     aug_batch = args.aug_batch or config(64, 1, None).data.batch_size
     print(f"\nops: {', '.join(op['op'] for op in OPS)}; batch {args.batch} (ours augments {aug_batch} rows "
           f"per task, {args.cpus_per_task} CPU each); {args.cores} cores; "
-          f"{len(next(iter(sets.values()))[0])} images per set; best of {args.repeats}\n")
+          f"{', '.join(str(len(split)) for split, _, _ in sets.values())} training images per set; "
+          f"best of {args.repeats}\n")
     print(f"{'data set':22} {'pipeline':12} {'images/s':>9} {'vs DataLoader':>14} {'first batch s':>14}   all runs "
           "(images/s after the first batch)")
     for key, row in top.items():
@@ -232,7 +278,8 @@ def main() -> None:
         figures={
             "throughput_met": throughput_met, "wait_met": wait_met,
             "cores": args.cores, "batch": args.batch, "aug_batch": aug_batch, "cpus_per_task": args.cpus_per_task,
-            "repeats": args.repeats, "images_per_set": len(next(iter(sets.values()))[0]),
+            "repeats": args.repeats, "images_written_per_set": n,
+            "images_per_set": {name: len(split) for name, (split, _, _) in sets.items()},
             "ops": [op["op"] for op in OPS],
             "images_per_s": images_per_s,
             "first_batch_s": {k: r["first_batch_s"] for k, r in top.items()},

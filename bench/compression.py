@@ -18,9 +18,12 @@ we train and compare
   - student no-KD:  the same student, same init, same augmented views and steps, plain
                     cross-entropy (alpha=1: the same loss code with the teacher term off);
   - student int8:   the compressed KD student as static int8 ONNX (ONNX Runtime, CPU).
-Training runs in this process with the library's own pieces (data.augment_batch,
-distill.distill_step, compress.*): the benchmark measures the method, not Ray's orchestration
-(the pipeline runs the same steps on Ray Train; tests/test_student.py covers that path).
+Both sets go through the data stage first (written as Parquet, `data.prepare` on a local Ray
+that is shut down before training: a seeded hash split, about 70% train / 10% val / 20% test).
+Training runs in this process with the library's own pieces (augment.augment_batch,
+distill.distill_step, distill.compress_student, compress.*): the benchmark measures the method,
+not Ray's orchestration (the pipeline runs the same steps on Ray Train; tests/test_student.py
+covers that path).
 
 Latency: batch 1, one CPU thread, p50/p99 over 100 calls; throughput: batch 64, one thread.
 Targets: retention (student int8 accuracy / teacher accuracy) >= 0.98; >= 10x fewer
@@ -101,15 +104,36 @@ def shapes_dataset(n: int, seed: int, size: int = 32):
     return images, labels.astype(np.int64)
 
 
-def split(images, labels, seed: int, test_fraction: float = 0.2, val_fraction: float = 0.1):
-    from raydistill.data import Dataset, Split
+def split(images, labels, seed: int, work: Path, test_fraction: float = 0.2, val_fraction: float = 0.1):
+    """The images through the data stage: written as Parquet (PNG cells), read, checked and split
+    by Ray Data tasks (`data.prepare`: a seeded hash of each row's key puts about
+    `test_fraction` of the rows in test and `val_fraction` in val), stored under work/splits.
+    Needs a running Ray. Returns the data.Dataset."""
+    from harness import prepared
+    from raydistill.config import load_config
 
-    order = np.random.default_rng(seed).permutation(len(labels))
-    n_test, n_val = int(len(labels) * test_fraction), int(len(labels) * val_fraction)
-    test, val, train = np.split(order, [n_test, n_test + n_val])
-    return Dataset(train=Split(images[train], labels[train]), val=Split(images[val], labels[val]),
-                   test=Split(images[test], labels[test]), num_classes=int(labels.max()) + 1,
-                   source="bench", rows_read=len(labels))
+    cfg = load_config(None, [f"seed={seed}", f"data.test_fraction={test_fraction}", f"data.val_fraction={val_fraction}"])
+    return prepared(cfg, images, labels, work, png=True)
+
+
+class Arrays:
+    """One stored split, read whole into memory (small sets: what this bench trains on in process)."""
+
+    def __init__(self, split):
+        self.images, self.labels = split.arrays()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class Loaded:
+    """A prepared data.Dataset with its splits' arrays at hand; `prepared` is the Dataset itself
+    (what the library's compression reads, a row group at a time)."""
+
+    def __init__(self, prepared):
+        self.prepared = prepared
+        self.num_classes, self.input_shape = prepared.num_classes, prepared.input_shape
+        self.train, self.val, self.test = Arrays(prepared.train), Arrays(prepared.val), Arrays(prepared.test)
 
 
 # The student per set (ARCH or ARCH@WIDTH). Digits (16x16, 1 channel) needs little. On shapes
@@ -143,7 +167,7 @@ def epoch_views(data, epoch: int, cfg, batch_size: int):
     """
     import torch
 
-    from raydistill.data import augment_batch
+    from raydistill.augment import augment_batch
 
     key = (id(data), cfg.seed, epoch, batch_size, cfg.data.image_size, json.dumps(cfg.data.augment_spec()))
     if key not in _VIEWS:
@@ -251,7 +275,7 @@ def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, stude
     from raydistill import compress, report
     from raydistill.artifacts import save_weights
     from raydistill.config import load_config
-    from raydistill.distill import compress_student
+    from raydistill.distill import STUDENT_FILE, compress_student
     from raydistill.models import Classifier, ModelSpec, accuracy, count_params
 
     arch, _, width = student_arch.partition("@")  # ARCH or ARCH@WIDTH
@@ -292,7 +316,9 @@ def run_set(name: str, data, image_size: int, epochs: dict, workdir: Path, stude
 
     out = workdir / name
     out.mkdir(exist_ok=True)
-    summary, _ = compress_student(cfg, data, kd, sspec, teacher, tspec.to_meta(), teacher_acc, out, teacher_path)
+    # compress_student reads the trained student from the stage folder, as the student stage leaves it.
+    save_weights(out / STUDENT_FILE, kd.state_dict(), sspec.to_meta())
+    summary, _ = compress_student(cfg, data.prepared, sspec, teacher_path, None, teacher_acc, out)
     rows = summary["forms"]
     # The teacher in the same runtime as the student's int8 form: fp32 ONNX.
     teacher_onnx = compress.export_onnx(teacher, tspec, out / "teacher.onnx")
@@ -378,6 +404,29 @@ def print_table(name: str, result: dict) -> None:
         f"{k}: {min(v):.1f}-{max(v):.1f}x" for k, v in result["latency_ratio_rounds"].items()))
 
 
+def prepare_sets(names: list[str], n_shapes: int, work: Path) -> dict:
+    """Each set through the data stage on a local Ray started (and shut down) here, before any
+    training: the bench then trains in this process, with no Ray running beside it."""
+    import logging
+
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        loaded = {}
+        for name in names:
+            images, labels = digits_dataset() if name == "digits" else shapes_dataset(n_shapes, seed=1)
+            data = split(images, labels, seed=0, work=work / f"{name}_data")
+            loaded[name] = Loaded(data)
+            print(f"[compression] {name}: {data.rows_read} rows, train/val/test = "
+                  f"{len(data.train)}/{len(data.val)}/{len(data.test)}", flush=True)
+    finally:
+        ray.shutdown()
+    return loaded
+
+
 def main() -> None:
     bench = Bench("compression", __doc__, repeats=None,
                   target="student keeps >= 98% of teacher accuracy (fp32 and int8) with >= 10x fewer params, "
@@ -410,14 +459,16 @@ def main() -> None:
     kd = (args.temperature, args.alpha)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if "digits" in args.sets:
-            results["digits"] = run_set("digits", split(*digits_dataset(), seed=0), 16, epochs, Path(tmp),
+        tmp = Path(tmp)
+        loaded = prepare_sets([s for s in ("digits", "shapes") if s in args.sets], n_shapes, tmp)
+        if "digits" in loaded:
+            results["digits"] = run_set("digits", loaded["digits"], 16, epochs, tmp,
                                         STUDENTS["digits"], args.seeds, TEACHERS["digits"], kd)
             print_table("digits", results["digits"])
             _VIEWS.clear()
-        if "shapes" in args.sets:
-            results["shapes"] = run_set("shapes", split(*shapes_dataset(n_shapes, seed=1), seed=0), 32,
-                                        shapes_epochs, Path(tmp), args.shapes_student, args.seeds, TEACHERS["shapes"], kd)
+        if "shapes" in loaded:
+            results["shapes"] = run_set("shapes", loaded["shapes"], 32,
+                                        shapes_epochs, tmp, args.shapes_student, args.seeds, TEACHERS["shapes"], kd)
             print_table("shapes (synthetic, 3x32x32, noisy, shifted)", results["shapes"])
     sets = list(results.values())
     met = {

@@ -106,7 +106,7 @@ def main() -> None:
 
     import torch
 
-    from raydistill.localcluster import LocalCluster, free_ports
+    from raydistill.testing.localcluster import LocalCluster, free_ports
 
     if not (args.cpu or torch.cuda.is_available()):
         print("no GPU here: nothing to measure (--cpu runs the same job with the GPU settings off)")

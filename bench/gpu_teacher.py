@@ -82,7 +82,7 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
 
     from raydistill import sharding
     from raydistill.models import ModelSpec
-    from raydistill.training import _teacher_network, teacher_step
+    from raydistill.training import teacher_network, teacher_step
 
     variant, _, arch = name.partition("@")
     cuda = torch.cuda.is_available()
@@ -93,7 +93,7 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[tcfg.dtype_name]
     spec = ModelSpec(tcfg.arch, 10, (1, 8, 8), cfg.data.image_size)
     with device:  # build on the GPU: initialising 1B parameters on the host takes long
-        net = _teacher_network(cfg.with_values({"teacher.activation_checkpointing": False}), spec)
+        net = teacher_network(cfg.with_values({"teacher.activation_checkpointing": False}), spec)
     per_sample = flops_per_sample(net, spec.image_size, device, dtype)
     net.set_grad_checkpointing(tcfg.activation_checkpointing)
     params = sum(p.numel() for p in net.parameters())
@@ -158,7 +158,7 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
 
 def spawn(name: str, args) -> dict:
     """One variant in a fresh process: a failure (out of memory, say) costs only its row."""
-    from raydistill.localcluster import free_ports
+    from raydistill.testing.localcluster import free_ports
 
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports(1)[0]),
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}

@@ -192,3 +192,49 @@ class Bench:
         print(json.dumps(line), flush=True)
         print(f"record: {path}", file=sys.stderr)
         return record
+
+
+# ---- data: what a bench trains or streams on, through the data stage ---------------------------
+
+
+def write_image_parquet(path: Path, images, labels, rows_per_group: int = 1024, png: bool = False) -> Path:
+    """uint8 images (N, C, H, W) and labels as a Parquet file the data stage reads: an `image`
+    column of PNG bytes (png=True) or of flat uint8 arrays, an int64 `label` column, in row
+    groups of `rows_per_group` rows (a data-stage task reads one row group)."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images, labels = np.asarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
+    with pq.ParquetWriter(path, pa.schema([("image", pa.binary() if png else pa.list_(pa.uint8())),
+                                           ("label", pa.int64())])) as writer:
+        for start in range(0, len(labels), rows_per_group):
+            chunk = images[start : start + rows_per_group]
+            if png:
+                from PIL import Image
+
+                cells = []
+                for img in chunk:
+                    buf = io.BytesIO()
+                    Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(buf, format="PNG", compress_level=1)
+                    cells.append(buf.getvalue())
+                column = pa.array(cells, type=pa.binary())
+            else:
+                flat = pa.array(chunk.reshape(-1), type=pa.uint8())
+                column = pa.ListArray.from_arrays(
+                    pa.array(np.arange(len(chunk) + 1, dtype=np.int32) * chunk[0].size), flat)
+            writer.write_table(pa.table({"image": column, "label": pa.array(labels[start : start + rows_per_group])}))
+    return path
+
+
+def prepared(cfg, images, labels, workdir: Path, png: bool = False, rows_per_group: int = 1024):
+    """In-memory images written as a Parquet source and run through the data stage
+    (`data.prepare`: Ray Data tasks decode, check, split by cfg.seed and the config's fractions,
+    and store the splits under workdir/splits). Needs a running Ray. Returns the data.Dataset."""
+    from raydistill.data import prepare
+
+    source = write_image_parquet(workdir / "source.parquet", images, labels, rows_per_group, png)
+    return prepare(cfg, str(source), workdir / "splits")

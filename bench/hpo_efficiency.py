@@ -6,8 +6,9 @@ Compared, in one run, with the project's own sweep (raydistill.sweep.run_sweep):
   - baseline: random search + FIFO (every trial runs all its epochs),
 on the same real training problem: a small timm network (--arch, test_efficientnet: 0.1M
 parameters, to keep a run cheap on 2 cores), in-process trials with the pipeline's augmentation,
-on the bundled digits (1,797 real 8x8 images, through the pipeline's own loader), with 30% of
-the rows (539) for validation, 5% held out, 65% (1,168) to train. The metric is validation
+on the bundled digits (1,797 real 8x8 images, through the pipeline's own data stage, which
+splits by a seeded hash of each row's key), with about 30% of the rows (~539) for validation,
+5% held out, 65% (~1,168) to train. The metric is validation
 cross-entropy (val_loss, min): it is continuous and keeps ranking models once accuracy
 saturates, where val accuracy on a few hundred rows moves in steps of one image and ties
 decide which method "reached" the other's best. (--data shapes trains on the set
@@ -126,20 +127,23 @@ def best_at(curve: list, spent: int) -> float | None:
 
 def load_data(name: str, seed: int, n: int, work: Path):
     """The problem the trials train on: the shapes set of bench/compression.py (3x16x16), or
-    the bundled digits through the pipeline's own loader; 30% of the rows for validation."""
+    the bundled digits, through the data stage (`data.prepare`: Ray Data tasks read, check and
+    split the rows by a seeded hash, about 30% for validation; needs the running Ray); the
+    data.Dataset of the stored splits."""
     from raydistill.config import load_config
-    from raydistill.data import load_dataset, resolve_source
+    from raydistill.data import prepare, resolve_source
 
     if name == "digits":
         # The sweep never reads the test split: keep 5% there, 30% for validation.
         cfg = load_config(REPO / "configs" / "demo.yaml", [f"seed={seed}", f"data.val_fraction={VAL_FRACTION}",
                                                            f"data.test_fraction={TEST_FRACTION}"])
-        return load_dataset(cfg, resolve_source(cfg, work))
+        return prepare(cfg, resolve_source(cfg, work), work / f"digits-s{seed}" / "splits")
     sys.path.insert(0, str(REPO / "bench"))
     from compression import shapes_dataset, split
 
     # One generated set for all seeds (generator seed fixed); the seed draws the split.
-    return split(*shapes_dataset(n, seed=1, size=16), seed=seed, test_fraction=TEST_FRACTION, val_fraction=VAL_FRACTION)
+    return split(*shapes_dataset(n, seed=1, size=16), seed=seed, work=work / f"shapes-s{seed}",
+                 test_fraction=TEST_FRACTION, val_fraction=VAL_FRACTION)
 
 
 def one_sweep(seed: int, searcher: str, scheduler: str, args, data, out: Path) -> dict:
@@ -203,6 +207,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hpo_bench_"))
     ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     rows, curves, settings = [], {}, {}
     try:
         for seed in range(args.seeds):

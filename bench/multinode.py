@@ -1,7 +1,7 @@
 """Teacher training across Ray nodes: 2 one-CPU nodes against one 2-CPU node, in one run.
 
 Both layouts are real Ray clusters of `ray start` processes on this machine
-(raydistill.localcluster: token auth, own ports and temp dirs), given the same 2 CPUs:
+(raydistill.testing.localcluster: token auth, own ports and temp dirs), given the same 2 CPUs:
   - baseline: one node with 2 CPUs (both Ray Train workers and the Ray Data tasks share one
     raylet and one object store),
   - ours:     a 1-CPU head + a 1-CPU worker node; the 2 workers (0.75 CPU each) cannot share a
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from harness import Bench, interleave
 
-from raydistill.localcluster import LocalCluster
+from raydistill.testing.localcluster import LocalCluster
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {

@@ -89,8 +89,8 @@ def main() -> int:
     from ray import serve
     from serve_load import demo_config, student_files
 
-    from raydistill.localcluster import free_ports
     from raydistill.serving import build_app
+    from raydistill.testing.localcluster import free_ports
     from test_serving import MAX_BYTES, MAX_PIXELS
 
     (port,) = free_ports(1)

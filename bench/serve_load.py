@@ -52,17 +52,44 @@ def demo_config(port: int):
     return load_config(REPO / "configs" / "demo.yaml", [f"deploy.port={port}", f"deploy.replica_cpus={REPLICA_CPUS}"])
 
 
+def training_rows(cfg, root: Path):
+    """(the data, 512 training images for int8 calibration) as the student stage has them: the
+    digits through the data stage, on a local Ray started and shut down here (so none runs
+    while the bare model is measured)."""
+    from raydistill.data import resolve_source
+
+    source = resolve_source(cfg, root)
+    try:
+        from raydistill.data import prepare
+    except ImportError:  # --against a commit from before the data stage stored its splits
+        from raydistill.data import load_dataset
+
+        data = load_dataset(cfg, source)
+        return data, data.train.images[:512]
+    import logging
+
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO line per execution otherwise
+        data = prepare(cfg, source, root / "splits")
+    finally:
+        ray.shutdown()
+    return data, data.train.head(512).images
+
+
 def student_files(cfg, root: Path, runtime: str):
     """The demo's student as the student stage writes it: safetensors, and the ONNX file the
     runtime needs. Returns (ServedModel, spec, params)."""
     from raydistill import compress
     from raydistill.artifacts import save_weights, sha256
-    from raydistill.data import load_dataset, resolve_source
     from raydistill.distill import student_spec
     from raydistill.models import build_network, count_params
     from raydistill.serving import ServedModel
 
-    data = load_dataset(cfg, resolve_source(cfg, root))
+    data, calibration = training_rows(cfg, root)
     spec = student_spec(cfg, data)
     net = build_network(spec).eval()
     weights = save_weights(root / "student.safetensors", net.state_dict(), spec.to_meta())
@@ -70,7 +97,7 @@ def student_files(cfg, root: Path, runtime: str):
     if runtime != "torch":
         onnx = compress.export_onnx(net, spec, root / "student.onnx")
         if runtime == "int8":
-            onnx = compress.quantize_int8(onnx, root / "student.int8.onnx", data.train.images[:512])
+            onnx = compress.quantize_int8(onnx, root / "student.int8.onnx", calibration)
     model = ServedModel(str(weights), sha256(weights), *((str(onnx), sha256(onnx)) if onnx else ()))
     return model, spec, count_params(net)
 
@@ -226,8 +253,12 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from raydistill.localcluster import free_ports
     from raydistill.serving import build_app
+
+    try:
+        from raydistill.testing.localcluster import free_ports
+    except ImportError:  # --against a commit from before raydistill.testing
+        from raydistill.localcluster import free_ports
 
     (port,) = free_ports(1)
     cfg = demo_config(port)
