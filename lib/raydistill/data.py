@@ -405,51 +405,79 @@ def _list_parquet(source: str, filesystem, path: str) -> list[str]:
                   if e.type == pafs.FileType.File and e.base_name.endswith(".parquet"))
 
 
+@dataclass
+class _Source:
+    """Where the rows are and what every image must become."""
+
+    filesystem: object
+    path: str
+    kind: str  # parquet | images
+    shape: tuple  # (C, H, W) of every stored image
+    files: list[str] = field(default_factory=list)  # Parquet files
+    class_names: list[str] | None = None  # image folder: sorted class folders
+    loose: list[str] = field(default_factory=list)  # image folder: files beside the class folders
+
+    def checker(self, cfg: Config, fail_fast: bool) -> _Checker:
+        dcfg = cfg.data
+        channels = dcfg.channels if self.kind == "parquet" else dcfg.channels or 3
+        return _Checker(self.kind, tuple(self.shape), channels, dcfg.image_size, dcfg.num_classes, cfg.seed,
+                        dcfg.val_fraction, dcfg.test_fraction, fail_fast)
+
+
+def _open_source(cfg: Config, source: str) -> _Source:
+    """List the source (files or class folders, no rows) and fix the image shape; refuses a
+    source that cannot be read, naming it."""
+    from pyarrow import fs as pafs
+
+    dcfg = cfg.data
+    filesystem, path, kind = locate(source)
+    if kind == "parquet":
+        files = _list_parquet(source, filesystem, path)
+        if not files:
+            raise DataError(f"data.source '{source}': no .parquet files")
+        columns = [dcfg.image_column, dcfg.label_column]
+        _check_columns(source, filesystem, files[0], columns)
+        shape = _parquet_shape(source, filesystem, files, columns, dcfg.channels)
+        return _Source(filesystem, path, kind, tuple(shape), files=files)
+    entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
+    class_names = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
+    if not class_names:
+        raise DataError(f"data.source '{source}': an image folder needs one subfolder per class; found none")
+    loose = sorted(e.path for e in entries if e.type == pafs.FileType.File and not _hidden(e.path))
+    return _Source(filesystem, path, kind, (dcfg.channels or 3, dcfg.image_size, dcfg.image_size),
+                   class_names=class_names, loose=loose)
+
+
 def prepare(cfg: Config, source: str, out: Path) -> "Dataset":
     """Read, check, split and store `source` under `out` (data/splits). Bad rows fail naming the
     file and row, or are skipped and counted by reason (`data.on_bad_rows`); either way the
     verdict comes before any training starts. The new splits replace the old ones only once
     they are complete: a failure leaves an earlier data stage's splits as they were."""
     import ray.data
-    from pyarrow import fs as pafs
 
     dcfg = cfg.data
-    filesystem, path, kind = locate(source)
-    columns = [dcfg.image_column, dcfg.label_column]
-    class_names = None
-    if kind == "parquet":
-        files = _list_parquet(source, filesystem, path)
-        if not files:
-            raise DataError(f"data.source '{source}': no .parquet files")
-        _check_columns(source, filesystem, files[0], columns)
-        shape = _parquet_shape(source, filesystem, files, columns, dcfg.channels)
-        units = ray.data.from_items([{"file": f} for f in files]).flat_map(
+    src = _open_source(cfg, source)
+    filesystem, path, columns = src.filesystem, src.path, [dcfg.image_column, dcfg.label_column]
+    if src.kind == "parquet":
+        units = ray.data.from_items([{"file": f} for f in src.files]).flat_map(
             _parquet_units, fn_kwargs={"filesystem": filesystem}, num_cpus=dcfg.cpus_per_task)
     else:
-        entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
-        class_names = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
-        if not class_names:
-            raise DataError(f"data.source '{source}': an image folder needs one subfolder per class; found none")
-        shape = (dcfg.channels or 3, dcfg.image_size, dcfg.image_size)
-        loose = sorted(e.path for e in entries if e.type == pafs.FileType.File and not _hidden(e.path))
-        folders = [{"folder": f"{path.rstrip('/')}/{n}", "class_id": i} for i, n in enumerate(class_names)]
+        folders = [{"folder": f"{path.rstrip('/')}/{n}", "class_id": i} for i, n in enumerate(src.class_names)]
         units = ray.data.from_items(folders).flat_map(_folder_units, fn_kwargs={"filesystem": filesystem},
                                                       num_cpus=dcfg.cpus_per_task)
-        if loose:  # files beside the class folders: bad rows, counted like any other
+        if src.loose:  # files beside the class folders: bad rows, counted like any other
             units = units.union(ray.data.from_items(
-                [{"files": json.dumps(loose[i : i + FILES_PER_TASK]), "class_id": -1}
-                 for i in range(0, len(loose), FILES_PER_TASK)]))
-    checker = _Checker(kind, tuple(shape), dcfg.channels if kind == "parquet" else dcfg.channels or 3,
-                       dcfg.image_size, dcfg.num_classes, cfg.seed, dcfg.val_fraction, dcfg.test_fraction,
-                       fail_fast=dcfg.on_bad_rows == "fail")
+                [{"files": json.dumps(src.loose[i : i + FILES_PER_TASK]), "class_id": -1}
+                 for i in range(0, len(src.loose), FILES_PER_TASK)]))
+    checker = src.checker(cfg, fail_fast=dcfg.on_bad_rows == "fail")
     staging = out.parent / f".{out.name}-{uuid.uuid4().hex[:8]}"
     try:
         records = units.map_batches(
             _prepare_units, batch_size=1, num_cpus=dcfg.cpus_per_task,
-            fn_kwargs={"kind": kind, "source_path": path, "filesystem": filesystem, "columns": columns,
+            fn_kwargs={"kind": src.kind, "source_path": path, "filesystem": filesystem, "columns": columns,
                        "checker": checker, "out": str(staging), "rows_per_group": dcfg.batch_size},
         ).take_all()
-        data = _collect(cfg, source, [json.loads(r["record"]) for r in records], shape, class_names, staging)
+        data = _collect(cfg, source, [json.loads(r["record"]) for r in records], src.shape, src.class_names, staging)
         _swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -686,36 +714,27 @@ def sample_rows(cfg: Config, source: str, count: int) -> tuple[np.ndarray, np.nd
     from pyarrow import fs as pafs
 
     dcfg = cfg.data
-    filesystem, path, kind = locate(source)
-    columns = [dcfg.image_column, dcfg.label_column]
-    class_names = None
-    if kind == "parquet":
-        files = _list_parquet(source, filesystem, path)
-        _check_columns(source, filesystem, files[0], columns)
-        shape = _parquet_shape(source, filesystem, files, columns, dcfg.channels)
+    src = _open_source(cfg, source)
+    filesystem, path, columns = src.filesystem, src.path, [dcfg.image_column, dcfg.label_column]
 
-        def rows():
-            for file in files:
+    def rows():
+        if src.kind == "parquet":
+            for file in src.files:
                 with filesystem.open_input_file(file) as f:
                     for record in pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns):
                         yield from zip(record.column(0).to_pylist(), record.column(1).to_pylist())
-    else:
-        class_names = sorted(e.base_name for e in filesystem.get_file_info(pafs.FileSelector(path))
-                             if e.type == pafs.FileType.Directory)
-        shape = (dcfg.channels or 3, dcfg.image_size, dcfg.image_size)
+            return
+        # Round-robin over the classes: a preview shows every class.
+        listed = [sorted(e.path for e in filesystem.get_file_info(pafs.FileSelector(f"{path}/{name}"))
+                         if e.type == pafs.FileType.File and e.path.lower().endswith(IMAGE_EXTENSIONS))[:count]
+                  for name in src.class_names]
+        for turn in range(count):
+            for i, files in enumerate(listed):
+                if turn < len(files):
+                    with filesystem.open_input_file(files[turn]) as f:
+                        yield f.readall(), i
 
-        def rows():  # round-robin over the classes: a preview shows every class
-            listed = [sorted(e.path for e in filesystem.get_file_info(pafs.FileSelector(f"{path}/{name}"))
-                             if e.type == pafs.FileType.File and e.path.lower().endswith(IMAGE_EXTENSIONS))[:count]
-                      for name in class_names]
-            for turn in range(count):
-                for i, files in enumerate(listed):
-                    if turn < len(files):
-                        with filesystem.open_input_file(files[turn]) as f:
-                            yield f.readall(), i
-
-    checker = _Checker(kind, tuple(shape), dcfg.channels if kind == "parquet" else dcfg.channels or 3,
-                       dcfg.image_size, dcfg.num_classes, cfg.seed, 0.0, 0.0, fail_fast=False)
+    checker = src.checker(cfg, fail_fast=False)
     images, labels = [], []
     for cell, label in rows():
         try:
@@ -727,4 +746,4 @@ def sample_rows(cfg: Config, source: str, count: int) -> tuple[np.ndarray, np.nd
             break
     if not labels:
         raise DataError(f"data.source '{source}': no usable rows")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), class_names
+    return np.stack(images), np.asarray(labels, dtype=np.int64), src.class_names
