@@ -181,7 +181,19 @@ def test_fingerprint_tells_changed_data_in_sample_and_full_modes(tmp_path):
         fingerprint(str(tmp_path / "nowhere"))
 
 
-def test_changed_data_at_the_same_path_redoes_the_data_stage_and_every_stage_after(tmp_path, digits_parquet):
+@pytest.fixture
+def local_ray():
+    """The data stage prepares rows in Ray Data tasks: a Ray of this test's own (never one
+    another process started on the machine)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_changed_data_at_the_same_path_redoes_the_data_stage_and_every_stage_after(tmp_path, digits_parquet,
+                                                                                    local_ray):
     import shutil
 
     from raydistill.config import load_config
