@@ -200,7 +200,7 @@ class DataConfig(_Section):
         return self
 
     def augment_spec(self) -> list[dict]:
-        """The ordered ops as plain dicts: what Ray Data tasks receive (data.augment_batch)."""
+        """The ordered ops as plain dicts: what Ray Data tasks receive (augment.augment_batch)."""
         return [op.model_dump(mode="json") for op in self.augment]
 
     @property
