@@ -16,12 +16,12 @@ we train and compare
                     pruning 20% + 2 epochs KD fine-tune (the config defaults), kept only if
                     validation accuracy holds);
   - student no-KD:  the same student, same init, same augmented views and steps, plain
-                    cross-entropy (alpha=1: the same loss code with the teacher term off);
+                    cross-entropy (alpha=1: loop.CrossEntropy instead of loop.Distillation);
   - student int8:   the compressed KD student as static int8 ONNX (ONNX Runtime, CPU).
 Both sets go through the data stage first (written as Parquet, `data.prepare` on a local Ray
 that is shut down before training: a seeded hash split, about 70% train / 10% val / 20% test).
 Training runs in this process with the library's own pieces (augment.augment_batch,
-distill.distill_step, distill.compress_student, compress.*): the benchmark measures the method,
+loop.fit with its losses, distill.compress_student, compress.*): the benchmark measures the method,
 not Ray's orchestration (the pipeline runs the same steps on Ray Train; tests/test_student.py
 covers that path).
 
@@ -183,25 +183,34 @@ def epoch_views(data, epoch: int, cfg, batch_size: int):
     yield from _VIEWS[key]
 
 
-def train_teacher(cfg, data, spec, epochs: int):
-    import torch
-    import torch.nn.functional as F
+def view_batches(data, cfg, batch_size: int, epochs: int):
+    """(micro-batch number from 1, batch) over `epochs` epochs of the cached views, for loop.fit."""
+    batches = (b for epoch in range(epochs) for b in epoch_views(data, epoch, cfg, batch_size))
+    return enumerate(({"image": x, "label": y} for x, y in batches), start=1)
 
+
+def engine_for(module, stage_cfg, steps: int):
+    """A TorchEngine with the stage's recipe (LR, decay, schedule, warmup, clipping)."""
+    from raydistill.loop import TorchEngine
+
+    return TorchEngine(module, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay, total_steps=steps,
+                       schedule=stage_cfg.lr_schedule, warmup_fraction=stage_cfg.warmup_fraction,
+                       grad_clip=stage_cfg.grad_clip)
+
+
+def train_teacher(cfg, data, spec, epochs: int):
+    """loop.fit with cross-entropy under the teacher's recipe, in this process."""
+    import torch
+
+    from raydistill.loop import CrossEntropy, fit
     from raydistill.models import build_network, recalibrate_batchnorm
+    from raydistill.training import StepPlan
 
     torch.manual_seed(cfg.seed)
     net = build_network(spec)
-    steps = epochs * (len(data.train) // cfg.teacher.batch_size)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.teacher.lr, weight_decay=cfg.teacher.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.teacher.lr, total_steps=steps, pct_start=0.15)
-    for epoch in range(epochs):
-        for x, y in epoch_views(data, epoch, cfg, cfg.teacher.batch_size):
-            net.train()
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    plan = StepPlan.of(len(data.train), 1, cfg.teacher.batch_size, epochs)
+    fit(engine_for(net, cfg.teacher, plan.total_steps), CrossEntropy(), view_batches(data, cfg, cfg.teacher.batch_size, epochs),
+        plan, after_step=lambda step, loss: None)
     recalibrate_batchnorm(net, data.train.images, spec.image_size)
     return net.eval()
 
@@ -220,27 +229,28 @@ def view_accuracy(net, data, cfg, epoch: int = 0) -> float:
 
 
 def train_student(cfg, data, spec, teacher, epochs: int):
-    """distill.distill_step over the same views; cfg.student.alpha=1 makes it plain CE."""
+    """loop.fit over the same views: the KD loss (loop.Distillation) when cfg.student.alpha < 1,
+    else plain cross-entropy (no teacher forward at all)."""
     import torch
 
-    from raydistill.distill import build_trainee, distill_step, teacher_targets
+    from raydistill.kd import build_trainee
+    from raydistill.loop import CrossEntropy, Distillation, fit
     from raydistill.models import build_network, recalibrate_batchnorm
+    from raydistill.training import StepPlan
 
     scfg = cfg.student
     torch.manual_seed(cfg.seed)  # the same init for KD and no-KD
-    trainee = build_trainee(build_network(spec), teacher, scfg, (spec.input_shape[0], spec.image_size, spec.image_size))
-    steps = epochs * (len(data.train) // scfg.batch_size)
-    opt = torch.optim.AdamW(trainee.parameters(), lr=scfg.lr, weight_decay=scfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=scfg.lr, total_steps=steps, pct_start=0.15)
-    for epoch in range(epochs):
-        for x, y in epoch_views(data, epoch, cfg, scfg.batch_size):
-            if scfg.alpha < 1.0:
-                logits, feats = teacher_targets(teacher, x, trainee.hint is not None)
-            else:  # no KD: the teacher term has weight 0, skip its forward pass
-                logits, feats = torch.zeros(len(y), data.num_classes), None
-            distill_step(trainee, opt, sched, x, y, logits, feats, scfg)
-    recalibrate_batchnorm(trainee.student, data.train.images, spec.image_size)
-    return trainee.student.eval()
+    student = build_network(spec)
+    if scfg.alpha < 1.0:
+        module = build_trainee(student, teacher, scfg.hint_weight, (spec.input_shape[0], spec.image_size, spec.image_size))
+        loss = Distillation(scfg.temperature, scfg.alpha, scfg.hint_weight, teacher=teacher)
+    else:
+        module, loss = student, CrossEntropy()
+    plan = StepPlan.of(len(data.train), 1, scfg.batch_size, epochs)
+    fit(engine_for(module, scfg, plan.total_steps), loss, view_batches(data, cfg, scfg.batch_size, epochs), plan,
+        after_step=lambda step, loss: None)
+    recalibrate_batchnorm(student, data.train.images, spec.image_size)
+    return student.eval()
 
 
 # ---- latency, interleaved ------------------------------------------------------------------

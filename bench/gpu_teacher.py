@@ -5,7 +5,7 @@ gpu-single preset, beside the same model without offload and a bare PyTorch loop
 on the same model, image size and synthetic batches already on the GPU (only the training step
 is measured):
   bare    plain PyTorch: fp32 weights, bf16 autocast, fused AdamW, gradient clipping;
-  zero0   ours (sharding.wrap + training.teacher_step, what the Ray Train worker runs), ZeRO off,
+  zero0   ours (sharding.wrap + loop.train_step, what the Ray Train worker runs), ZeRO off,
           bf16 in DeepSpeed's torch_autocast mode (fp32 weights, bf16 autocast compute);
   zero3   ours, ZeRO-3, bf16 autocast, nothing offloaded;
   bf16mode  zero0 in DeepSpeed's bf16 mode instead (bf16 weights, fp32 master copy), for the
@@ -82,7 +82,8 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
 
     from raydistill import sharding
     from raydistill.models import ModelSpec
-    from raydistill.training import teacher_network, teacher_step
+    from raydistill.loop import CrossEntropy, train_step
+    from raydistill.training import teacher_network, teacher_schedule
 
     variant, _, arch = name.partition("@")
     cuda = torch.cuda.is_available()
@@ -115,16 +116,17 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
             opt.step()
             return loss.item()
     else:
-        ds_config = sharding.deepspeed_config(tcfg, 1, total // accum)
+        ds_config = sharding.deepspeed_config(tcfg, 1)
         in_dtype = torch.float32  # fp32 inputs and weights; autocast picks bf16 per op
         if variant == "bf16mode":
             ds_config["torch_autocast"]["enabled"] = False
             ds_config["bf16"] = {"enabled": True}
             in_dtype = torch.bfloat16
-        engine = sharding.wrap(net, ds_config)
+        engine = sharding.wrap(net, ds_config, teacher_schedule(tcfg, total // accum))
+        loss = CrossEntropy()
 
         def step(x, y):
-            return teacher_step(engine, x.to(in_dtype), y)
+            return train_step(engine, loss, {"image": x.to(in_dtype), "label": y})
 
     def sync():
         if cuda:

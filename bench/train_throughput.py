@@ -3,7 +3,7 @@
 In one run, on the same model, micro-batch and number of steps, with the machine's cores
 split the same way: samples/s of
   - bare:        a plain PyTorch loop (AdamW, warmup-cosine LR, clipping) in one process,
-  - 1 worker:    our teacher step (training.teacher_step) on Ray Train, ZeRO off,
+  - 1 worker:    our training step (loop.train_step, cross-entropy) on Ray Train, ZeRO off,
   - 1 worker:    the same with ZeRO-3,
   - 2 workers:   ZeRO-3 over gloo, the machine's cores split between them,
 and the bytes of parameters + optimizer state each rank holds (sharding.state_bytes).
@@ -83,7 +83,8 @@ def ours_worker(config: dict) -> None:
     from raydistill import sharding
     from raydistill.config import TeacherConfig
     from raydistill.models import ModelSpec, build_network
-    from raydistill.training import teacher_step
+    from raydistill.loop import CrossEntropy, train_step
+    from raydistill.training import teacher_schedule
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -93,9 +94,10 @@ def ours_worker(config: dict) -> None:
     torch.manual_seed(0)
     net = build_network(ModelSpec(config["arch"], 10, (1, 8, 8), config["image_size"]))
     total = config["steps"] + config["warmup"]
-    engine = sharding.wrap(net, sharding.deepspeed_config(tcfg, world, total))
+    engine = sharding.wrap(net, sharding.deepspeed_config(tcfg, world), teacher_schedule(tcfg, total))
     batches = _batches(total, config["batch"], config["image_size"], seed=rank)
-    secs = _timed(lambda x, y: teacher_step(engine, x, y), batches, config["warmup"])
+    loss = CrossEntropy()
+    secs = _timed(lambda x, y: train_step(engine, loss, {"image": x, "label": y}), batches, config["warmup"])
     samples = config["steps"] * config["batch"] * world
     secs = max(sharding.gather_counts(int(secs * 1e6))) / 1e6  # the slowest rank sets the pace
     metrics = {"samples_per_s": samples / secs,

@@ -17,7 +17,9 @@ import torch.multiprocessing as mp
 
 from raydistill import checkpoints, sharding
 from raydistill.config import TeacherConfig
+from raydistill.loop import CrossEntropy, train_step
 from raydistill.models import ModelSpec, build_network
+from raydistill.training import teacher_schedule
 
 SPEC = ModelSpec("test_resnet", 10, (1, 8, 8), 16)  # timm, 0.37M params: engine set-up in seconds
 STEPS, SAVE_AT, MICRO_BATCH = 6, 3, 8
@@ -34,14 +36,12 @@ def _engine(tcfg: TeacherConfig, world: int):
     net = build_network(SPEC)
     if tcfg.activation_checkpointing:
         net.set_grad_checkpointing(True)
-    return sharding.wrap(net, sharding.deepspeed_config(tcfg, world, STEPS))
+    return sharding.wrap(net, sharding.deepspeed_config(tcfg, world), teacher_schedule(tcfg, STEPS))
 
 
 def _train(engine, batches) -> None:
     for x, y in batches:
-        engine.train()
-        engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
-        engine.step()
+        train_step(engine, CrossEntropy(), {"image": x, "label": y})
 
 
 def _resume_vs_whole(tcfg: TeacherConfig, rank: int, world: int, workdir: Path) -> dict:

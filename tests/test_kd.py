@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from raydistill.config import ConfigError, load_config
-from raydistill.distill import Trainee, build_trainee, distill_step
-from raydistill.kd import HintProjection, hint_loss, kd_loss
+from raydistill.kd import HintProjection, Trainee, build_trainee, hint_loss, kd_loss
+from raydistill.loop import Distillation, TorchEngine, train_step
 from raydistill.models import ModelSpec, build_network
 
 
@@ -94,23 +94,37 @@ def test_hint_projection_learns_to_match_the_teacher():
     assert loss.item() < 1e-3 * first
 
 
-def test_distill_step_with_hint_trains_student_and_projection():
+def test_a_distillation_step_with_hint_trains_student_and_projection():
     spec = ModelSpec("test_efficientnet", 10, (1, 8, 8), 16)
     teacher_spec = ModelSpec("resnet10t", 10, (1, 8, 8), 16)
-    cfg = load_config(None, ["student.hint_weight=1.0"]).student
     teacher = build_network(teacher_spec).eval()
-    trainee = build_trainee(build_network(spec), teacher, cfg, (1, 16, 16))
+    trainee = build_trainee(build_network(spec), teacher, 1.0, (1, 16, 16))
     assert isinstance(trainee, Trainee) and trainee.hint.proj.weight.shape == (512, 256, 1, 1)
-    before = trainee.hint.proj.weight.detach().clone()
-    opt = torch.optim.SGD(trainee.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.ConstantLR(opt, 1.0)
+    before = trainee.hint.proj.weight.detach().clone(), trainee.student.get_classifier().weight.detach().clone()
+    engine = TorchEngine(trainee, lr=0.1, weight_decay=0.0, total_steps=1, schedule="constant")
+    loss = Distillation(4.0, 0.5, hint_weight=1.0, teacher=teacher)
+    batch = {"image": torch.randn(4, 1, 16, 16), "label": torch.randint(0, 10, (4,))}
+    assert math.isfinite(train_step(engine, loss, batch))
+    assert not torch.equal(before[0], trainee.hint.proj.weight)
+    assert not torch.equal(before[1], trainee.student.get_classifier().weight)
+
+
+def test_distillation_takes_its_targets_from_the_teacher_or_the_batch_alike():
+    """Offline soft targets (the teacher's logits stored beside the views) give the same loss as
+    the teacher run on the batch online."""
+    teacher = build_network(ModelSpec("resnet10t", 10, (1, 8, 8), 16)).eval()
+    student = Trainee(build_network(ModelSpec("test_efficientnet", 10, (1, 8, 8), 16)).eval())
     x, y = torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,))
     with torch.no_grad():
-        feats = teacher.forward_features(x)
-        logits = teacher.forward_head(feats)
-    loss = distill_step(trainee, opt, sched, x, y, logits, feats, cfg)
-    assert math.isfinite(loss)
-    assert not torch.equal(before, trainee.hint.proj.weight)
+        stored = teacher(x)
+        online = Distillation(4.0, 0.3, teacher=teacher)(student, {"image": x, "label": y})
+        offline = Distillation(4.0, 0.3, logits_column="teacher_logits")(student, {"image": x, "label": y,
+                                                                               "teacher_logits": stored})
+    assert torch.allclose(online, offline)
+    with pytest.raises(ValueError, match="either a teacher or a logits column"):
+        Distillation(4.0, 0.3)
+    with pytest.raises(ValueError, match="hint loss needs"):
+        Distillation(4.0, 0.3, hint_weight=1.0, logits_column="teacher_logits")
 
 
 def test_hint_needs_the_online_teacher():

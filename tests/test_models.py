@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raydistill.distill import kd_loss
+from raydistill.kd import kd_loss
 from raydistill.models import Classifier, ModelSpec, accuracy, build_network, recalibrate_batchnorm
 
 

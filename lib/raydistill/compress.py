@@ -43,36 +43,36 @@ def prune_channels(net: nn.Module, ratio: float, image_size: int, in_chans: int)
 def finetune(net: nn.Module, teacher: nn.Module, split, *, image_size: int, epochs: int, batch_size: int,
              lr: float, temperature: float, alpha: float, seed: int, augment: list[dict],
              num_classes: int | None = None, device: str = "cpu") -> nn.Module:
-    """A short KD fine-tune in this process (a few dozen steps on CPU): the pruned student
-    learns back from the teacher on freshly augmented views (the data stage's own augment) of
-    the stored training split (`data.SplitRef`), read a row group at a time."""
+    """A short KD fine-tune in this process (a few dozen steps on CPU), through loop.fit: the
+    pruned student learns back from the teacher on freshly augmented views (the data stage's
+    own augment) of the stored training split (`data.SplitRef`), read a row group at a time.
+    Cosine decay from `lr`, no warmup: the network is already trained."""
     from raydistill.augment import augment_batch, epoch_groups, rebatch
-    from raydistill.kd import kd_loss
+    from raydistill.kd import Trainee
+    from raydistill.loop import Distillation, TorchEngine, fit
+    from raydistill.training import StepPlan
 
     if epochs == 0:
         return net
-    opt = torch.optim.AdamW(net.parameters(), lr=lr)
-    steps = epochs * (len(split) // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    plan = StepPlan.of(len(split), 1, batch_size, epochs)
     net.to(device)
     teacher.to(device).eval()
-    for epoch in range(epochs):
-        # epoch offset 1000: fresh views, unlike any the student saw in distillation
-        views = (augment_batch({"image": b.images, "label": b.labels, "id": b.ids}, seed=seed, epoch=1000 + epoch,
-                               image_size=image_size, augment=augment, num_classes=num_classes)
-                 for b in map(split.read, epoch_groups(split, seed, 1000 + epoch)))
-        # Full batches across row groups: one input shape, every row used but an epoch's tail.
-        for x, y in rebatch(((v["image"], v["label"]) for v in views), batch_size):
-            # y: class ids, or soft labels (B, classes) when the augmentation mixes images
-            x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-            with torch.no_grad():
-                teacher_logits = teacher(x)
-            net.train()
-            loss = kd_loss(net(x), teacher_logits, y, temperature, alpha)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    engine = TorchEngine(Trainee(net), lr=lr, weight_decay=0.01, total_steps=plan.total_steps)  # AdamW's default decay
+
+    def micro_batches():
+        for epoch in range(epochs):
+            # epoch offset 1000: fresh views, unlike any the student saw in distillation
+            views = (augment_batch({"image": b.images, "label": b.labels, "id": b.ids}, seed=seed,
+                                   epoch=1000 + epoch, image_size=image_size, augment=augment,
+                                   num_classes=num_classes)
+                     for b in map(split.read, epoch_groups(split, seed, 1000 + epoch)))
+            # Full batches across row groups: one input shape, every row used but an epoch's
+            # tail. y: class ids, or soft labels (B, classes) when the augmentation mixes images.
+            for x, y in rebatch(((v["image"], v["label"]) for v in views), batch_size):
+                yield {"image": torch.from_numpy(x).to(device), "label": torch.from_numpy(y).to(device)}
+
+    fit(engine, Distillation(temperature, alpha, teacher=teacher), enumerate(micro_batches(), start=1), plan,
+        after_step=lambda step, epoch_loss: None)
     recalibrate_batchnorm(net, split.head(512).images, image_size)
     teacher.cpu()
     return net.cpu()  # exported and measured on the CPU

@@ -410,6 +410,11 @@ class StudentConfig(_Section):
     batch_size: int = Field(64, ge=1, description="per worker")
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="after warmup: cosine or linear decay, or constant (the teacher's schedules)"
+    )
+    warmup_fraction: float = Field(0.15, ge=0, lt=1, description="share of steps with linear LR warmup")
+    grad_clip: float = Field(0.0, ge=0, description="max global gradient norm; 0 turns clipping off")
     temperature: float = Field(4.0, gt=0, description="KD softmax temperature T")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of hard-label CE; (1-alpha) on T^2*KL")
     hint_weight: float = Field(

@@ -18,57 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raydistill.config import Config, StudentConfig
-from raydistill.kd import HintProjection, features_and_logits, feature_channels, kd_loss  # noqa: F401 (re-export)
+from raydistill.config import Config
+from raydistill.kd import build_trainee
 from raydistill.training import EpochLog, StepPlan, stream_batches, worker_start
 
 STUDENT_FILE, ONNX_FILE, INT8_FILE = "student.safetensors", "student.onnx", "student.int8.onnx"
 MEASURE_FILE = "before_pruning.safetensors.measure"  # transient: only its size is reported
-
-
-class Trainee(nn.Module):
-    """The student plus, with a hint loss, its feature projection: one module, so DDP syncs the
-    projection's gradients too. forward -> (logits, hint loss or 0)."""
-
-    def __init__(self, student: nn.Module, hint: HintProjection | None):
-        super().__init__()
-        self.student = student
-        self.hint = hint
-
-    def forward(self, x: torch.Tensor, teacher_features: torch.Tensor | None = None):
-        if self.hint is None:
-            return self.student(x), x.new_zeros(())
-        features, logits = features_and_logits(self.student, x)
-        return logits, self.hint(features, teacher_features)
-
-
-def build_trainee(student: nn.Module, teacher: nn.Module | None, scfg: StudentConfig,
-                  view_shape: tuple[int, int, int]) -> Trainee:
-    hint = None
-    if scfg.hint_weight > 0:
-        hint = HintProjection(feature_channels(student, view_shape), feature_channels(teacher, view_shape))
-    return Trainee(student, hint)
-
-
-def teacher_targets(teacher: nn.Module, x: torch.Tensor, with_features: bool):
-    """(logits, features or None) of the frozen teacher on a batch."""
-    with torch.no_grad():
-        if with_features:
-            features, logits = features_and_logits(teacher, x)
-            return logits, features
-        return teacher(x), None
-
-
-def distill_step(trainee, opt, sched, x, y, teacher_logits, teacher_features, scfg: StudentConfig) -> float:
-    """One optimizer step on KD loss (+ hint_weight x hint loss). Returns the loss."""
-    trainee.train()
-    logits, hint = trainee(x, teacher_features)
-    loss = kd_loss(logits, teacher_logits, y, scfg.temperature, scfg.alpha) + scfg.hint_weight * hint
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    sched.step()
-    return loss.item()
 
 
 def student_worker(loop_config: dict) -> None:
@@ -76,53 +31,50 @@ def student_worker(loop_config: dict) -> None:
     import ray.train.torch
 
     from raydistill.artifacts import load_weights, save_weights
+    from raydistill.loop import Distillation, TorchEngine, fit
     from raydistill.models import build_network, load_network, recalibrate_batchnorm
     from raydistill.soft_targets import LOGITS_COLUMN
     from raydistill.training import validation_metrics
 
     cfg, spec, plan, data, bn_images, rank, world, device = worker_start(loop_config, "student")
     scfg = cfg.student
-    online = scfg.teacher_mode == "online"
     view_shape = (spec.input_shape[0], spec.image_size, spec.image_size)
 
     teacher = None
-    if online:
+    if scfg.teacher_mode == "online":
         # Read from the run's storage by each worker, hash-checked: the driver never loads it.
         state, meta = load_weights(Path(loop_config["teacher_path"]), loop_config["teacher_sha256"])
         teacher = load_network(state, meta).to(device).eval().requires_grad_(False)
+    loss = Distillation(scfg.temperature, scfg.alpha, scfg.hint_weight, teacher=teacher,
+                        logits_column=None if teacher is not None else LOGITS_COLUMN)
 
     torch.manual_seed(cfg.seed)
-    trainee = build_trainee(build_network(spec), teacher, scfg, view_shape)
-    model = ray.train.torch.prepare_model(trainee)  # DDP when world > 1
+    trainee = build_trainee(build_network(spec), teacher, scfg.hint_weight, view_shape)
+    engine = TorchEngine(ray.train.torch.prepare_model(trainee),  # DDP when world > 1
+                         lr=scfg.lr, weight_decay=scfg.weight_decay, total_steps=plan.total_steps,
+                         schedule=scfg.lr_schedule, warmup_fraction=scfg.warmup_fraction, grad_clip=scfg.grad_clip)
     plain = trainee.student
-    opt = torch.optim.AdamW(model.parameters(), lr=scfg.lr, weight_decay=scfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=scfg.lr, total_steps=plan.total_steps, pct_start=0.15)
     log = EpochLog("student", plan, scfg.batch_size * world, rank)
     shard = ray.train.get_dataset_shard("train")
-    loss_sum, seen, step = 0.0, 0, 0
-    for step, batch in stream_batches(shard, scfg.batch_size, plan.total_steps, device,
-                                      prefetch_batches=cfg.data.prefetch_batches):
-        x, y = batch["image"], batch["label"]  # y: class ids (B,) or mixed soft labels (B, classes)
-        if online:
-            teacher_logits, teacher_features = teacher_targets(teacher, x, trainee.hint is not None)
-        else:
-            teacher_logits, teacher_features = batch[LOGITS_COLUMN].float(), None
-        loss = distill_step(model, opt, sched, x, y, teacher_logits, teacher_features, scfg)
-        loss_sum, seen = loss_sum + loss, seen + 1
-        if step % plan.steps_per_epoch == 0 or step == plan.total_steps:
-            recalibrate_batchnorm(plain, bn_images, spec.image_size)
-            val_acc = validation_metrics(plain, data, spec.image_size, rank, world)["val_accuracy"]
-            metrics = {"loss": loss_sum / seen, "val_accuracy": val_acc}
-            log.line(step, metrics)
-            ray.train.report({**metrics, "epoch": step // plan.steps_per_epoch, "step": step})
-            loss_sum, seen = 0.0, 0
+
+    def after_step(step: int, epoch_loss: float | None) -> None:
+        if epoch_loss is None:
+            return
+        recalibrate_batchnorm(plain, bn_images, spec.image_size)
+        metrics = {"loss": epoch_loss, "val_accuracy": validation_metrics(plain, data, spec.image_size, rank, world)["val_accuracy"]}
+        log.line(step, metrics)
+        ray.train.report({**metrics, "epoch": step // plan.steps_per_epoch, "step": step})
+
+    fit(engine, loss, stream_batches(shard, scfg.batch_size, plan.total_steps, device,
+                                     prefetch_batches=cfg.data.prefetch_batches), plan, after_step)
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             save_weights(Path(tmp) / STUDENT_FILE, plain.state_dict(), spec.to_meta())
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"steps": step, "samples_per_s": log.samples_per_s(max(step, 1))}, checkpoint=checkpoint)
+        ray.train.report({"steps": plan.total_steps, "samples_per_s": log.samples_per_s(plan.total_steps)},
+                         checkpoint=checkpoint)
 
 
 def student_spec(cfg: Config, data):

@@ -77,3 +77,27 @@ def feature_channels(net: nn.Module, input_shape: tuple[int, int, int]) -> int:
     if len(shape) != 4:
         raise ValueError(f"hint loss needs a (B, C, h, w) feature map; {type(net).__name__} gives {tuple(shape)}")
     return int(shape[1])
+
+
+class Trainee(nn.Module):
+    """The student plus, with a hint loss, its feature projection: one module, so DDP syncs the
+    projection's gradients too. forward(x, teacher features) -> (logits, hint loss or 0)."""
+
+    def __init__(self, student: nn.Module, hint: HintProjection | None = None):
+        super().__init__()
+        self.student = student
+        self.hint = hint
+
+    def forward(self, x: torch.Tensor, teacher_features: torch.Tensor | None = None):
+        if self.hint is None:
+            return self.student(x), x.new_zeros(())
+        features, logits = features_and_logits(self.student, x)
+        return logits, self.hint(features, teacher_features)
+
+
+def build_trainee(student: nn.Module, teacher: nn.Module | None, hint_weight: float,
+                  view_shape: tuple[int, int, int]) -> Trainee:
+    hint = None
+    if hint_weight > 0:
+        hint = HintProjection(feature_channels(student, view_shape), feature_channels(teacher, view_shape))
+    return Trainee(student, hint)

@@ -12,22 +12,6 @@ from torch import nn
 from raydistill.config import TeacherConfig
 
 
-_SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
-
-
-def _scheduler(tcfg: TeacherConfig, total_steps: int) -> dict:
-    warmup = max(1, int(total_steps * tcfg.warmup_fraction))  # DeepSpeed refuses 0
-    if tcfg.lr_schedule == "cosine":
-        params = {"total_num_steps": max(1, total_steps), "warmup_num_steps": warmup,
-                  "warmup_min_ratio": 0.01, "cos_min_ratio": 0.01}
-    else:
-        params = {"warmup_min_lr": 0.0, "warmup_max_lr": tcfg.lr, "warmup_num_steps": warmup,
-                  "warmup_type": "linear"}
-        if tcfg.lr_schedule == "linear":
-            params["total_num_steps"] = max(1, total_steps)
-    return {"type": _SCHEDULERS[tcfg.lr_schedule], "params": params}
-
-
 def _offload(device: str, nvme_path: str | None) -> dict:
     out: dict = {"device": device, "pin_memory": True}
     if device == "nvme":
@@ -35,8 +19,10 @@ def _offload(device: str, nvme_path: str | None) -> dict:
     return out
 
 
-def deepspeed_config(tcfg: TeacherConfig, world_size: int, total_steps: int) -> dict:
-    """The DeepSpeed JSON config for one teacher run (fp32 on CPU, bf16/fp16 autocast on GPU)."""
+def deepspeed_config(tcfg: TeacherConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON config for one teacher run (fp32 on CPU, bf16/fp16 autocast on GPU).
+    It names no LR scheduler: wrap() gives the engine loop.lr_schedule, the one every
+    trainer uses."""
     zero: dict = {"stage": tcfg.zero_stage}
     if tcfg.zero_stage == 3:
         # Partition every tensor: the default keeps tensors under 1e5 elements whole on each
@@ -58,7 +44,6 @@ def deepspeed_config(tcfg: TeacherConfig, world_size: int, total_steps: int) -> 
             "params": {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay,
                        "torch_adam": tcfg.offload_optimizer == "none"},
         },
-        "scheduler": _scheduler(tcfg, total_steps),
         "gradient_clipping": tcfg.grad_clip,
         "zero_optimization": zero,
         # 16-bit runs use DeepSpeed's torch_autocast mode: fp32 weights, each op in bf16/fp16
@@ -142,14 +127,17 @@ def _avoid_onednn_16bit_conv_on_cpu(ds_config: dict) -> None:
         torch.backends.mkldnn.enabled = False
 
 
-def wrap(model: nn.Module, ds_config: dict):
-    """deepspeed.initialize on an already-initialised process group (Ray Train set it up)."""
+def wrap(model: nn.Module, ds_config: dict, lr_scheduler):
+    """deepspeed.initialize on an already-initialised process group (Ray Train set it up).
+    lr_scheduler(optimizer) -> the LR scheduler (training.teacher_schedule): DeepSpeed steps it
+    with the optimizer, at accumulation boundaries."""
     _skip_inference_only_ops()
     _avoid_onednn_16bit_conv_on_cpu(ds_config)
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=ds_config, dist_init_required=False
+        model=model, model_parameters=model.parameters(), config=ds_config, dist_init_required=False,
+        lr_scheduler=lr_scheduler,
     )
     return engine
 

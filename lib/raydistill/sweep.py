@@ -52,13 +52,14 @@ def train_in_process(cfg: Config, data, report) -> None:
     """The teacher stage's recipe at the sweep's budget, in this process: the same DeepSpeed
     engine config (optimizer, LR schedule, clipping, ZeRO stage) at world size 1, with the
     teacher's global batch kept by accumulating over its workers' micro-batches, the same
-    loop (training.teacher_fit) and the rows a single trainer would stream. Calls
+    loop (loop.fit with cross-entropy) and the rows a single trainer would stream. Calls
     report(metrics) every epoch. `data` is the data.Dataset index; rows are read a row group
     at a time."""
     from raydistill.augment import local_batches
+    from raydistill.loop import CrossEntropy, fit
     from raydistill.models import recalibrate_batchnorm
     from raydistill.training import (BN_ROWS, EvalAdapter, StepPlan, set_threads, single_process_group, teacher_engine,
-                                     teacher_fit, teacher_spec, validation_metrics)
+                                     teacher_spec, validation_metrics)
 
     cfg = cfg.with_values(trial_overrides(cfg, in_process=True))
     tcfg = cfg.teacher
@@ -79,7 +80,7 @@ def train_in_process(cfg: Config, data, report) -> None:
         report({**validation_metrics(adapter, data, spec.image_size), "loss": epoch_loss,
                 TIME_ATTR: step // plan.steps_per_epoch})
 
-    teacher_fit(engine, batches, plan, after_step)
+    fit(engine, CrossEntropy(), batches, plan, after_step)
 
 
 def trial_config(cfg: Config, params: dict) -> Config:

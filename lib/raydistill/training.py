@@ -7,6 +7,7 @@ trainer factory) live here too.
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 import time
@@ -338,12 +339,21 @@ def teacher_network(cfg: Config, spec):
     return net
 
 
+def teacher_schedule(tcfg, total_steps: int):
+    """optimizer -> the teacher's LR scheduler (loop.lr_schedule), for sharding.wrap."""
+    from raydistill.loop import lr_schedule
+
+    return functools.partial(lr_schedule, kind=tcfg.lr_schedule, total_steps=total_steps,
+                             warmup_fraction=tcfg.warmup_fraction)
+
+
 def teacher_engine(cfg: Config, spec, world: int, total_steps: int):
     """The teacher network in its DeepSpeed engine: the recipe (optimizer, LR schedule,
     clipping, precision, ZeRO stage) is the engine's config."""
     from raydistill import sharding
 
-    return sharding.wrap(teacher_network(cfg, spec), sharding.deepspeed_config(cfg.teacher, world, total_steps))
+    return sharding.wrap(teacher_network(cfg, spec), sharding.deepspeed_config(cfg.teacher, world),
+                         teacher_schedule(cfg.teacher, total_steps))
 
 
 def count_attempt(path: str) -> int:
@@ -423,38 +433,6 @@ def _report(metrics: dict, engine=None, step: int = 0, counters: dict | None = N
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
 
 
-def teacher_step(engine, x, y) -> float:
-    """One micro-step of the teacher; DeepSpeed steps the optimizer at accumulation boundaries.
-    y: class ids (B,) or soft labels (B, classes) from mixup / cutmix."""
-    import torch.nn.functional as F
-
-    engine.train()
-    loss = F.cross_entropy(engine(x).float(), y)  # fp32 in: the engine autocasts 16-bit runs
-    engine.backward(loss)
-    engine.step()
-    return loss.item()
-
-
-def teacher_fit(engine, micro_batches, plan: StepPlan, after_step, wait: DataWait | None = None) -> None:
-    """The teacher recipe's loop, shared by the teacher stage's workers and the sweep's
-    in-process trials: every micro-batch through teacher_step (the DeepSpeed engine steps the
-    optimizer, LR schedule and clipping at accumulation boundaries), then after_step(step,
-    mean loss of the epoch at an epoch's end, else None) after each optimizer step."""
-    loss_sum, seen = 0.0, 0
-    for micro, batch in micro_batches:
-        x, y = batch["image"], batch["label"]
-        loss = wait.timed(teacher_step, engine, x, y) if wait is not None else teacher_step(engine, x, y)
-        loss_sum, seen = loss_sum + loss, seen + 1
-        if micro % plan.accum:
-            continue
-        step = micro // plan.accum
-        if step % plan.steps_per_epoch == 0 or step == plan.total_steps:
-            after_step(step, loss_sum / seen)
-            loss_sum, seen = 0.0, 0
-        else:
-            after_step(step, None)
-
-
 def single_process_group() -> None:
     """A gloo process group of one, for a DeepSpeed engine outside Ray Train (an in-process
     sweep trial): the same engine and recipe as the teacher's workers, at world size 1."""
@@ -482,6 +460,7 @@ def teacher_worker(loop_config: dict) -> None:
     from raydistill import sharding
     from raydistill.artifacts import save_weights
     from raydistill.evaluate import split_metrics
+    from raydistill.loop import CrossEntropy, fit
     from raydistill.models import recalibrate_batchnorm
 
     cfg, spec, plan, data, bn_images, rank, world, device = worker_start(loop_config, "teacher")
@@ -522,7 +501,7 @@ def teacher_worker(loop_config: dict) -> None:
         elif epoch_loss is not None:
             _report(metrics)
 
-    teacher_fit(engine, micro_steps, plan, after_step, wait)
+    fit(engine, CrossEntropy(), micro_steps, plan, after_step, wait)
 
     # Export: gathered full weights, checked on rank 0 (a plain model must reproduce the
     # sharded engine's logits on a probe batch), and test accuracy, sharded like validation.
@@ -590,8 +569,8 @@ def check_teacher(cfg: Config, spec, n_train: int) -> dict:
     info = check_teacher_network(cfg, spec)
     if tcfg.init_from:
         init_file_matches(tcfg.init_from, info["shapes"])
-    plan = StepPlan.of(n_train, tcfg.num_workers, tcfg.batch_size, tcfg.epochs, tcfg.grad_accum_steps)
-    sharding.validate(sharding.deepspeed_config(tcfg, tcfg.num_workers, plan.total_steps))
+    StepPlan.of(n_train, tcfg.num_workers, tcfg.batch_size, tcfg.epochs, tcfg.grad_accum_steps)  # raises if no step fits
+    sharding.validate(sharding.deepspeed_config(tcfg, tcfg.num_workers))
     return info
 
 
