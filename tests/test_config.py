@@ -66,6 +66,19 @@ def test_cli_exits_2_with_one_line_before_anything_starts(tmp_path):
     assert not any(tmp_path.iterdir()), "nothing may be written for a bad config"
 
 
+def test_python_dash_m_is_the_cli_and_reports_the_package_version():
+    import raydistill
+
+    version = subprocess.run([sys.executable, "-m", "raydistill", "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.strip() == f"raydistill {raydistill.__version__}"
+    usage = subprocess.run([sys.executable, "-m", "raydistill", "--help"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 0
+    for command in ("run", "sweep", "train", "distill", "deploy", "query", "status", "data"):
+        assert command in usage.stdout
+    wrong = subprocess.run([sys.executable, "-m", "raydistill", "trian"], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "invalid choice: 'trian'" in wrong.stderr
+
+
 def test_stage_digests_ignore_unrelated_sections():
     a = load_config(None)
     b = load_config(None, ["deploy.port=9000"])
