@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from raydistill.artifacts import write_text
+from raydistill.artifacts import atomic_write, write_text
 
 
 def _timed(fn: Callable[[np.ndarray], object], x: np.ndarray, runs: int, warmup: int = 5,
@@ -148,5 +148,5 @@ def _chart(path: Path, rows: dict[str, dict]) -> None:
         if key == "accuracy":
             ax.set_ylim(max(0.0, min(values) - 0.05), 1.0)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

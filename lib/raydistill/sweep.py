@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ray.tune.stopper import Stopper
 
-from raydistill.artifacts import write_text
+from raydistill.artifacts import atomic_write, write_text
 from raydistill.config import Config, ConfigError, SweepConfig
 from raydistill.console import log
 
@@ -406,7 +406,7 @@ def plot_progress(curves: dict[str, list], path: Path, metric: str, title: str) 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path
 

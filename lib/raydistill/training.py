@@ -320,9 +320,11 @@ def _copy_from_checkpoint(result, filename: str, dest: Path) -> Path:
 
     if result.checkpoint is None:
         raise RuntimeError(f"training reported no checkpoint holding {filename}")
+    from raydistill.artifacts import atomic_write
+
     with result.checkpoint.as_directory() as ckpt:
-        shutil.copyfile(Path(ckpt) / filename, dest)
-    return dest
+        # Atomic: a killed copy must not leave a half file where the last good weights were.
+        return atomic_write(dest, lambda tmp: shutil.copyfile(Path(ckpt) / filename, tmp))
 
 
 # ---- teacher --------------------------------------------------------------------------
