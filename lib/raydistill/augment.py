@@ -1,4 +1,4 @@
-"""Augmentation: kornia ops on batches in Ray Data tasks, and the stream of augmented training
+"""Augmentation: batched ops (fused_ops, and kornia's) in Ray Data tasks, and the stream of augmented training
 views the trainers consume, read from the stored splits.
 
 `data.augment` is an ordered list of ops; every op draws its parameters per sample, seeded by
@@ -20,11 +20,15 @@ _PIPELINES: dict = {}  # (ops, image size) -> built kornia modules, once per wor
 
 
 def build_ops(augment: list[dict], image_size: int) -> list:
-    """[(op name, kornia module)] for an ordered `data.augment` list (dicts as dumped)."""
+    """[(op name, module)] for an ordered `data.augment` list (dicts as dumped). Consecutive
+    geometric ops become one fused warp and colour jitter one colour matrix (fused_ops); the
+    other ops are kornia's."""
     import warnings
 
     import kornia.augmentation as K
     from kornia.augmentation.auto import RandAugment
+
+    from raydistill.fused_ops import GEOMETRIC_OPS, ColorTwist, FusedWarp, GaussianNoise, MixUp, RandomErasing
 
     key = (json.dumps(augment, sort_keys=True), image_size)
     if key in _PIPELINES:
@@ -32,27 +36,24 @@ def build_ops(augment: list[dict], image_size: int) -> list:
     built = []
     for spec in augment:
         op, p = spec["op"], spec["p"]
-        if op == "random_resized_crop":
-            m = K.RandomResizedCrop((image_size, image_size), scale=tuple(spec["scale"]), ratio=tuple(spec["ratio"]), p=p)
-        elif op == "flip":
-            m = (K.RandomHorizontalFlip if spec["direction"] == "horizontal" else K.RandomVerticalFlip)(p=p)
-        elif op == "rotation":
-            m = K.RandomRotation(spec["degrees"], p=p)
-        elif op == "affine":
-            m = K.RandomAffine(degrees=spec["degrees"], translate=(spec["translate"],) * 2,
-                               scale=tuple(spec["scale"]), p=p)
-        elif op == "color_jitter":
-            m = K.ColorJitter(spec["brightness"], spec["contrast"], spec["saturation"], spec["hue"], p=p)
+        if op in GEOMETRIC_OPS:
+            if built and built[-1][0] == "warp":
+                built[-1][1].specs.append(spec)
+            else:
+                built.append(("warp", FusedWarp([spec])))
+            continue
+        if op == "color_jitter":
+            m = ColorTwist(spec)
         elif op == "gaussian_noise":
-            m = K.RandomGaussianNoise(std=spec["std"], p=p)
+            m = GaussianNoise(spec)
         elif op == "random_erasing":
-            m = K.RandomErasing(scale=tuple(spec["scale"]), ratio=tuple(spec["ratio"]), p=p)
+            m = RandomErasing(spec)
         elif op == "rand_augment":
             # kornia draws which n ops run once per batch and their sign per sample; p gates the whole.
             m = RandAugment(n=spec["n"], m=spec["magnitude"])
             m = K.RandomApply(m, p=p) if p < 1 else m
         elif op == "mixup":
-            m = K.RandomMixUpV2(lambda_val=tuple(spec["lambda_range"]), p=p, data_keys=["input", "class"])
+            m = MixUp(spec)
         elif op == "cutmix":
             with warnings.catch_warnings():
                 # lambda = pasted area: the partner's share of the view, as mixup's lambda is.
@@ -78,14 +79,16 @@ def apply_ops(ops: list, x, labels, num_classes: int | None):
                 if not num_classes:
                     raise ValueError(f"augment op {name} mixes labels: it needs the number of classes")
                 soft = F.one_hot(torch.as_tensor(labels).long(), num_classes).float()
-            # Pass row indices as the "class": kornia returns (row, partner row, partner's weight).
-            x, mix = module(x, torch.arange(len(x), dtype=x.dtype))
-            mix = mix.reshape(-1, len(x), 3)
-            for step in mix:  # cutmix may paste several times
-                partner, lam = step[:, 1].long(), step[:, 2:3].float()
+            if name == "mixup":
+                x, partner, lam = module(x)
+                mixes = [(partner, lam[:, None])]
+            else:  # kornia's cutmix: pass row indices as the "class"; it returns (row, partner row, weight)
+                x, mix = module(x, torch.arange(len(x), dtype=x.dtype))
+                mixes = [(step[:, 1].long(), step[:, 2:3].float()) for step in mix.reshape(-1, len(x), 3)]
+            for partner, lam in mixes:  # cutmix may paste several times
                 soft = (1 - lam) * soft + lam * soft[partner]
-        elif name in ("color_jitter", "rand_augment") and x.shape[1] == 1:
-            # Colour ops want RGB: grey as three equal planes, back to one (hue/saturation are no-ops).
+        elif name == "rand_augment" and x.shape[1] == 1:
+            # Its colour ops want RGB: grey as three equal planes, back to one.
             x = module(x.expand(-1, 3, -1, -1)).mean(dim=1, keepdim=True)
         else:
             x = module(x)
