@@ -1,13 +1,15 @@
-"""Augmentation throughput: our Ray Data + kornia pipeline against a torch DataLoader applying
-torchvision.transforms.v2 per sample, and how long the teacher waits for data.
+"""Augmentation throughput: our Ray Data pipeline (batched, fused ops) against a torch
+DataLoader applying torchvision.transforms.v2 per sample, and how long the teacher waits for
+data.
 
 In one run, on the same machine and cores, with the same ordered ops (random resized crop,
 flip, rotation, colour jitter, gaussian noise, random erasing, then mixup with soft labels):
   - ours:      `augment.train_stream` over the stored training split the data stage
                (`data.prepare`) wrote: Ray Data tasks (--cpus-per-task each) read one stored
                row group of `data.batch_size` rows (256 by default) from storage and augment it
-               with kornia (per-sample randomness), consumed with `iter_torch_batches` in batches
-               of --batch as a trainer does, on a local Ray of --cores CPUs;
+               with augment.apply_ops (fused batched ops, per-sample randomness), consumed
+               with `iter_torch_batches` in batches of --batch as a trainer does, on a local
+               Ray of --cores CPUs;
   - baseline:  `torch.utils.data.DataLoader(num_workers=--cores)` over the same images (that
                training split, held in memory), each sample through a
                `torchvision.transforms.v2.Compose` of the same ops, v2.MixUp on each batch in
