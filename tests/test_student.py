@@ -99,3 +99,26 @@ def test_offline_student_trains_on_stored_soft_targets_of_the_same_views(tmp_pat
 
     assert {digest(v) for v in views} == {digest(v) for v in online_views}
     assert json.loads((run.root / "student" / "summary.json").read_text())["accuracy"] == summary["accuracy"]
+
+
+def test_a_student_attempt_that_fails_after_training_leaves_the_last_good_student_served(
+        tmp_path, ray_session, digits_parquet):
+    """A new attempt writes its student and compressed forms aside and publishes them only when
+    all are written: one that fails on the way (here its staging folder cannot be created, as on
+    a full or read-only disk) leaves the last good files, which deploy checks by hash, usable."""
+    from raydistill.distill import STAGING
+
+    run = _with_teacher(tmp_path, "lastgood", digits_parquet)
+    sets = [*QUICK, f"data.source={digits_parquet}"]
+    pipeline.run_stages(load_config(REPO / "configs" / "demo.yaml", sets), str(tmp_path), "lastgood", ("student",))
+    student = run.root / "student"
+    good = {name: sha256(student / name) for name in ("student.safetensors", "student.onnx", "report.md")}
+    assert not (student / STAGING).exists()
+    (student / STAGING).write_text("in the way")
+    with pytest.raises(Exception, match=STAGING):
+        pipeline.run_stages(load_config(REPO / "configs" / "demo.yaml", [*sets, "student.temperature=3"]),
+                            str(tmp_path), "lastgood", ("student",))
+    record = run.manifest()["stages"]["student"]
+    assert record["status"] == "failed" and record["last_good"]
+    assert {name: sha256(student / name) for name in good} == good
+    assert pipeline._verify(run, "student", student / "student.safetensors") == good["student.safetensors"]

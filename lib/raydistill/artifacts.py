@@ -78,6 +78,21 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+def publish(staging: Path, dest: Path, files: list[Path]) -> list[Path]:
+    """Move files a stage wrote under `staging` to the same relative paths under `dest`, only
+    once all of them exist: until then the stage's last good outputs in `dest` stay as they
+    were. Each move is a rename (atomic); the folders are fsynced. Returns the new paths."""
+    moved = []
+    for path in files:
+        target = dest / Path(path).relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        moved.append(target)
+    for folder in {m.parent for m in moved}:
+        _fsync(folder)
+    return moved
+
+
 def _errno(err: BaseException) -> int | None:
     """The OS error behind a failed write: an OSError's, or the one safetensors' Rust writer
     puts in its message ("... (os error 28)")."""

@@ -12,6 +12,7 @@ Teacher modes (`student.teacher_mode`):
 from __future__ import annotations
 
 import copy
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from raydistill.training import EpochLog, StepPlan, stream_batches, worker_start
 
 STUDENT_FILE, ONNX_FILE, INT8_FILE = "student.safetensors", "student.onnx", "student.int8.onnx"
 MEASURE_FILE = "before_pruning.safetensors.measure"  # transient: only its size is reported
+STAGING = ".next"  # an attempt's outputs, until they are all written
 
 
 def student_worker(loop_config: dict) -> None:
@@ -94,6 +96,7 @@ def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, 
     holding `student.cpus_per_worker` CPUs (and a GPU with `student.use_gpu`)."""
     import ray
 
+    from raydistill.artifacts import publish
     from raydistill.training import train_on_ray
 
     scfg = cfg.student
@@ -107,14 +110,21 @@ def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, 
         files += write_soft_targets(cfg, data, teacher_path, teacher_sha256,
                                     plan.rows_per_epoch(scfg.num_workers, scfg.batch_size), out_dir)
         stream = read_soft_targets(files)
-    metrics, elapsed = train_on_ray("student", student_worker, cfg, data, spec, out_dir, extra, stream=stream)
+    # The new student and its compressed forms are written to a staging folder and published
+    # together at the end: a failed or interrupted attempt leaves the last good ones in place.
+    staging = out_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    metrics, elapsed = train_on_ray("student", student_worker, cfg, data, spec, out_dir, extra, stream=stream,
+                                    copy_to=staging)
     task = ray.remote(_compress_in_task).options(num_cpus=scfg.cpus_per_worker, num_gpus=1 if scfg.use_gpu else 0,
                                                  max_retries=0)
     summary, compressed = ray.get(task.remote(cfg, data, spec, teacher_path, teacher_sha256, teacher_accuracy,
-                                              out_dir))
+                                              staging))
     summary.update(steps=int(metrics["steps"]), epochs=scfg.epochs, samples_per_s=float(metrics["samples_per_s"]),
                    train_time_s=round(elapsed, 2))
-    return summary, [*files, *compressed]
+    published = publish(staging, out_dir, compressed)
+    shutil.rmtree(staging, ignore_errors=True)
+    return summary, [*files, *published]
 
 
 def _compress_in_task(cfg: Config, *args) -> tuple[dict, list[Path]]:

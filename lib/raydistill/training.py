@@ -273,7 +273,7 @@ def fit_trainer(trainer, stage: str):
 
 def train_on_ray(stage: str, worker, cfg: Config, data, spec, out_dir: Path, extra: dict | None = None,
                  *, max_failures: int = 0, keep_checkpoints: int = 1, files: tuple[str, ...] = (),
-                 stream=None):
+                 stream=None, copy_to: Path | None = None):
     """Run `worker` on Ray Train over the stage's stream of augmented views.
 
     Ray Train keeps the run under out_dir/ray/<stage>-<config hash>: rerunning the same config
@@ -281,7 +281,7 @@ def train_on_ray(stage: str, worker, cfg: Config, data, spec, out_dir: Path, ext
     config starts afresh. `stream` replaces the default stream of augmented views (the student's
     offline mode passes the views joined with the teacher's logits). The worker saves
     `<stage>.safetensors` (and any `files`) into its
-    final checkpoint; they are copied to out_dir. Returns (final metrics of rank 0, seconds):
+    final checkpoint; they are copied to out_dir (or `copy_to`). Returns (final metrics of rank 0, seconds):
     the driver never loads the trained network.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -311,7 +311,7 @@ def train_on_ray(stage: str, worker, cfg: Config, data, spec, out_dir: Path, ext
     result = fit_trainer(trainer, stage)
     elapsed = time.perf_counter() - start
     for name in (f"{stage}.safetensors", *files):
-        _copy_from_checkpoint(result, name, out_dir / name)
+        _copy_from_checkpoint(result, name, (copy_to or out_dir) / name)
     return result.metrics, elapsed
 
 
