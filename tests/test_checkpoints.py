@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from raydistill import checkpoints, sharding
+from raydistill.artifacts import sha256
 from raydistill.config import TeacherConfig
 from raydistill.loop import CrossEntropy, train_step
 from raydistill.models import ModelSpec, build_network
@@ -218,3 +219,94 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_kept_one(tmp_pat
     for rank in (0, 1):
         assert "none of the 2 kept checkpoints is usable on every rank" in by_rank[rank]["both_bad"]
     assert "is corrupt: its sha256 differs" in by_rank[1]["both_bad"]
+
+
+SAVER = """
+import shutil, sys, torch
+from pathlib import Path
+from raydistill import checkpoints
+from raydistill.config import TeacherConfig
+from raydistill.training import single_process_group
+sys.path.insert(0, sys.argv[2])
+from test_checkpoints import MICRO_BATCH, _engine, _train
+single_process_group()
+torch.set_num_threads(1)
+root = Path(sys.argv[1])
+engine = _engine(TeacherConfig(num_workers=1, batch_size=MICRO_BATCH, zero_stage=3), 1)
+gen = torch.Generator().manual_seed(0)
+batch = [(torch.randn(MICRO_BATCH, 1, 16, 16, generator=gen), torch.randint(0, 10, (MICRO_BATCH,), generator=gen))]
+_train(engine, batch)
+if not (root / "good").exists():
+    (root / "good").mkdir()
+    checkpoints.save(engine, root / "good", rank=0, world_size=1, step=1, counters={})
+print("go", flush=True)
+latest, step = root / sys.argv[3], 1
+while True:  # SIGKILLed somewhere in here, as a worker dies mid-save
+    step += 1
+    shutil.rmtree(latest, ignore_errors=True)
+    latest.mkdir()
+    checkpoints.save(engine, latest, rank=0, world_size=1, step=step, counters={})
+"""
+
+RESUMER = """
+import json, sys, torch
+from pathlib import Path
+from raydistill import checkpoints
+from raydistill.config import TeacherConfig
+from raydistill.training import single_process_group
+sys.path.insert(0, sys.argv[2])
+from test_checkpoints import MICRO_BATCH, _engine
+single_process_group()
+root, found = Path(sys.argv[1]), []
+for latest in sys.argv[3:]:
+    said = []
+    engine = _engine(TeacherConfig(num_workers=1, batch_size=MICRO_BATCH, zero_stage=3), 1)
+    state = checkpoints.load_first_good(engine, [root / latest, root / "good"], rank=0, world_size=1, say=said.append)
+    found.append({"step": state["step"], "said": said})
+print(json.dumps(found))
+"""
+
+
+def test_a_worker_killed_mid_save_never_leaves_a_checkpoint_that_loads_wrong(tmp_path):
+    """A process saving checkpoints in a loop is SIGKILLed at several moments; resuming then
+    loads the last checkpoint only if it is whole (every shard's sha256 as state.json records),
+    else says so and falls back to the previous good one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tests = str(Path(__file__).parent)
+    names = []
+    for i, delay in enumerate((0.05, 0.3, 0.8)):
+        saver = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path), tests, f"latest{i}"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in saver.stdout:  # DeepSpeed logs to stdout before it
+            if line.strip() == "go":
+                break
+        assert saver.poll() is None, "the saver died before its first save"
+        time.sleep(delay)
+        saver.send_signal(signal.SIGKILL)
+        saver.wait()
+        names.append(f"latest{i}")
+    out = subprocess.run([sys.executable, "-c", RESUMER, str(tmp_path), tests, *names], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name, found in zip(names, json.loads(out.stdout.strip().splitlines()[-1])):
+        state_file = tmp_path / name / checkpoints.STATE_FILE
+        whole = state_file.exists() and _is_json(state_file) and all(
+            (tmp_path / name / shard).exists() and sha256(tmp_path / name / shard) == digest
+            for shard, digest in json.loads(state_file.read_text())["shards"].items())
+        print(f"{name}: {'whole' if whole else 'cut short'}; resumed from step {found['step']}")
+        if whole:
+            assert found["step"] == json.loads(state_file.read_text())["step"] >= 2 and not found["said"]
+        else:
+            assert found["step"] == 1 and "falling back to good" in found["said"][0], (name, found)
+
+
+def _is_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except ValueError:
+        return False
