@@ -1,5 +1,6 @@
 """A real Ray Serve deployment of a student, queried over HTTP on loopback."""
 
+import json
 import socket
 
 import numpy as np
@@ -119,6 +120,12 @@ def test_predict_json_and_multipart(url):
         ("/v2/models/digits/infer", {"json": infer_body(["x"] * 64, [1, 1, 8, 8])}, 400, "numbers only"),
         ("/v2/models/digits/infer", {"json": infer_body([0.1] * 64, [1, 1, 8, 8], name="img")}, 400, "expected one input named"),
         ("/v2/models/digits/infer", {"data": b"{not json"}, 400, "not valid JSON"),
+        ("/v2/models/digits/infer", {"json": {**infer_body([0.1] * 64, [1, 1, 8, 8]), "extra": [[]] * 1000}}, 400,
+         "unknown field(s) ['extra']"),
+        ("/v2/models/digits/infer", {"json": {**infer_body([0.1] * 64, [1, 1, 8, 8]), "id": {"a": [1, 2]}}}, 400,
+         "'id' must be a string"),
+        ("/v2/models/digits/infer", {"json": {**infer_body([0.1] * 64, [1, 1, 8, 8]), "parameters": {"k": [1] * 9}}},
+         400, "parameter values must be strings, numbers or booleans"),
         ("/v2/models/other/infer", {"json": infer_body([0.1] * 64, [1, 1, 8, 8])}, 404, "unknown model 'other'"),
         ("/predict", {"files": [("file", ("x.png", b"GIF89a garbage"))]}, 400, "not a decodable PNG or JPEG"),
         ("/predict", {"json": {"instances": []}}, 400, "non-empty list"),
@@ -348,6 +355,10 @@ HOSTILE = {
     "too many files": ("/predict", {"files": [("file", (f"{i}.png", png_bytes(np.zeros((8, 8))))) for i in range(9)]}, 413),
     "too many instances": ("/predict", {"json": {"instances": [[0.5] * 64] * 9}}, 413),
     "instances past INT range": ("/predict", {"json": {"instances": [[10**400] * 64]}}, 400),
+    "a PNG posted as image/png to infer": ("/v2/models/digits/infer", {
+        "data": png_bytes(np.zeros((8, 8))), "headers": {"content-type": "image/png"}}, 415),
+    "plain text to predict": ("/predict", {"data": "a digit", "headers": {"content-type": "text/plain; charset=utf-8"}},
+                              415),
 }
 
 
@@ -421,10 +432,28 @@ def _replica_process(app: str):
     raise AssertionError(f"no replica process of app {app!r}")
 
 
+def test_json_parsing_stays_within_its_stated_expansion():
+    """DeployConfig.peak_request_memory_bytes counts JSON_EXPANSION bytes of Python objects per
+    byte of JSON a decode thread parses: measured on the densest texts there are."""
+    import tracemalloc
+
+    from raydistill.inference_protocol import JSON_EXPANSION, loads
+
+    for unit in (b'{"":0},', b"[],", b"1e0,", b'"",', b"0,"):
+        body = b"[" + unit * 50_000 + b"0]"
+        tracemalloc.start()
+        parsed = loads(body, max_depth=4)
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        del parsed
+        assert held < JSON_EXPANSION * len(body), (unit, held / len(body))
+
+
 def test_replica_memory_under_64_concurrent_worst_case_requests_stays_bounded(url):
-    """64 requests at once, each as large as the limits let a valid one be: the most images a
-    request may carry, each at the most pixels an image may have. The replica's RSS above its
-    level before must stay under DeployConfig.peak_request_memory_bytes."""
+    """64 requests at once, each as large as the limits let a valid one be: uploads of the most
+    images a request may carry, each at the most pixels an image may have; and v2 JSON bodies
+    of the full size limit (the largest `id` that fits). The replica's RSS above its level
+    before must stay under DeployConfig.peak_request_memory_bytes."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -447,10 +476,21 @@ def test_replica_memory_under_64_concurrent_worst_case_requests_stays_bounded(ur
 
     sampler = threading.Thread(target=sample)
     sampler.start()
+    body = infer_body([0.5] * 64 * 8, [8, 1, 8, 8])
+    body["id"] = ""
+    body["id"] = "x" * (deploy.max_request_bytes - len(json.dumps(body)) - 16)
+    json_body = json.dumps(body).encode()
+    assert deploy.max_request_bytes - 64 < len(json_body) <= deploy.max_request_bytes
+
+    def send(i: int) -> int:
+        if i % 2:
+            return requests.post(f"{url}/v2/models/digits/infer", data=json_body, timeout=300,
+                                 headers={"content-type": "application/json"}).status_code
+        return requests.post(f"{url}/predict", files=files, timeout=300).status_code
+
     try:
         with ThreadPoolExecutor(64) as pool:
-            codes = list(pool.map(lambda _: requests.post(f"{url}/predict", files=files, timeout=300).status_code,
-                                  range(64)))
+            codes = list(pool.map(send, range(64)))
     finally:
         done.set()
         sampler.join()

@@ -1,5 +1,6 @@
 """The student stage's offline mode on a real local Ray: a Ray Data actor pool writes the
-teacher's soft targets as Parquet first, on exactly the views the online mode streams. The
+teacher's soft targets as Parquet first, on exactly the views the online mode streams; then a
+rerun that fails after training leaves that student usable. The
 online mode (teacher inside the Ray Train loop), compression, the DESIGN summary keys and
 hash-checked artifacts run in the pipeline job of test_e2e_job.py."""
 
@@ -51,9 +52,11 @@ def _with_teacher(tmp_path, name: str, digits_parquet) -> Run:
     return run
 
 
-def test_offline_student_trains_on_stored_soft_targets_of_the_same_views(tmp_path, ray_session, digits_parquet):
+def test_offline_student_trains_on_stored_soft_targets_and_a_failed_rerun_keeps_it(tmp_path, ray_session,
+                                                                                      digits_parquet):
     from raydistill.augment import train_stream
     from raydistill.data import Dataset
+    from raydistill.distill import STAGING
     from raydistill.training import StepPlan
 
     run = _with_teacher(tmp_path, "offline", digits_parquet)
@@ -100,25 +103,18 @@ def test_offline_student_trains_on_stored_soft_targets_of_the_same_views(tmp_pat
     assert {digest(v) for v in views} == {digest(v) for v in online_views}
     assert json.loads((run.root / "student" / "summary.json").read_text())["accuracy"] == summary["accuracy"]
 
-
-def test_a_student_attempt_that_fails_after_training_leaves_the_last_good_student_served(
-        tmp_path, ray_session, digits_parquet):
-    """A new attempt writes its student and compressed forms aside and publishes them only when
-    all are written: one that fails on the way (here its staging folder cannot be created, as on
-    a full or read-only disk) leaves the last good files, which deploy checks by hash, usable."""
-    from raydistill.distill import STAGING
-
-    run = _with_teacher(tmp_path, "lastgood", digits_parquet)
-    sets = [*QUICK, f"data.source={digits_parquet}"]
-    pipeline.run_stages(load_config(REPO / "configs" / "demo.yaml", sets), str(tmp_path), "lastgood", ("student",))
+    # A new attempt writes its student and compressed forms aside and publishes them only when
+    # all are written: one that fails on the way (here its staging folder cannot be made, as on
+    # a full or read-only disk) leaves the last good files, which deploy checks by hash, usable.
     student = run.root / "student"
     good = {name: sha256(student / name) for name in ("student.safetensors", "student.onnx", "report.md")}
     assert not (student / STAGING).exists()
     (student / STAGING).write_text("in the way")
     with pytest.raises(Exception, match=STAGING):
-        pipeline.run_stages(load_config(REPO / "configs" / "demo.yaml", [*sets, "student.temperature=3"]),
-                            str(tmp_path), "lastgood", ("student",))
+        pipeline.run_stages(load_config(REPO / "configs" / "demo.yaml", [*sets, "student.teacher_mode=online"]),
+                            str(tmp_path), "offline", ("student",))
     record = run.manifest()["stages"]["student"]
     assert record["status"] == "failed" and record["last_good"]
     assert {name: sha256(student / name) for name in good} == good
     assert pipeline._verify(run, "student", student / "student.safetensors") == good["student.safetensors"]
+

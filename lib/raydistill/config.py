@@ -525,13 +525,19 @@ class DeployConfig(_Section):
         return self
 
     def peak_request_memory_bytes(self) -> int:
-        """What in-flight requests may add to a replica's memory at most, by the limits: each of
-        max_ongoing_requests bodies held about twice (as read, and parsed), plus each decode
-        thread's image (RGB bytes, its converted copy and the float32 result of the resize at
-        worst: ~16 bytes a pixel), plus one forward's input. Enforced by a test."""
-        bodies = self.max_ongoing_requests * self.max_request_bytes * 2
-        decoding = self.decode_threads * self.max_image_pixels * 16
-        return bodies + decoding + 64 * 2**20  # + allocator slack and one forward's activations
+        """What in-flight requests may add to a replica's memory at most, by the limits:
+        - each of max_ongoing_requests requests holds its body until it is parsed, then its
+          input array (float32: at most 2 bytes per byte of JSON text, `0,`): 3x the body limit;
+        - each decode thread parses one body at a time into Python objects of at most
+          JSON_EXPANSION times its size, or decodes one uploaded image (RGB bytes, its converted
+          copy and the float32 result of the resize: ~16 bytes a pixel);
+        - one forward's input and activations, and allocator slack.
+        Enforced by a test, with both kinds of requests."""
+        from raydistill.inference_protocol import JSON_EXPANSION
+
+        requests = self.max_ongoing_requests * self.max_request_bytes * 3
+        decoding = self.decode_threads * max(self.max_request_bytes * JSON_EXPANSION, self.max_image_pixels * 16)
+        return requests + decoding + 64 * 2**20
 
     def autoscaling_config(self) -> dict | None:
         if not self.autoscale:

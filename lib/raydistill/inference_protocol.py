@@ -18,6 +18,17 @@ DTYPES = {
 }
 
 
+# The fields the protocol defines: anything else is refused rather than held in memory unread.
+REQUEST_FIELDS = {"id", "parameters", "inputs", "outputs"}
+INPUT_FIELDS = {"name", "shape", "datatype", "parameters", "data"}
+OUTPUT_FIELDS = {"name", "parameters"}
+MAX_PARAMETERS = 64
+# Bytes of Python objects json.loads makes of one byte of JSON text, at worst: 27 for
+# `{"":0},` (a dict each), 21 for `[],`, 8 for `1e0,` (a float each). Parsing runs in the
+# replica's decode threads, so this times max_request_bytes per thread bounds it.
+JSON_EXPANSION = 32
+
+
 class ProtocolError(ValueError):
     """A malformed request (status 400), or one past a size limit (413); the message says what
     was wrong."""
@@ -64,7 +75,17 @@ def _parameters(obj: dict, where: str) -> dict:
         return {}
     if not isinstance(params, dict):
         raise ProtocolError(f"{where}: 'parameters' must be an object, got {type(params).__name__}")
+    if len(params) > MAX_PARAMETERS:
+        raise ProtocolError(f"{where}: {len(params)} parameters; at most {MAX_PARAMETERS} are accepted")
+    if not all(v is None or isinstance(v, str | int | float | bool) for v in params.values()):
+        raise ProtocolError(f"{where}: parameter values must be strings, numbers or booleans")
     return params
+
+
+def _only(obj: dict, fields: set[str], where: str) -> None:
+    unknown = sorted(set(obj) - fields)
+    if unknown:
+        raise ProtocolError(f"{where}: unknown field(s) {unknown}; the protocol defines {sorted(fields)}")
 
 
 def _shape(tensor: dict, max_values: int) -> tuple[list[int], int]:
@@ -86,8 +107,9 @@ def _shape(tensor: dict, max_values: int) -> tuple[list[int], int]:
 
 def decode_request(body: bytes, header_length: str | None, max_depth: int = 32,
                    max_values: int = 1 << 26) -> tuple[dict, dict[str, np.ndarray]]:
-    """(request JSON, {input name: array}) from a JSON or binary-extension request body.
-    `max_depth` bounds the JSON nesting, `max_values` the elements of any one input."""
+    """(request JSON without its inputs' data, {input name: array}) from a JSON or
+    binary-extension request body. `max_depth` bounds the JSON nesting, `max_values` the
+    elements of any one input; fields the protocol does not define are refused."""
     if header_length is not None:
         try:
             split = int(header_length)
@@ -101,12 +123,19 @@ def decode_request(body: bytes, header_length: str | None, max_depth: int = 32,
     payload = loads(head, max_depth)
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
         raise ProtocolError("request must be a JSON object with a list 'inputs'")
+    _only(payload, REQUEST_FIELDS, "request")
+    if "id" in payload and not isinstance(payload["id"], str):
+        raise ProtocolError("request 'id' must be a string")
     _parameters(payload, "request")
+    for output in payload.get("outputs") or []:
+        if isinstance(output, dict):
+            _only(output, OUTPUT_FIELDS, "output")
     arrays, offset = {}, 0
     for tensor in payload["inputs"]:
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise ProtocolError("each input must be an object with a 'name'")
         name, datatype = tensor["name"], tensor.get("datatype")
+        _only(tensor, INPUT_FIELDS, f"input '{name}'")
         if name in arrays:
             raise ProtocolError(f"input '{name}' is given more than once")
         if not isinstance(datatype, str) or datatype not in DTYPES:
@@ -131,6 +160,7 @@ def decode_request(body: bytes, header_length: str | None, max_depth: int = 32,
         if arr.size != count:
             raise ProtocolError(f"input '{name}': 'data' holds {arr.size} values; shape {shape} needs {count}")
         arrays[name] = arr.reshape(shape)
+        tensor.pop("data", None)  # the parsed lists cost ~8x their text: only the array is kept
     if offset != len(blob):
         raise ProtocolError(f"{len(blob) - offset} bytes of binary data follow the inputs unclaimed")
     return payload, arrays

@@ -90,6 +90,20 @@ async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
     return JSONResponse({"error": f"invalid request: {where}"}, status_code=422)
 
 
+# What each route reads; a request without a Content-Type is read as the route's default.
+INFER_TYPES = ("application/json", "application/octet-stream")  # octet-stream: the binary extension
+PREDICT_TYPES = ("application/json", "multipart/form-data")
+
+
+def _check_content_type(request: Request, accepted: tuple[str, ...]) -> str:
+    """The request's media type (parameters dropped, lower case), or 415 naming what the
+    route accepts."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind and kind not in accepted:
+        raise BadRequest(f"content-type {kind} is not accepted here; send {' or '.join(accepted)}", status=415)
+    return kind
+
+
 def check_pixels(arr: np.ndarray, expected: tuple[int, int, int], max_images: int) -> np.ndarray:
     """A batch of images as float32 (B, C, H, W) on 0..1, or BadRequest saying what is wrong."""
     if arr.ndim != 4 or tuple(arr.shape[1:]) != expected:
@@ -368,11 +382,13 @@ class StudentServer:
     async def _infer(self, name: str, version: str | None, request: Request) -> Response:
         self._authorize(request)
         self._check_model(name, version)
+        _check_content_type(request, INFER_TYPES)
         body = await self._read_body(request)
         try:
             payload, arrays = await self._off_loop(
                 decode_request, body, request.headers.get(HEADER_LENGTH), self.cfg.max_json_depth,
                 self.cfg.max_request_images * math.prod(self.spec.input_shape))
+            del body  # while the request waits for its forward it holds its array, and no more
             if set(arrays) != {INPUT_NAME}:
                 raise ProtocolError(f"expected one input named '{INPUT_NAME}', got {sorted(arrays)}")
             if payload["inputs"][0]["datatype"] != "FP32":
@@ -380,11 +396,13 @@ class StudentServer:
             wanted = requested_outputs(payload, [PROBS_NAME, LABEL_NAME])
         except ProtocolError as err:
             raise BadRequest(str(err), err.status) from None
-        probs = await self._forward(check_pixels(arrays[INPUT_NAME], self.spec.input_shape, self.cfg.max_request_images))
-        tensors = {PROBS_NAME: probs.astype(np.float32), LABEL_NAME: probs.argmax(1).astype(np.int64)}
+        pixels = check_pixels(arrays.pop(INPUT_NAME), self.spec.input_shape, self.cfg.max_request_images)
         header = {"model_name": self.cfg.model_name, "model_version": self.version}
         if "id" in payload:
             header["id"] = payload["id"]
+        del payload
+        probs = await self._forward(pixels)
+        tensors = {PROBS_NAME: probs.astype(np.float32), LABEL_NAME: probs.argmax(1).astype(np.int64)}
         content, headers = encode_response(header, [(n, tensors[n], binary) for n, binary in wanted])
         return Response(content=content, headers=headers)
 
@@ -394,8 +412,8 @@ class StudentServer:
     async def predict(self, request: Request) -> dict:
         """Multipart image file(s) in form field `file`, or JSON {"instances": [[pixels on 0..1]]}."""
         self._authorize(request)
-        kind = request.headers.get("content-type", "")
-        if kind.startswith("multipart/form-data"):
+        kind = _check_content_type(request, PREDICT_TYPES)
+        if kind == "multipart/form-data":
             pixels = await self._read_uploads(request)
         else:
             payload = await self._read_json(request)
