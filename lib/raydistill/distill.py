@@ -63,7 +63,8 @@ def student_worker(loop_config: dict) -> None:
         if epoch_loss is None:
             return
         recalibrate_batchnorm(plain, bn_images, spec.image_size)
-        metrics = {"loss": epoch_loss, "val_accuracy": validation_metrics(plain, data, spec.image_size, rank, world)["val_accuracy"]}
+        val_accuracy = validation_metrics(plain, data, spec.image_size, rank, world)["val_accuracy"]
+        metrics = {"loss": epoch_loss, "val_accuracy": val_accuracy}
         log.line(step, metrics)
         ray.train.report({**metrics, "epoch": step // plan.steps_per_epoch, "step": step})
 
