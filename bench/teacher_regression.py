@@ -11,7 +11,7 @@ interleaved, --repeats times each (2; 1 with --quick), and the best run of each 
 
 Target: now >= 0.95x REF.
 
-    python bench/teacher_regression.py --against REF [--quick] [--repeats N] [--epochs E]
+    python bench/teacher_regression.py [--against REF] [--quick] [--repeats N] [--epochs E]
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def teacher_run(root: Path, lib: Path, epochs: int | None) -> dict:
 def main() -> int:
     bench = Bench("teacher_regression", __doc__, target="teacher samples/s now >= 0.95x at REF (demo config)",
                   repeats=(2, 1))
-    bench.parser.add_argument("--against", metavar="REF", required=True, help="the older commit")
+    bench.parser.add_argument("--against", metavar="REF", default="HEAD~1",
+                              help="the older commit (default HEAD~1, the one before this)")
     bench.parser.add_argument("--epochs", type=int, default=None, help="teacher.epochs for both runs")
     args = bench.parse()
     epochs = args.epochs or (2 if args.quick else None)
