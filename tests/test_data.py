@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -223,13 +225,16 @@ def test_sweep_space_addresses_one_augment_op(tmp_path):
     assert cfg.value_of("data.augment.affine.degrees") == 3.0 and cfg.value_of("teacher.lr") == cfg.teacher.lr
 
 
+PER_CLASS = 30  # enough for every class to land in each of train/val/test
+
+
 def _image_folder(root, sizes=((8, 8), (12, 10))):
     from PIL import Image
 
     rng = np.random.default_rng(0)
     for cls in ("b_cat", "a_dog"):
         (root / cls).mkdir(parents=True)
-        for i in range(6):
+        for i in range(PER_CLASS):
             w, h = sizes[i % len(sizes)]
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
     Image.fromarray(rng.integers(0, 256, (9, 9), dtype=np.uint8)).save(root / "a_dog" / "grey.jpg")
@@ -240,12 +245,12 @@ def test_image_folder_via_uri_resizes_and_names_classes(tmp_path):
     root = _image_folder(tmp_path / "imgs")
     data = load(load_config(None), root.as_uri(), tmp_path, "a")  # file:///...: any pyarrow filesystem URI
     assert data.class_names == ["a_dog", "b_cat"] and data.num_classes == 2
-    assert data.rows_read == 13 and data.rows_skipped == {}
+    assert data.rows_read == 2 * PER_CLASS + 1 and data.rows_skipped == {}
     assert data.input_shape == (3, 16, 16)  # decoded, resized to data.image_size, RGB
     grey = load(load_config(None, ["data.channels=1", "data.image_size=8"]), root, tmp_path, "b")
     assert grey.input_shape == (1, 8, 8)
     labels = np.concatenate([grey.split(s).arrays()[1] for s in ("train", "val", "test")])
-    assert sorted(np.bincount(labels)) == [6, 7]
+    assert sorted(np.bincount(labels)) == [PER_CLASS, PER_CLASS + 1]
 
 
 def test_image_folder_bad_files_fail_naming_the_file_or_are_counted(tmp_path):
@@ -257,7 +262,23 @@ def test_image_folder_bad_files_fail_naming_the_file_or_are_counted(tmp_path):
         load(load_config(None), root, tmp_path)
     data = load(load_config(None, ["data.on_bad_rows=skip"]), root, tmp_path)
     assert data.rows_skipped == {"undecodable_image": 1, "not_an_image_file": 1, "outside_class_folder": 1}
-    assert data.rows_read == 16 and len(data.train) + len(data.val) + len(data.test) == 13
+    assert data.rows_read == 2 * PER_CLASS + 4 and len(data.train) + len(data.val) + len(data.test) == 2 * PER_CLASS + 1
+
+
+def test_a_single_class_or_a_class_folder_too_small_to_split_is_refused_by_name(tmp_path):
+    from PIL import Image
+
+    root = _image_folder(tmp_path / "imgs")
+    (root / "c_few").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(root / "c_few" / f"{i}.png")
+    with pytest.raises(DataError, match=r"class folder 'c_few' has 2 usable images, too few for every split to "
+                                        r"hold one \(train/val/test = \d/\d/\d"):
+        load(load_config(None), root, tmp_path, "few")
+    single = tmp_path / "single"
+    shutil.copytree(root / "a_dog", single / "a_dog")
+    with pytest.raises(DataError, match=r"holds a single class \('a_dog'\): a classifier needs at least two"):
+        load(load_config(None), single, tmp_path, "single")
 
 
 def test_parquet_folder_via_uri_and_out_of_range_labels(tmp_path):

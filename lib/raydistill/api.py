@@ -122,10 +122,10 @@ class Pipeline:
         if unknown:
             raise ValueError(f"unknown stages {sorted(unknown)}; choose from {list(PIPELINE)}")
         ordered = tuple(s for s in PIPELINE if s in stages)
-        with opened(self.config, self.storage, self.name, ordered) as (run, data, started):
+        with opened(self.config, self.storage, self.name, ordered) as (run, cfg, data, started):
             self._started_ray |= started
             with _keep_sigint():
-                execute(self.config, run, data, ordered, resume)
+                execute(cfg, run, data, ordered, resume)
         return Run.load(self.storage, self.name)
 
     def deploy(self) -> Deployment:

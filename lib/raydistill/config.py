@@ -303,7 +303,9 @@ class TeacherConfig(_Section):
     DeepSpeed would only enforce inside the workers are checked here, before any start.
     """
 
-    arch: str = Field("resnet10t", description="timm model name (built with pretrained=False)")
+    arch: str = Field(
+        "auto", description="timm model name, a small named plain CNN (plain_cnn_l ...), or auto: chosen "
+        "from the image size (recipe.fit_to_data)")
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
@@ -324,6 +326,18 @@ class TeacherConfig(_Section):
     init_from: str | None = Field(
         None, description="local safetensors file to initialise the teacher from (fine-tuning)"
     )
+    pretrained: bool | str = Field(
+        False, description="start from published weights, with a new classifier for the data's classes: "
+        "true (the arch's default timm weights on the Hugging Face hub), a hub repository id (org/name) "
+        "or a local directory holding model.safetensors. Read from the hub cache; downloaded only "
+        "when the hub is reachable")
+    freeze_backbone_epochs: int = Field(
+        0, ge=0, description="epochs in which only the classifier learns (the backbone's LR is 0), then all")
+    backbone_lr_scale: float = Field(
+        1.0, gt=0, le=1, description="the backbone's LR as a share of teacher.lr (the classifier's)")
+    layer_decay: float = Field(
+        1.0, gt=0, le=1, description="layer-wise LR decay: each layer below the classifier learns at this "
+        "share of the LR of the layer above; 1 turns it off")
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1, description="per worker, per micro-step")
     global_batch_size: int | None = Field(
@@ -349,6 +363,11 @@ class TeacherConfig(_Section):
 
     @model_validator(mode="after")
     def _deepspeed_rules(self) -> "TeacherConfig":
+        if self.pretrained not in (False, "") and self.init_from:
+            raise ValueError("teacher.pretrained and teacher.init_from both name starting weights: give one")
+        if self.freeze_backbone_epochs >= self.epochs:
+            raise ValueError(f"teacher.freeze_backbone_epochs={self.freeze_backbone_epochs} leaves no epoch of "
+                             f"teacher.epochs={self.epochs} to train the backbone")
         if self.precision in ("bf16", "fp16") and not self.use_gpu:
             raise ValueError(f"teacher.precision={self.precision} needs teacher.use_gpu; CPU workers train in fp32")
         for key in ("offload_optimizer", "offload_param"):
@@ -434,6 +453,9 @@ class StudentConfig(_Section):
         description="keep the pruned student only if its validation accuracy is at most this far below "
         "the unpruned one's",
     )
+    kd_control: bool = Field(
+        True, description="also train the same student on the labels alone (its recipe, alpha=1) and report "
+        "whether distillation helped on validation (costs one more student training)")
     quantize: bool = Field(True, description="write student.int8.onnx (ONNX Runtime static int8, QDQ) for CPU serving")
     onnx_tolerance: float = Field(
         1e-4, gt=0, description="max |logit| difference allowed between ONNX Runtime and torch (fp32 export)"
@@ -503,6 +525,12 @@ class DeployConfig(_Section):
         None, description="name of an env var holding an API key; requests then need 'Authorization: Bearer KEY'"
     )
     api_key_file: str | None = Field(None, description="file holding the API key (instead of api_key_env)")
+    min_gain_over_majority: float = Field(
+        0.05, ge=0, le=1,
+        description="quality gate: the teacher's and the student's validation accuracy must beat the "
+        "majority-class baseline (always answering the most frequent class) by this much, or the run stops "
+        "before deploying")
+    force: bool = Field(False, description="deploy even when the quality gate fails (the log still says so)")
     foreground: Literal["auto", "always", "never"] = Field(
         "auto",
         description="auto: serve in the foreground until Ctrl-C only when this process started Ray",
@@ -567,6 +595,18 @@ class Config(_Section):
     student: StudentConfig = StudentConfig()
     deploy: DeployConfig = DeployConfig()
 
+    @model_validator(mode="after")
+    def _resolve_auto_arch(self) -> "Config":
+        """teacher.arch=auto -> the arch for data.image_size (recipe.teacher_arch). The key stays
+        unset, so a copy (with_values) resolves it again from its own image size."""
+        if self.teacher.arch == "auto":
+            from raydistill.recipe import teacher_arch
+
+            teacher = self.teacher.model_copy()  # never mutate a shared default section
+            object.__setattr__(teacher, "arch", teacher_arch(self.data.image_size))
+            object.__setattr__(self, "teacher", teacher)
+        return self
+
     def digest(self, *sections: str) -> str:
         """Stable hash of the resolved config, or of some sections of it (a stage hashes only
         what it reads, so changing deploy.port does not retrain the teacher)."""
@@ -600,8 +640,9 @@ class Config(_Section):
         return node
 
     def with_values(self, values: dict[str, Any]) -> "Config":
-        """A copy with dotted keys replaced (validated like --set)."""
-        return _build(self.model_dump(mode="json"), [], values)
+        """A copy with dotted keys replaced (validated like --set). Keys left unset stay unset,
+        so what is derived from them (recipe.fit_to_data, teacher.arch=auto) is derived again."""
+        return _build(self.model_dump(mode="json", exclude_unset=True), [], values)
 
 
 def _allowed(model: type[BaseModel]) -> str:

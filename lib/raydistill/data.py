@@ -255,6 +255,7 @@ class _Checker:
         """Check and store (key, where, cell, label) rows; one record of what happened."""
         writer = _ShardWriter(out, unit, math.prod(self.shape), rows_per_group)
         read, skipped, first_bad, label_max = 0, Counter(), None, -1
+        per_split: dict[str, Counter] = {s: Counter() for s in SPLITS}
         for key, where, cell, label in rows:
             read += 1
             try:
@@ -267,9 +268,11 @@ class _Checker:
                 continue
             split = split_of(key, self.seed, self.val_fraction, self.test_fraction)
             writer.add(split, img, int(label), row_key_hash(key))
+            per_split[split][int(label)] += 1
             label_max = max(label_max, int(label))
         return {"unit": unit, "rows_read": read, "skipped": dict(skipped), "first_bad": first_bad,
-                "label_max": label_max, "written": writer.close()}
+                "label_max": label_max, "written": writer.close(),
+                "class_counts": {s: {str(k): n for k, n in c.items()} for s, c in per_split.items()}}
 
 
 def _parquet_units(item: dict, *, filesystem) -> list[dict]:
@@ -357,6 +360,7 @@ def _prepare_one(unit: dict, kind, source_path, filesystem, columns, checker, ou
 def _unreadable(unit: str, where: str, detail: str) -> dict:
     """The record of a unit whose Parquet data cannot be read: one bad row, naming the file."""
     return {"unit": unit, "rows_read": 1, "skipped": {"unreadable_file": 1}, "label_max": -1, "written": {},
+            "class_counts": {},
             "first_bad": {"where": where, "reason": "unreadable_file", "detail": detail}}
 
 
@@ -514,11 +518,38 @@ def _collect(cfg: Config, source: str, records: list[dict], shape, class_names, 
                             "add rows or raise the fraction")
     label_max = max(r["label_max"] for r in records)
     num_classes = dcfg.num_classes or (len(class_names) if class_names else label_max + 1)
+    class_counts = {s: Counter() for s in SPLITS}
+    for r in records:
+        for split, per_class in r["class_counts"].items():
+            class_counts[split].update(per_class)
+    _check_classes(source, class_counts, class_names, dcfg)
     data = Dataset(root=str(staging), shape=tuple(int(v) for v in shape), num_classes=num_classes, source=source,
                    rows_read=sum(r["rows_read"] for r in records), rows_skipped=dict(skipped),
-                   class_names=class_names, groups=groups, sha256=shas)
+                   class_names=class_names, groups=groups, sha256=shas,
+                   class_counts={s: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for s, c in class_counts.items()})
     write_json(staging / INDEX, data.index())
     return data
+
+
+def _check_classes(source: str, counts: dict[str, Counter], class_names: list[str] | None, dcfg) -> None:
+    """Refuse a data set a classifier cannot learn from: a single class, or (image folders) a
+    class folder too small to have a row in every split: such a class is never trained on,
+    or never validated or tested."""
+    present = sorted({int(k) for c in counts.values() for k in c}, key=int)
+    if len(present) < 2:
+        only = class_names[present[0]] if class_names and present else (present[0] if present else "none")
+        raise DataError(f"data.source '{source}' holds a single class ({only!r}): a classifier needs at "
+                        "least two (one subfolder per class, or two distinct labels)")
+    if not class_names:
+        return
+    for class_id, name in enumerate(class_names):
+        per_split = {s: counts[s].get(str(class_id), 0) for s in SPLITS}
+        if min(per_split.values()) == 0:
+            need = math.ceil(1 / min(dcfg.val_fraction, dcfg.test_fraction))
+            raise DataError(
+                f"data.source '{source}': class folder '{name}' has {sum(per_split.values())} usable images, "
+                f"too few for every split to hold one (train/val/test = {per_split['train']}/{per_split['val']}/"
+                f"{per_split['test']}; the smallest split takes 1 in {need}): add images, or remove the folder")
 
 
 def _swap_in(staging: Path, out: Path) -> None:
@@ -547,6 +578,7 @@ class Dataset:
     class_names: list[str] | None = None  # image folders: class id -> folder name
     groups: dict = field(default_factory=dict)  # split -> [[file, row group, rows], ...]
     sha256: dict = field(default_factory=dict)  # file -> sha256
+    class_counts: dict = field(default_factory=dict)  # split -> {class id (str): rows}
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -570,6 +602,13 @@ class Dataset:
     def index(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "root"}
 
+    def majority(self, split: str) -> float:
+        """The majority-class baseline: the accuracy of always answering the split's most
+        frequent class (the bar any trained model must clear)."""
+        counts = self.class_counts.get(split) or {}
+        total = sum(counts.values())
+        return max(counts.values()) / total if total else 0.0
+
     @classmethod
     def load(cls, root: Path) -> "Dataset":
         """The splits a finished data stage stored (its index names every file and row group)."""
@@ -587,6 +626,8 @@ class Dataset:
             "num_classes": self.num_classes,
             "input_shape": list(self.input_shape),
             "splits": {s: len(self.split(s)) for s in SPLITS},
+            "class_counts": self.class_counts,
+            "majority_accuracy": {s: self.majority(s) for s in SPLITS},
             "augmentations": [op.model_dump(mode="json") for op in augment],
             "mixes_labels": any(op.op in MIXING_OPS for op in augment),
             **({"class_names": self.class_names} if self.class_names else {}),

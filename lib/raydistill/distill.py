@@ -58,15 +58,16 @@ def student_worker(loop_config: dict) -> None:
     plain = trainee.student
     log = EpochLog("student", plan, scfg.batch_size * world, rank)
     shard = ray.train.get_dataset_shard("train")
+    last = {}
 
     def after_step(step: int, epoch_loss: float | None) -> None:
         if epoch_loss is None:
             return
         recalibrate_batchnorm(plain, bn_images, spec.image_size)
         val_accuracy = validation_metrics(plain, data, spec.image_size, rank, world)["val_accuracy"]
-        metrics = {"loss": epoch_loss, "val_accuracy": val_accuracy}
-        log.line(step, metrics)
-        ray.train.report({**metrics, "epoch": step // plan.steps_per_epoch, "step": step})
+        last.update(loss=epoch_loss, val_accuracy=val_accuracy)  # the final report carries the last epoch's
+        log.line(step, last)
+        ray.train.report({**last, "epoch": step // plan.steps_per_epoch, "step": step})
 
     fit(engine, loss, stream_batches(shard, scfg.batch_size, plan.total_steps, device,
                                      prefetch_batches=cfg.data.prefetch_batches), plan, after_step)
@@ -76,7 +77,7 @@ def student_worker(loop_config: dict) -> None:
         if rank == 0:
             save_weights(Path(tmp) / STUDENT_FILE, plain.state_dict(), spec.to_meta())
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"steps": plan.total_steps, "samples_per_s": log.samples_per_s(plan.total_steps)},
+        ray.train.report({**last, "steps": plan.total_steps, "samples_per_s": log.samples_per_s(plan.total_steps)},
                          checkpoint=checkpoint)
 
 
@@ -117,10 +118,16 @@ def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, 
     shutil.rmtree(staging, ignore_errors=True)
     metrics, elapsed = train_on_ray("student", student_worker, cfg, data, spec, out_dir, extra, stream=stream,
                                     copy_to=staging)
+    control = None
+    if scfg.kd_control:  # the same student and recipe without the teacher: did KD help?
+        (staging / "without_kd").mkdir(parents=True)
+        without, _ = train_on_ray("student", student_worker, cfg.with_values({"student.alpha": 1.0, "student.hint_weight": 0.0}),
+                                  data, spec, out_dir, extra, stream=stream, copy_to=staging / "without_kd")
+        control = float(without["val_accuracy"])
     task = ray.remote(_compress_in_task).options(num_cpus=scfg.cpus_per_worker, num_gpus=1 if scfg.use_gpu else 0,
                                                  max_retries=0)
     summary, compressed = ray.get(task.remote(cfg, data, spec, teacher_path, teacher_sha256, teacher_accuracy,
-                                              staging))
+                                              staging, control))
     summary.update(steps=int(metrics["steps"]), epochs=scfg.epochs, samples_per_s=float(metrics["samples_per_s"]),
                    train_time_s=round(elapsed, 2))
     published = publish(staging, out_dir, compressed)
@@ -135,7 +142,7 @@ def _compress_in_task(cfg: Config, *args) -> tuple[dict, list[Path]]:
 
 
 def compress_student(cfg: Config, data, spec, teacher_path: Path, teacher_sha256: str | None,
-                     teacher_accuracy: float, out_dir: Path) -> tuple[dict, list[Path]]:
+                     teacher_accuracy: float, out_dir: Path, val_without_kd: float | None = None) -> tuple[dict, list[Path]]:
     """Prune (kept only if validation accuracy holds), save, export ONNX (checked against
     torch), quantize to int8, measure every form, write the report. Returns (summary, files).
     Runs as a Ray task: it reads the trained student and the teacher from the run's storage,
@@ -229,6 +236,9 @@ def compress_student(cfg: Config, data, spec, teacher_path: Path, teacher_sha256
             "student_onnx": rows["student ONNX fp32"]["latency_ms_p50"],
             **({"student_int8": rows["student int8 (ONNX)"]["latency_ms_p50"]} if scfg.quantize else {})},
         "kd": {"T": scfg.temperature, "alpha": scfg.alpha, "mode": scfg.teacher_mode, "hint_weight": scfg.hint_weight},
+        "kd_effect": kd_effect(distilled["val_accuracy"], val_without_kd),
+        "majority_accuracy": data.majority("test"),
+        "majority_val_accuracy": data.majority("val"),
         "teacher_arch": teacher_spec.arch,
         "distilled": distilled,
         "pruning": pruning,
@@ -241,6 +251,16 @@ def compress_student(cfg: Config, data, spec, teacher_path: Path, teacher_sha256
     }
     files += report.write_report(out_dir, rows, summary)
     return summary, files
+
+
+def kd_effect(with_kd: float, without_kd: float | None) -> dict:
+    """Validation accuracy of the distilled student against the same student trained on the
+    labels alone (student.kd_control), before pruning: whether distillation earned its cost."""
+    if without_kd is None:
+        return {"status": "not measured (student.kd_control=false)"}
+    gain = with_kd - without_kd
+    return {"val_accuracy_with_kd": with_kd, "val_accuracy_without_kd": without_kd, "gain": gain,
+            "status": "helped" if gain > 0 else "did not help"}
 
 
 def _weights_file(net: nn.Module, spec, out_dir: Path) -> Path:

@@ -31,14 +31,23 @@ FLOOR = 0.01  # the LR starts warmup and ends a cosine decay at this share of it
 @dataclass
 class LRFactor:
     """The LR's share of its peak after `step` optimizer steps: linear warmup from FLOOR over
-    `warmup` steps, then cosine decay to FLOOR, linear decay to 0, or constant. A callable
-    object rather than a closure, so LambdaLR's state_dict (JSON in our checkpoints) keeps it."""
+    `warmup` steps, then cosine decay to FLOOR, linear decay to 0, or constant; times `scale`
+    (a parameter group's share, transfer.param_groups), and 0 for its first `frozen` steps.
+    A callable object rather than a closure, so LambdaLR's state_dict (JSON in our
+    checkpoints) keeps it."""
 
     kind: Schedule
     total: int
     warmup: int
+    scale: float = 1.0
+    frozen: int = 0
 
     def __call__(self, step: int) -> float:
+        if step < self.frozen:
+            return 0.0
+        return self.scale * self._shape(step)
+
+    def _shape(self, step: int) -> float:
         if step < self.warmup:
             return FLOOR + (1.0 - FLOOR) * step / self.warmup
         if self.kind == "constant":
@@ -51,8 +60,11 @@ class LRFactor:
 
 def lr_schedule(optimizer: torch.optim.Optimizer, kind: Schedule, total_steps: int,
                 warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, LRFactor(kind, max(1, total_steps), int(total_steps * warmup_fraction)))
+    """One LRFactor per parameter group, with the group's `lr_scale` and `frozen_steps`."""
+    total, warmup = max(1, total_steps), int(total_steps * warmup_fraction)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        LRFactor(kind, total, warmup, group.get("lr_scale", 1.0), group.get("frozen_steps", 0))
+        for group in optimizer.param_groups])
 
 
 class TorchEngine:

@@ -81,6 +81,13 @@ class PlainCNN(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
+    def group_matcher(self, coarse: bool = False):
+        """timm's hook for layer-wise LR decay: parameter name -> depth (each conv-BN-ReLU
+        triple of `features` is one layer; the classifier comes last)."""
+        def depth(name: str) -> float:
+            return int(name.split(".")[1]) // 3 if name.startswith("features.") else float("inf")
+        return depth
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
@@ -197,7 +204,7 @@ def _supports_grad_checkpointing(net: nn.Module) -> bool:
     return True
 
 
-def init_file_matches(path: str, shapes: dict[str, tuple]) -> set[str]:
+def init_file_matches(path: str, shapes: dict[str, tuple], what: str = "teacher.init_from") -> set[str]:
     """Names in a local safetensors file whose shapes match the model's (header only: cheap
     for a file of any size). Refuses an unreadable file or one that matches nothing."""
     from safetensors import SafetensorError, safe_open
@@ -206,21 +213,21 @@ def init_file_matches(path: str, shapes: dict[str, tuple]) -> set[str]:
         with safe_open(path, framework="pt") as f:
             given = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (OSError, SafetensorError) as err:
-        raise ValueError(f"teacher.init_from {path}: not a readable safetensors file ({err})") from None
+        raise ValueError(f"{what} {path}: not a readable safetensors file ({err})") from None
     matching = {k for k, shape in given.items() if shapes.get(k) == shape}
     if not matching:
-        raise ValueError(f"teacher.init_from {path}: no tensor matches the model's names and shapes")
+        raise ValueError(f"{what} {path}: no tensor matches the model's names and shapes")
     return matching
 
 
-def load_matching(net: nn.Module, path: str) -> list[str]:
+def load_matching(net: nn.Module, path: str, what: str = "teacher.init_from") -> list[str]:
     """Initialise from a local safetensors file (a model the user brings): every tensor whose
     name and shape match is loaded; the rest (typically a classifier head for another number
     of classes) keeps its fresh init and is returned. Nothing is pickled."""
     from safetensors.torch import load_file
 
     own = net.state_dict()
-    matching = init_file_matches(path, {k: tuple(v.shape) for k, v in own.items()})
+    matching = init_file_matches(path, {k: tuple(v.shape) for k, v in own.items()}, what)
     given = load_file(path)
     net.load_state_dict({k: given[k] for k in matching}, strict=False)
     return sorted(set(own) - matching)

@@ -156,6 +156,37 @@ def _verify(run: Run, stage: str, path: Path) -> str:
     return recorded
 
 
+class QualityGateError(RuntimeError):
+    """A trained model no better than guessing: the run stops before deploying it."""
+
+
+ADVICE = {
+    "teacher": "train longer (teacher.epochs), start from published weights (teacher.pretrained), leave "
+               "teacher.arch, epochs and batch sizes unset so they fit the data, or check the labels",
+    "student": "a wider or deeper student (student.width, student.depth, student.arch), more student.epochs, "
+               "or a better teacher",
+}
+
+
+def quality_gate(stage: str, summary: dict, dcfg, deploying: bool) -> None:
+    """Refuse to deploy a model whose validation accuracy does not beat the majority-class
+    baseline by deploy.min_gain_over_majority (deploy.force overrides; without a deploy stage
+    the log warns)."""
+    accuracy, baseline = summary.get("val_accuracy"), summary.get("majority_val_accuracy")
+    if accuracy is None or baseline is None or accuracy >= baseline + dcfg.min_gain_over_majority:
+        return
+    verdict = (f"{stage}: validation accuracy {accuracy:.4f} does not beat the majority-class baseline "
+               f"{baseline:.4f} (always answering the most frequent class) by deploy.min_gain_over_majority="
+               f"{dcfg.min_gain_over_majority}. Try {ADVICE[stage]}.")
+    if not deploying:
+        log(f"warning: {verdict}")
+    elif dcfg.force:
+        log(f"warning: {verdict} Deploying anyway (deploy.force=true).")
+    else:
+        raise QualityGateError(f"{verdict} The run stops before deploying; its outputs so far are kept. "
+                               "Set deploy.force=true to deploy anyway.")
+
+
 def stage_deploy(cfg: Config, run: Run) -> dict:
     from ray import serve
 
@@ -282,11 +313,18 @@ def serve_forever(summary: dict) -> None:
         log("stopping")
 
 
-def prepare(cfg: Config, run: Run, stages: tuple[str, ...]):
+def prepare(cfg: Config, run: Run, stages: tuple[str, ...]) -> tuple[Config, object]:
     """Refuse bad input before any training: the data, what earlier stages left, and the
-    sweep's and teacher's settings against the data. Returns the data (None when no stage
+    sweep's and teacher's settings against the data. Returns the config with the recipe keys
+    it leaves unset fitted to the data (recipe.fit_to_data), and the data (None when no stage
     needs it). The caller holds the run's lock, has started its record and is connected to Ray."""
     data = load_data(cfg, run) if {"sweep", "teacher", "student"} & set(stages) else None
+    if data is not None:
+        from raydistill.recipe import fit_to_data
+
+        cfg, chosen = fit_to_data(cfg, len(data.train), data.input_shape[0])
+        for key, why in chosen.items():
+            log(f"recipe: {key} = {why}")
     for stage, needs, path in (("student", "teacher", "teacher/teacher.safetensors"),
                                ("deploy", "student", "student/student.safetensors")):
         if stage in stages and needs not in stages:
@@ -299,7 +337,7 @@ def prepare(cfg: Config, run: Run, stages: tuple[str, ...]):
         from raydistill.training import check_teacher, teacher_spec
 
         check_teacher(cfg, teacher_spec(cfg, data), len(data.train))
-    return data
+    return cfg, data
 
 
 def check_before_ray(cfg: Config, stages: tuple[str, ...]) -> None:
@@ -320,8 +358,8 @@ def check_before_ray(cfg: Config, stages: tuple[str, ...]) -> None:
 
 @contextlib.contextmanager
 def opened(cfg: Config, storage: str, name: str, stages: tuple[str, ...]):
-    """Hold the run (its lock), join or start Ray, refuse bad input: yields (run, data, whether
-    Ray was started here). The caller decides what to do with a Ray it started; one started
+    """Hold the run (its lock), join or start Ray, refuse bad input: yields (run, the config
+    fitted to the data, data, whether Ray was started here). The caller decides what to do with a Ray it started; one started
     here for input that is then refused is shut down here."""
     import ray
 
@@ -332,24 +370,27 @@ def opened(cfg: Config, storage: str, name: str, stages: tuple[str, ...]):
         log(f"run '{run.name}' in {run.root}")
         started = connect_ray()  # the data stage reads and checks rows in Ray Data tasks
         try:
-            data = prepare(cfg, run, stages)
+            cfg, data = prepare(cfg, run, stages)
         except BaseException:
             if started:
                 ray.shutdown()
             raise
-        yield run, data, started
+        yield run, cfg, data, started
 
 
 def execute(cfg: Config, run: Run, data, stages: tuple[str, ...], resume: bool = False) -> dict:
     """Run the stages in order on the Ray this process is connected to; returns their
     summaries. Neither starts, blocks on nor shuts down Ray."""
     summaries: dict = {}
+    deploying = "deploy" in stages
     if "sweep" in stages:
         cfg = stage_sweep(cfg, data, run, resume)
     if "teacher" in stages:
         summaries["teacher"] = stage_teacher(cfg, data, run)
+        quality_gate("teacher", summaries["teacher"], cfg.deploy, deploying)
     if "student" in stages:
         summaries["student"] = stage_student(cfg, data, run)
+        quality_gate("student", summaries["student"], cfg.deploy, deploying)
     if "deploy" in stages:
         summaries["deploy"] = stage_deploy(cfg, run)
     return summaries
@@ -363,7 +404,7 @@ def run_stages(cfg: Config, storage: str, name: str, stages: tuple[str, ...] = P
     import ray
 
     start = time.perf_counter()
-    with opened(cfg, storage, name, stages) as (run, data, started):
+    with opened(cfg, storage, name, stages) as (run, cfg, data, started):
         try:
             summaries = execute(cfg, run, data, stages, resume)
             if "deploy" in stages:

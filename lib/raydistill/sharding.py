@@ -127,16 +127,17 @@ def _avoid_onednn_16bit_conv_on_cpu(ds_config: dict) -> None:
         torch.backends.mkldnn.enabled = False
 
 
-def wrap(model: nn.Module, ds_config: dict, lr_scheduler):
+def wrap(model: nn.Module, ds_config: dict, lr_scheduler, params: list[dict] | None = None):
     """deepspeed.initialize on an already-initialised process group (Ray Train set it up).
     lr_scheduler(optimizer) -> the LR scheduler (training.teacher_schedule): DeepSpeed steps it
-    with the optimizer, at accumulation boundaries."""
+    with the optimizer, at accumulation boundaries. `params`: parameter groups
+    (transfer.param_groups); default, all parameters in one."""
     _skip_inference_only_ops()
     _avoid_onednn_16bit_conv_on_cpu(ds_config)
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=ds_config, dist_init_required=False,
+        model=model, model_parameters=params or model.parameters(), config=ds_config, dist_init_required=False,
         lr_scheduler=lr_scheduler,
     )
     return engine

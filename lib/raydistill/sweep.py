@@ -67,7 +67,7 @@ def train_in_process(cfg: Config, data, report) -> None:
     set_threads(cfg.sweep.cpus_per_trial)
     single_process_group()
     plan = StepPlan.of(len(data.train), 1, tcfg.batch_size, tcfg.epochs, tcfg.grad_accum_steps)
-    engine = teacher_engine(cfg, spec, 1, plan.total_steps)
+    engine = teacher_engine(cfg, spec, 1, plan)
     adapter = EvalAdapter(engine, engine.device)
     bn_images = data.train.head(BN_ROWS).images
     batches = local_batches(cfg, data.train, plan.epochs, plan.rows_per_epoch(1, tcfg.batch_size), tcfg.batch_size,
@@ -461,6 +461,7 @@ def run_sweep(cfg: Config, data, out_dir: Path, resume: bool = False, run_name: 
     grid = tuner.fit()
     summary = summarize(grid, cfg, resumed)
     summary["mlflow_tracking_uri"] = mlflow_uri(cfg, out_dir)
+    summary["majority_val_accuracy"] = data.majority("val")  # the bar val_accuracy must clear
     plot = plot_progress({f"{cfg.sweep.searcher} + {cfg.sweep.scheduler}": summary["curve"]},
                          out_dir / "progress.png", summary["metric"], "sweep progress")
     summary["plot"] = plot.name

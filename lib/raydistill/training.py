@@ -336,6 +336,11 @@ def teacher_network(cfg: Config, spec):
     net = build_network(spec)
     if cfg.teacher.init_from:
         load_matching(net, cfg.teacher.init_from)
+    if cfg.teacher.pretrained:
+        from raydistill import transfer
+
+        path = transfer.weights_path(spec.arch, cfg.teacher.pretrained)
+        transfer.load_pretrained(net, spec.arch, path, spec.num_classes, spec.input_shape[0])
     if cfg.teacher.activation_checkpointing:
         net.set_grad_checkpointing(True)
     return net
@@ -349,13 +354,18 @@ def teacher_schedule(tcfg, total_steps: int):
                              warmup_fraction=tcfg.warmup_fraction)
 
 
-def teacher_engine(cfg: Config, spec, world: int, total_steps: int):
+def teacher_engine(cfg: Config, spec, world: int, plan: "StepPlan"):
     """The teacher network in its DeepSpeed engine: the recipe (optimizer, LR schedule,
-    clipping, precision, ZeRO stage) is the engine's config."""
-    from raydistill import sharding
+    clipping, precision, ZeRO stage) is the engine's config; the fine-tuning keys make its
+    parameter groups (transfer.param_groups)."""
+    from raydistill import sharding, transfer
 
-    return sharding.wrap(teacher_network(cfg, spec), sharding.deepspeed_config(cfg.teacher, world),
-                         teacher_schedule(cfg.teacher, total_steps))
+    tcfg = cfg.teacher
+    net = teacher_network(cfg, spec)
+    groups = transfer.param_groups(net, backbone_lr_scale=tcfg.backbone_lr_scale, layer_decay=tcfg.layer_decay,
+                                   frozen_steps=tcfg.freeze_backbone_epochs * plan.steps_per_epoch)
+    return sharding.wrap(net, sharding.deepspeed_config(tcfg, world), teacher_schedule(tcfg, plan.total_steps),
+                         params=groups)
 
 
 def count_attempt(path: str) -> int:
@@ -467,7 +477,7 @@ def teacher_worker(loop_config: dict) -> None:
 
     cfg, spec, plan, data, bn_images, rank, world, device = worker_start(loop_config, "teacher")
     tcfg = cfg.teacher
-    engine = teacher_engine(cfg, spec, world, plan.total_steps)
+    engine = teacher_engine(cfg, spec, world, plan)
     per_rank = sharding.gather_counts(sharding.local_param_count(engine))
     counters = {"fit_id": loop_config["fit_id"]}
     # Rank 0 counts the attempt: only its counters reach state.json and the final metrics.
@@ -547,7 +557,8 @@ def teacher_spec(cfg: Config, data):
 
 def check_teacher_network(cfg: Config, spec=None) -> dict:
     """The teacher refusals that need no data (checked before Ray starts): an unknown
-    architecture, activation checkpointing it lacks, a missing init file. Without `spec`, a
+    architecture, activation checkpointing it lacks, a missing init file or pretrained
+    weights that are neither cached nor downloadable. Without `spec`, a
     stand-in for the data's classes and channels: these answers do not depend on them."""
     from raydistill.models import ModelSpec, describe_network
 
@@ -559,6 +570,10 @@ def check_teacher_network(cfg: Config, spec=None) -> dict:
         raise ValueError(f"teacher.activation_checkpointing: timm's {tcfg.arch} does not support it")
     if tcfg.init_from and not Path(tcfg.init_from).is_file():
         raise ValueError(f"teacher.init_from {tcfg.init_from}: no such file")
+    if tcfg.pretrained:
+        from raydistill.transfer import weights_path
+
+        weights_path(tcfg.arch, tcfg.pretrained)  # in the cache (or downloadable) before anything starts
     return info
 
 
@@ -622,6 +637,11 @@ def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
         "resumes": int(metrics["resumes"]),
         "resumed_from_step": int(metrics["resumed_from_step"]),
         "accuracy": float(metrics["test_accuracy"]),
+        "val_accuracy": float(metrics["val_accuracy"]),
+        # The bar each accuracy must clear: always answering the split's most frequent class.
+        "majority_accuracy": data.majority("test"),
+        "majority_val_accuracy": data.majority("val"),
+        **({"pretrained": str(tcfg.pretrained)} if tcfg.pretrained else {}),
         "export_check": metrics["export_check"],
         "samples_per_s": float(metrics["samples_per_s"]),
         # Rank 0's share of step time spent waiting for the next augmented batch (first batch apart).
