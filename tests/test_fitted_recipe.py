@@ -13,15 +13,17 @@ def test_unset_keys_fit_a_small_data_set():
     cfg = load_config(None, ["data.image_size=32"])
     fitted, chosen = recipe.fit_to_data(cfg, n_train=189, channels=3)
     t, s = fitted.teacher, fitted.student
-    assert t.arch == "plain_cnn_l" and "32 px" in chosen["teacher.arch"]
+    assert t.arch == "plain_cnn_m" and "32 px" in chosen["teacher.arch"]
     # batches small enough for 8 steps an epoch; epochs enough for MIN_STEPS optimizer steps
     assert 189 // (t.num_workers * t.batch_size) >= recipe.MIN_STEPS_PER_EPOCH or t.batch_size == 8
     assert t.epochs * (189 // (t.num_workers * t.batch_size)) >= recipe.MIN_STEPS
     assert s.epochs * (189 // (s.num_workers * s.batch_size)) >= recipe.MIN_STEPS
     ops = [op.op for op in fitted.data.augment]
     assert ops == ["random_resized_crop", "flip", "affine", "color_jitter", "gaussian_noise"]
-    assert set(chosen) == {"teacher.arch", "teacher.batch_size", "teacher.epochs", "student.batch_size",
-                           "student.epochs", "data.augment"}
+    assert set(chosen) == {"teacher.arch", "teacher.batch_size", "teacher.lr", "teacher.epochs", "student.batch_size",
+                           "student.lr", "student.epochs", "data.augment"}
+    defaults = load_config(None)
+    assert t.lr == pytest.approx(defaults.teacher.lr * t.batch_size / defaults.teacher.batch_size)  # linear scaling
     # a copy keeps the fitted values (they are set now) and re-derives what stays unset
     again = fitted.with_values({"seed": 1})
     assert (again.teacher.epochs, again.teacher.batch_size, again.teacher.arch) == (t.epochs, t.batch_size, t.arch)
@@ -39,7 +41,8 @@ def test_keys_the_config_sets_are_never_changed():
 
 
 def test_the_teacher_stem_suits_the_image_size():
-    assert load_config(None, ["data.image_size=32"]).teacher.arch == "plain_cnn_l"
+    assert load_config(None, ["data.image_size=32"]).teacher.arch == "plain_cnn_m"
+    assert load_config(None, ["data.image_size=64"]).teacher.arch == "plain_cnn_l"
     assert load_config(None, ["data.image_size=224"]).teacher.arch == "resnet10t"
     assert recipe.augment_strength(500) == 1.0 and recipe.augment_strength(50_000) == 0.0
     assert 0 < recipe.augment_strength(5_000) < 1

@@ -6,8 +6,10 @@ takes a dozen steps and serves a model no better than guessing. So, for each key
 does not set, the data decides:
 
 - teacher.arch: a network whose stem suits the image size (a plain CNN that halves the map
-  once below 96 px, where an ImageNet stem would leave a 1x1 map by the last stage);
-- batch sizes: no larger than gives every epoch MIN_STEPS_PER_EPOCH optimizer steps;
+  once below 96 px, where an ImageNet stem would leave a 1x1 map by the last stage; the
+  smaller plain_cnn_m below 48 px);
+- batch sizes: no larger than gives every epoch MIN_STEPS_PER_EPOCH optimizer steps, and the
+  learning rate scaled with the batch (the linear scaling rule);
 - epochs: enough to reach MIN_STEPS optimizer steps (at most MAX_EPOCHS);
 - data.augment: geometric and photometric ops whose strength grows as the data shrinks.
 
@@ -23,14 +25,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from raydistill.config import Config
 
-MIN_STEPS = 300  # optimizer steps a from-scratch model needs to fit a small data set
+MIN_STEPS = 800  # optimizer steps a from-scratch model needs to learn a small data set
 MAX_EPOCHS = 100
 MIN_STEPS_PER_EPOCH = 8
-SMALL_INPUT = 96  # below this side, a plain CNN teacher; from it, a timm ResNet
+# Teachers by input side (below the first bound that exceeds it): plain CNNs whose stem halves
+# the map once, then a timm ResNet whose ImageNet stem quarters it.
+TEACHER_BY_SIZE = ((48, "plain_cnn_m"), (96, "plain_cnn_l"))
+LARGE_INPUT_TEACHER = "resnet10t"
 
 
 def teacher_arch(image_size: int) -> str:
-    return "plain_cnn_l" if image_size < SMALL_INPUT else "resnet10t"
+    return next((arch for bound, arch in TEACHER_BY_SIZE if image_size < bound), LARGE_INPUT_TEACHER)
 
 
 def batch_size(n_train: int, workers: int, configured: int) -> int:
@@ -55,14 +60,14 @@ def augment_strength(n_train: int) -> float:
 def augment_ops(n_train: int, channels: int) -> list[dict]:
     s = augment_strength(n_train)
     ops = [
-        {"op": "random_resized_crop", "scale": [round(0.9 - 0.35 * s, 3), 1.0]},
+        {"op": "random_resized_crop", "scale": [round(0.9 - 0.25 * s, 3), 1.0]},
         {"op": "flip"},  # horizontal, half the samples
         {"op": "affine", "degrees": round(5 + 10 * s, 2), "translate": round(0.05 + 0.05 * s, 3)},
     ]
     if channels == 3:
         ops.append({"op": "color_jitter", "brightness": round(0.1 + 0.2 * s, 3), "contrast": round(0.1 + 0.2 * s, 3),
                     "saturation": round(0.1 + 0.2 * s, 3)})
-    ops.append({"op": "gaussian_noise", "std": round(0.02 + 0.03 * s, 3)})
+    ops.append({"op": "gaussian_noise", "std": round(0.02 + 0.02 * s, 3)})
     return ops
 
 
@@ -81,6 +86,9 @@ def fit_to_data(cfg: "Config", n_train: int, channels: int) -> tuple["Config", d
             if batch != section.batch_size:
                 chosen[f"{name}.batch_size"] = (batch, f"{MIN_STEPS_PER_EPOCH}+ steps per epoch on "
                                                        f"{n_train} rows and {section.num_workers} workers")
+                if "lr" not in given:  # the linear scaling rule: the default LR was set for the default batch
+                    lr = section.lr * batch / section.batch_size
+                    chosen[f"{name}.lr"] = (lr, f"{section.lr:g} x {batch}/{section.batch_size}, scaled with the batch")
         if "epochs" not in given:
             accum = getattr(section, "grad_accum_steps", 1)
             value = epochs(n_train, section.num_workers * accum, batch, section.epochs)
