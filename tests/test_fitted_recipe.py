@@ -19,7 +19,7 @@ def test_unset_keys_fit_a_small_data_set():
     assert t.epochs * (189 // (t.num_workers * t.batch_size)) >= recipe.MIN_STEPS
     assert s.epochs * (189 // (s.num_workers * s.batch_size)) >= recipe.MIN_STEPS
     ops = [op.op for op in fitted.data.augment]
-    assert ops == ["random_resized_crop", "flip", "affine", "color_jitter", "gaussian_noise"]
+    assert ops == ["random_resized_crop", "affine", "color_jitter", "gaussian_noise"]  # no flip: it can change a class
     assert set(chosen) == {"teacher.arch", "teacher.batch_size", "teacher.lr", "teacher.epochs", "student.batch_size",
                            "student.lr", "student.epochs", "data.augment"}
     defaults = load_config(None)

@@ -11,7 +11,7 @@ does not set, the data decides:
 - batch sizes: no larger than gives every epoch MIN_STEPS_PER_EPOCH optimizer steps, and the
   learning rate scaled with the batch (the linear scaling rule);
 - epochs: enough to reach MIN_STEPS optimizer steps (at most MAX_EPOCHS);
-- data.augment: geometric and photometric ops whose strength grows as the data shrinks.
+- data.augment: mild geometric and photometric ops whose strength grows as the data shrinks.
 
 A key the config sets (in the YAML or with --set) is never changed. Every choice is logged
 and recorded in the teacher's summary under `recipe`.
@@ -58,16 +58,20 @@ def augment_strength(n_train: int) -> float:
 
 
 def augment_ops(n_train: int, channels: int) -> list[dict]:
+    """Label-preserving ops for any image: no flip (a mirrored diagonal stripe, digit or letter
+    is another class; list `flip` in data.augment when mirroring keeps yours). Mild even at full
+    strength: at MIN_STEPS steps of 16-image batches, stronger ops (crop to 65% of the area,
+    flips, 15 degrees, jitter 0.3) kept the teacher's training loss within 0.1 of ln(classes)
+    on three of the four generated tasks of bench/own_data.py."""
     s = augment_strength(n_train)
     ops = [
-        {"op": "random_resized_crop", "scale": [round(0.9 - 0.25 * s, 3), 1.0]},
-        {"op": "flip"},  # horizontal, half the samples
-        {"op": "affine", "degrees": round(5 + 10 * s, 2), "translate": round(0.05 + 0.05 * s, 3)},
+        {"op": "random_resized_crop", "scale": [round(0.9 - 0.15 * s, 3), 1.0]},
+        {"op": "affine", "degrees": round(3 + 7 * s, 2), "translate": round(0.03 + 0.05 * s, 3)},
     ]
     if channels == 3:
-        ops.append({"op": "color_jitter", "brightness": round(0.1 + 0.2 * s, 3), "contrast": round(0.1 + 0.2 * s, 3),
-                    "saturation": round(0.1 + 0.2 * s, 3)})
-    ops.append({"op": "gaussian_noise", "std": round(0.02 + 0.02 * s, 3)})
+        ops.append({"op": "color_jitter", "brightness": round(0.1 + 0.1 * s, 3), "contrast": round(0.1 + 0.1 * s, 3),
+                    "saturation": round(0.1 + 0.1 * s, 3)})
+    ops.append({"op": "gaussian_noise", "std": round(0.01 + 0.02 * s, 3)})
     return ops
 
 
