@@ -182,3 +182,14 @@ def test_soft_term_is_kl_teacher_to_student_not_the_reverse():
     reverse = (p_s * (p_s.log() - p_t.log())).sum()
     assert not torch.isclose(forward, reverse, rtol=1e-2)
     assert torch.allclose(kd_loss(s, t, torch.tensor([1]), 2.0, 0.0), 4 * forward)
+
+
+def test_the_report_says_when_kd_did_not_help():
+    from raydistill.distill import kd_effect
+    from raydistill.report import _kd_line
+
+    worse = kd_effect(with_kd=0.56, without_kd=0.59)
+    assert worse["status"] == "did not help" and worse["gain"] == pytest.approx(-0.03)
+    assert _kd_line(worse).startswith("**KD did not help**: validation accuracy 0.5600 with KD, 0.5900")
+    assert kd_effect(0.9, 0.8)["status"] == "helped" and _kd_line(kd_effect(0.9, 0.8)).startswith("KD helped")
+    assert "not measured (student.kd_control=false)" in _kd_line(kd_effect(0.9, None))

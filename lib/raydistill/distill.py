@@ -121,8 +121,9 @@ def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, 
     control = None
     if scfg.kd_control:  # the same student and recipe without the teacher: did KD help?
         (staging / "without_kd").mkdir(parents=True)
-        without, _ = train_on_ray("student", student_worker, cfg.with_values({"student.alpha": 1.0, "student.hint_weight": 0.0}),
-                                  data, spec, out_dir, extra, stream=stream, copy_to=staging / "without_kd")
+        labels_only = cfg.with_values({"student.alpha": 1.0, "student.hint_weight": 0.0})
+        without, _ = train_on_ray("student", student_worker, labels_only, data, spec, out_dir, extra, stream=stream,
+                                  copy_to=staging / "without_kd")
         control = float(without["val_accuracy"])
     task = ray.remote(_compress_in_task).options(num_cpus=scfg.cpus_per_worker, num_gpus=1 if scfg.use_gpu else 0,
                                                  max_retries=0)
@@ -142,7 +143,8 @@ def _compress_in_task(cfg: Config, *args) -> tuple[dict, list[Path]]:
 
 
 def compress_student(cfg: Config, data, spec, teacher_path: Path, teacher_sha256: str | None,
-                     teacher_accuracy: float, out_dir: Path, val_without_kd: float | None = None) -> tuple[dict, list[Path]]:
+                     teacher_accuracy: float, out_dir: Path,
+                     val_without_kd: float | None = None) -> tuple[dict, list[Path]]:
     """Prune (kept only if validation accuracy holds), save, export ONNX (checked against
     torch), quantize to int8, measure every form, write the report. Returns (summary, files).
     Runs as a Ray task: it reads the trained student and the teacher from the run's storage,

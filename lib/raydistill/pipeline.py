@@ -359,8 +359,8 @@ def check_before_ray(cfg: Config, stages: tuple[str, ...]) -> None:
 @contextlib.contextmanager
 def opened(cfg: Config, storage: str, name: str, stages: tuple[str, ...]):
     """Hold the run (its lock), join or start Ray, refuse bad input: yields (run, the config
-    fitted to the data, data, whether Ray was started here). The caller decides what to do with a Ray it started; one started
-    here for input that is then refused is shut down here."""
+    fitted to the data, data, whether Ray was started here). The caller decides what to do
+    with a Ray it started; one started here for input that is then refused is shut down here."""
     import ray
 
     check_before_ray(cfg, stages)

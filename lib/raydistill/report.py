@@ -116,6 +116,7 @@ def write_report(out_dir: Path, rows: dict[str, dict], summary: dict) -> tuple[P
         "",
         f"Retention (student / teacher accuracy): {summary['retention']:.3f}; "
         f"{summary['params_ratio']:.1f}x fewer parameters than the teacher.",
+        _kd_line(summary.get("kd_effect") or {}),
         f"ONNX check: max |logit diff| vs torch {summary['onnx']['max_abs_logit_diff']:.2e} "
         f"(tolerance {summary['onnx']['tolerance']:.0e}).",
         "",
@@ -125,6 +126,15 @@ def write_report(out_dir: Path, rows: dict[str, dict], summary: dict) -> tuple[P
     write_text(md, "\n".join(lines))
     _chart(png, rows)
     return md, png
+
+
+def _kd_line(effect: dict) -> str:
+    """Whether distillation helped, from the student trained without it (student.kd_control)."""
+    if "gain" not in effect:
+        return f"KD effect: {effect.get('status', 'not measured')}."
+    verdict = "KD helped" if effect["gain"] > 0 else "**KD did not help**"
+    return (f"{verdict}: validation accuracy {effect['val_accuracy_with_kd']:.4f} with KD, "
+            f"{effect['val_accuracy_without_kd']:.4f} for the same student trained on the labels alone.")
 
 
 def _chart(path: Path, rows: dict[str, dict]) -> None:
