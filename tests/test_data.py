@@ -253,12 +253,32 @@ def test_image_folder_via_uri_resizes_and_names_classes(tmp_path):
     assert sorted(np.bincount(labels)) == [PER_CLASS, PER_CLASS + 1]
 
 
+def test_image_folder_row_groups_mix_the_classes_whatever_the_task_size(tmp_path, monkeypatch):
+    """Training batches are cut from stored row groups; a group read from one class folder
+    would make every batch a single class, and a network trained on those learns nothing."""
+    import raydistill.data
+
+    root = _image_folder(tmp_path / "imgs")
+    cfg = load_config(None, ["data.batch_size=8"])
+    whole = load(cfg, root, tmp_path, "whole")
+    monkeypatch.setattr(raydistill.data, "FILES_PER_TASK", 16)  # 4 tasks instead of 1
+    cut = load(cfg, root, tmp_path, "cut")
+    assert len({f for f, _, _ in cut.train.groups}) > 2
+    for data in (whole, cut):
+        full = [b.labels for b in data.train.batches() if len(b.labels) == 8]
+        assert full and all(len(set(labels.tolist())) == 2 for labels in full)
+    for split in ("train", "val", "test"):  # the split of a row does not depend on the tasks
+        assert np.array_equal(ids(whole.split(split)), ids(cut.split(split)))
+
+
 def test_image_folder_bad_files_fail_naming_the_file_or_are_counted(tmp_path):
     root = _image_folder(tmp_path / "imgs")
     (root / "a_dog" / "broken.png").write_bytes(b"\x89PNG not really")
     (root / "b_cat" / "notes.txt").write_text("hello")
     (root / "stray.png").write_bytes((root / "a_dog" / "0.png").read_bytes())
-    with pytest.raises(DataError, match=r"file '.*/a_dog/broken\.png': undecodable image"):
+    # A task stops at its first bad row, so which one is named depends on the hash order.
+    named = r"(a_dog/broken\.png': undecodable image|b_cat/notes\.txt': not an image file|stray\.png': outside class)"
+    with pytest.raises(DataError, match=r"file '.*/" + named):
         load(load_config(None), root, tmp_path)
     data = load(load_config(None, ["data.on_bad_rows=skip"]), root, tmp_path)
     assert data.rows_skipped == {"undecodable_image": 1, "not_an_image_file": 1, "outside_class_folder": 1}

@@ -12,8 +12,9 @@ image-folder images resized to data.image_size as they are decoded (their sizes 
 `data.channels` converts grey <-> RGB.
 
 How it scales: the driver lists the source's files (Parquet) or class folders (image folder)
-and nothing more. Ray Data tasks read one Parquet row group, or one chunk of an image folder's
-files, decode and check its rows, and write them to the run's `data/splits/<split>/` as Parquet
+and nothing more. Ray Data tasks read one Parquet row group, or one hash bucket of an image
+folder's files (buckets cut across the class folders, so every stored row group mixes the
+classes), decode and check its rows, and write them to the run's `data/splits/<split>/` as Parquet
 files whose row groups hold `data.batch_size` rows: the unit every later reader streams (an
 augmentation batch, an evaluation batch). The driver receives one small record per task (rows
 per split, bad rows by reason, the first bad row's place) and writes `splits/index.json`.
@@ -293,15 +294,38 @@ def _hidden(path: str) -> bool:
     return path.rsplit("/", 1)[-1].startswith(".")
 
 
-def _folder_units(item: dict, *, filesystem) -> list[dict]:
-    """flat_map: one class folder -> units of up to FILES_PER_TASK files (its listing happens
-    here, on a worker). Files in nested folders are rows outside a class folder."""
+def _folder_files(item: dict, *, filesystem) -> list[dict]:
+    """flat_map: one class folder -> one row per file in it (its listing happens here, on a
+    worker). Files in nested folders are rows outside a class folder."""
     from pyarrow import fs as pafs
 
-    files = sorted(e.path for e in filesystem.get_file_info(pafs.FileSelector(item["folder"], recursive=True))
-                   if e.type == pafs.FileType.File and not _hidden(e.path))
-    return [{"files": json.dumps(files[i : i + FILES_PER_TASK]), "class_id": item["class_id"]}
-            for i in range(0, len(files), FILES_PER_TASK)]
+    return [{"file": e.path, "class_id": item["class_id"]}
+            for e in filesystem.get_file_info(pafs.FileSelector(item["folder"], recursive=True))
+            if e.type == pafs.FileType.File and not _hidden(e.path)]
+
+
+def _folder_unit(group: dict, *, source_path: str) -> dict:
+    """map_groups: the files of one hash bucket -> one preparation unit, in the order of their
+    keys' hashes. Buckets cut across the class folders, so every stored row group mixes the
+    classes as the whole folder does: the augmentation stream permutes rows within a row
+    group, and a group cut from one class folder would make every training batch one class."""
+    order = sorted(range(len(group["file"])), key=lambda i: row_key_hash(_relative(str(group["file"][i]), source_path)))
+    return {"files": np.array([json.dumps([str(group["file"][i]) for i in order])], dtype=object),
+            "class_ids": np.array([json.dumps([int(group["class_id"][i]) for i in order])], dtype=object)}
+
+
+def _folder_units(listed, source_path: str):
+    """The listed files (a Ray Dataset of file, class_id) -> units of about FILES_PER_TASK files,
+    bucketed by a hash of each file's key: the same units on every rerun and block layout."""
+    buckets = max(1, math.ceil(listed.count() / FILES_PER_TASK))
+    return listed.map_batches(
+        _bucket_of, fn_kwargs={"source_path": source_path, "buckets": buckets}, batch_format="numpy",
+    ).groupby("bucket").map_groups(_folder_unit, fn_kwargs={"source_path": source_path}, batch_format="numpy")
+
+
+def _bucket_of(batch: dict, *, source_path: str, buckets: int) -> dict:
+    keys = [_relative(str(f), source_path) for f in batch["file"]]
+    return {**batch, "bucket": np.array([row_key_hash(k) % buckets for k in keys], dtype=np.int64)}
 
 
 def _prepare_units(batch: dict, *, kind: str, source_path: str, filesystem, columns: list[str],
@@ -338,12 +362,11 @@ def _prepare_one(unit: dict, kind, source_path, filesystem, columns, checker, ou
             return checker.run(rows(), out, name, rows_per_group)
         except (pa.ArrowInvalid, OSError) as err:  # a corrupt page inside the row group
             return _unreadable(name, f"file '{file}' row group {group}", str(err))
-    files = json.loads(unit["files"])
-    class_id = int(unit["class_id"])
+    files, class_ids = json.loads(unit["files"]), json.loads(unit["class_ids"])
     name = f"{row_key_hash(_relative(files[0], source_path)):016x}"
 
     def rows():
-        for file in files:
+        for file, class_id in zip(files, class_ids):
             rel = _relative(file, source_path)
             where = f"file '{file}'"
             if class_id < 0 or rel.count("/") != 1:
@@ -467,12 +490,11 @@ def prepare(cfg: Config, source: str, out: Path) -> "Dataset":
             _parquet_units, fn_kwargs={"filesystem": filesystem}, num_cpus=dcfg.cpus_per_task)
     else:
         folders = [{"folder": f"{path.rstrip('/')}/{n}", "class_id": i} for i, n in enumerate(src.class_names)]
-        units = ray.data.from_items(folders).flat_map(_folder_units, fn_kwargs={"filesystem": filesystem},
-                                                      num_cpus=dcfg.cpus_per_task)
+        listed = ray.data.from_items(folders).flat_map(_folder_files, fn_kwargs={"filesystem": filesystem},
+                                                       num_cpus=dcfg.cpus_per_task)
         if src.loose:  # files beside the class folders: bad rows, counted like any other
-            units = units.union(ray.data.from_items(
-                [{"files": json.dumps(src.loose[i : i + FILES_PER_TASK]), "class_id": -1}
-                 for i in range(0, len(src.loose), FILES_PER_TASK)]))
+            listed = listed.union(ray.data.from_items([{"file": f, "class_id": -1} for f in src.loose]))
+        units = _folder_units(listed.materialize(), path)
     checker = src.checker(cfg, fail_fast=dcfg.on_bad_rows == "fail")
     staging = out.parent / f".{out.name}-{uuid.uuid4().hex[:8]}"
     try:
