@@ -271,6 +271,20 @@ def test_image_folder_row_groups_mix_the_classes_whatever_the_task_size(tmp_path
         assert np.array_equal(ids(whole.split(split)), ids(cut.split(split)))
 
 
+def test_parquet_rows_sorted_by_label_are_named_before_training(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 40)
+    imgs = [rng.integers(0, 256, 16, dtype=np.uint8).tolist() for _ in labels]
+    cfg = load_config(None, ["data.batch_size=8"])
+    write_table(tmp_path / "sorted.parquet", imgs, labels.tolist(), pa.list_(pa.uint8()))
+    load(cfg, tmp_path / "sorted.parquet", tmp_path, "sorted")
+    assert "training rows sit in row groups of a single class (rows sorted by label?)" in capsys.readouterr().out
+    order = rng.permutation(len(labels))
+    write_table(tmp_path / "mixed.parquet", [imgs[i] for i in order], labels[order].tolist(), pa.list_(pa.uint8()))
+    load(cfg, tmp_path / "mixed.parquet", tmp_path, "mixed")
+    assert "single class" not in capsys.readouterr().out
+
+
 def test_image_folder_bad_files_fail_naming_the_file_or_are_counted(tmp_path):
     root = _image_folder(tmp_path / "imgs")
     (root / "a_dog" / "broken.png").write_bytes(b"\x89PNG not really")

@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from raydistill.artifacts import atomic_write, write_json
 from raydistill.config import MIXING_OPS, Config
+from raydistill.console import log
 
 SPLITS = ("train", "val", "test")
 INDEX = "index.json"
@@ -179,6 +180,7 @@ class _ShardWriter:
         self.rows: dict[str, list] = {s: [] for s in SPLITS}
         self.writers: dict[str, pq.ParquetWriter] = {}
         self.groups: dict[str, list[int]] = {s: [] for s in SPLITS}
+        self.single_class_rows: Counter[str] = Counter()  # rows in row groups that hold one class
 
     def _path(self, split: str) -> Path:
         return self.out / split / f"{self.unit}.parquet"
@@ -204,6 +206,8 @@ class _ShardWriter:
             self.writers[split] = pq.ParquetWriter(tmp, table.schema)
         self.writers[split].write_table(table, row_group_size=len(rows))
         self.groups[split].append(len(rows))
+        if len(rows) > 1 and len({r[1] for r in rows}) == 1:
+            self.single_class_rows[split] += len(rows)
         self.rows[split] = []
 
     def close(self) -> dict:
@@ -272,7 +276,7 @@ class _Checker:
             per_split[split][int(label)] += 1
             label_max = max(label_max, int(label))
         return {"unit": unit, "rows_read": read, "skipped": dict(skipped), "first_bad": first_bad,
-                "label_max": label_max, "written": writer.close(),
+                "label_max": label_max, "written": writer.close(), "single_class_rows": dict(writer.single_class_rows),
                 "class_counts": {s: {str(k): n for k, n in c.items()} for s, c in per_split.items()}}
 
 
@@ -545,6 +549,7 @@ def _collect(cfg: Config, source: str, records: list[dict], shape, class_names, 
         for split, per_class in r["class_counts"].items():
             class_counts[split].update(per_class)
     _check_classes(source, class_counts, class_names, dcfg)
+    _warn_if_sorted_by_label(source, records, class_counts, dcfg.batch_size)
     data = Dataset(root=str(staging), shape=tuple(int(v) for v in shape), num_classes=num_classes, source=source,
                    rows_read=sum(r["rows_read"] for r in records), rows_skipped=dict(skipped),
                    class_names=class_names, groups=groups, sha256=shas,
@@ -572,6 +577,22 @@ def _check_classes(source: str, counts: dict[str, Counter], class_names: list[st
                 f"data.source '{source}': class folder '{name}' has {sum(per_split.values())} usable images, "
                 f"too few for every split to hold one (train/val/test = {per_split['train']}/{per_split['val']}/"
                 f"{per_split['test']}; the smallest split takes 1 in {need}): add images, or remove the folder")
+
+
+def _warn_if_sorted_by_label(source: str, records: list[dict], class_counts: dict[str, Counter],
+                             rows_per_group: int) -> None:
+    """A Parquet source whose rows are sorted by label stores row groups of one class, and
+    training batches are cut from row groups: most batches would hold a single class. Image
+    folders never do (their tasks cut across the class folders); this names the Parquet case,
+    unless the classes are so unequal that pure groups are what a random order gives."""
+    counts = class_counts["train"]
+    rows = sum(counts.values())
+    pure = sum(r.get("single_class_rows", {}).get("train", 0) for r in records)
+    by_chance = sum((n / rows) ** rows_per_group for n in counts.values()) if rows else 1.0
+    if len(counts) > 1 and pure > rows / 2 and by_chance < 0.25:
+        log(f"warning: data.source '{source}': {pure} of {rows} training rows sit in row groups of a single "
+            "class (rows sorted by label?). Training batches are cut from row groups, so most would hold one "
+            "class and the network would not learn: shuffle the rows before writing the Parquet files.")
 
 
 def _swap_in(staging: Path, out: Path) -> None:
