@@ -427,7 +427,7 @@ class StudentConfig(_Section):
     use_gpu: bool = False
     epochs: int = Field(6, ge=1)
     batch_size: int = Field(64, ge=1, description="per worker")
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(6e-3, gt=0, description="peak LR at batch_size (AdamW; small plain students take a high one)")
     weight_decay: float = Field(1e-4, ge=0)
     lr_schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="after warmup: cosine or linear decay, or constant (the teacher's schedules)"

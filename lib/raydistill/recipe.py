@@ -9,8 +9,12 @@ does not set, the data decides:
   once below 96 px, where an ImageNet stem would leave a 1x1 map by the last stage; the
   smaller plain_cnn_m below 48 px);
 - batch sizes: no larger than gives every epoch MIN_STEPS_PER_EPOCH optimizer steps, and the
-  learning rate scaled with the batch (the linear scaling rule);
-- epochs: enough to reach MIN_STEPS optimizer steps (at most MAX_EPOCHS);
+  learning rate scaled with the square root of the batch (the rule for Adam-type optimizers;
+  the linear rule is SGD's);
+- epochs: enough to reach MIN_STEPS optimizer steps for the teacher and STUDENT_MIN_STEPS for
+  the student (at most MAX_EPOCHS): a student matching its teacher on augmented views learns
+  slower than from labels and keeps gaining long after (Beyer et al. 2022, "Knowledge
+  distillation: a good teacher is patient and consistent");
 - data.augment: mild geometric and photometric ops whose strength grows as the data shrinks.
 
 A key the config sets (in the YAML or with --set) is never changed. Every choice is logged
@@ -26,7 +30,8 @@ if TYPE_CHECKING:
     from raydistill.config import Config
 
 MIN_STEPS = 800  # optimizer steps a from-scratch model needs to learn a small data set
-MAX_EPOCHS = 100
+STUDENT_MIN_STEPS = 2 * MIN_STEPS
+MAX_EPOCHS = 200
 MIN_STEPS_PER_EPOCH = 8
 # Teachers by input side (below the first bound that exceeds it): plain CNNs whose stem halves
 # the map once, then a timm ResNet whose ImageNet stem quarters it.
@@ -46,10 +51,10 @@ def batch_size(n_train: int, workers: int, configured: int) -> int:
     return size
 
 
-def epochs(n_train: int, workers: int, batch: int, configured: int) -> int:
-    """At least the configured epochs; more, up to MAX_EPOCHS, until MIN_STEPS steps."""
+def epochs(n_train: int, workers: int, batch: int, configured: int, steps: int = MIN_STEPS) -> int:
+    """At least the configured epochs; more, up to MAX_EPOCHS, until `steps` optimizer steps."""
     per_epoch = max(1, n_train // (workers * batch))
-    return max(configured, min(MAX_EPOCHS, math.ceil(MIN_STEPS / per_epoch)))
+    return max(configured, min(MAX_EPOCHS, math.ceil(steps / per_epoch)))
 
 
 def augment_strength(n_train: int) -> float:
@@ -88,14 +93,16 @@ def fit_to_data(cfg: "Config", n_train: int, channels: int) -> tuple["Config", d
             if batch != section.batch_size:
                 chosen[f"{name}.batch_size"] = (batch, f"{MIN_STEPS_PER_EPOCH}+ steps per epoch on "
                                                        f"{n_train} rows and {section.num_workers} workers")
-                if "lr" not in given:  # the linear scaling rule: the default LR was set for the default batch
-                    lr = section.lr * batch / section.batch_size
-                    chosen[f"{name}.lr"] = (lr, f"{section.lr:g} x {batch}/{section.batch_size}, scaled with the batch")
+                if "lr" not in given:  # the default LR was set for the default batch; AdamW: square-root rule
+                    lr = section.lr * math.sqrt(batch / section.batch_size)
+                    chosen[f"{name}.lr"] = (lr, f"{section.lr:g} x sqrt({batch}/{section.batch_size}), "
+                                                "scaled with the batch")
         if "epochs" not in given:
             accum = getattr(section, "grad_accum_steps", 1)
-            value = epochs(n_train, section.num_workers * accum, batch, section.epochs)
+            steps = STUDENT_MIN_STEPS if name == "student" else MIN_STEPS
+            value = epochs(n_train, section.num_workers * accum, batch, section.epochs, steps)
             if value != section.epochs:
-                chosen[f"{name}.epochs"] = (value, f"{MIN_STEPS} optimizer steps")
+                chosen[f"{name}.epochs"] = (value, f"{steps} optimizer steps")
     if "augment" not in cfg.data.model_fields_set:
         chosen["data.augment"] = (augment_ops(n_train, channels),
                                   f"strength {augment_strength(n_train):.2f} for {n_train} training rows")
