@@ -369,3 +369,17 @@ def test_data_wait_counts_waits_apart_from_steps_and_the_first_batch():
     for _ in fast.wrap(range(5)):
         fast.timed(time.sleep, 0.02)
     assert fast.fraction < 0.05
+
+
+def test_stored_images_are_bytes_and_splits_stored_as_uint8_lists_still_read(tmp_path):
+    from raydistill.data import read_group, store_arrays
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 3, 4, 4), dtype=np.uint8)
+    data = store_arrays(tmp_path / "new", {s: (images, np.arange(5)) for s in ("train", "val", "test")})
+    file, group, _ = data.train.groups[0]
+    assert pq.ParquetFile(tmp_path / "new" / file).schema_arrow.field("image").type == pa.binary(48)
+    assert np.array_equal(read_group(data.root, file, group, (3, 4, 4)).images, images)
+    old = pa.table({"image": pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), 48),
+                    "label": pa.array(np.arange(5)), "id": pa.array(np.arange(5))})
+    pq.write_table(old, tmp_path / "old.parquet")
+    assert np.array_equal(read_group(str(tmp_path), "old.parquet", 0, (3, 4, 4)).images, images)
