@@ -66,20 +66,20 @@ def test_brightness_scales_and_contrast_keeps_the_mean_grey_level(images):
 
 
 def test_mixup_mixes_with_a_partner_at_a_weight_in_range(images):
-    x, partner, lam = MixUp({"p": 1.0, "lambda_range": [0.1, 0.4]})(images)
+    x, partner, lam = MixUp({"p": 1.0, "lambda_range": [0.1, 0.4]})(images.clone())  # it writes into its input
     assert ((lam >= 0.1) & (lam <= 0.4)).all() and sorted(partner.tolist()) == list(range(8))
     assert torch.allclose(x, (1 - lam)[:, None, None, None] * images + lam[:, None, None, None] * images[partner], atol=1e-6)
-    _, _, none = MixUp({"p": 0.0, "lambda_range": [0.1, 0.4]})(images)
+    _, _, none = MixUp({"p": 0.0, "lambda_range": [0.1, 0.4]})(images.clone())
     assert (none == 0).all()
 
 
 def test_erasing_blanks_one_rectangle_of_the_asked_area_and_noise_has_its_std():
     ones = torch.ones(64, 3, 32, 32)
-    erased = RandomErasing({"p": 1.0, "scale": [0.1, 0.2], "ratio": [0.5, 2.0]})(ones)
+    erased = RandomErasing({"p": 1.0, "scale": [0.1, 0.2], "ratio": [0.5, 2.0]})(ones.clone())
     share = (erased[:, 0] == 0).flatten(1).float().mean(1)
     assert ((share > 0.05) & (share < 0.3)).all()
     assert torch.equal(erased[:, 0] == 0, erased[:, 2] == 0)  # every channel of the rectangle
     torch.manual_seed(1)
-    noisy = GaussianNoise({"p": 1.0, "std": 0.1})(ones)
+    noisy = GaussianNoise({"p": 1.0, "std": 0.1})(ones.clone())
     assert (noisy - ones).std().item() == pytest.approx(0.1, rel=0.05)
-    assert torch.equal(GaussianNoise({"p": 0.0, "std": 0.1})(ones), ones)
+    assert torch.equal(GaussianNoise({"p": 0.0, "std": 0.1})(ones.clone()), ones)

@@ -67,8 +67,9 @@ def build_ops(augment: list[dict], image_size: int) -> list:
 
 
 def apply_ops(ops: list, x, labels, num_classes: int | None):
-    """Run the ops on pixels x (B, C, S, S) on 0..1. Returns (views on 0..1, labels): the class
-    ids (B,) as given, or soft labels (B, num_classes) once a mixing op has run."""
+    """Run the ops on pixels x (B, C, S, S) on 0..1, a batch of its own: the ops may write into
+    it. Returns (views on 0..1, labels): the class ids (B,) as given, or soft labels
+    (B, num_classes) once a mixing op has run."""
     import torch
     import torch.nn.functional as F
 
@@ -92,7 +93,7 @@ def apply_ops(ops: list, x, labels, num_classes: int | None):
             x = module(x.expand(-1, 3, -1, -1)).mean(dim=1, keepdim=True)
         else:
             x = module(x)
-    return x.clamp(0.0, 1.0), (labels if soft is None else soft)
+    return x.clamp_(0.0, 1.0), (labels if soft is None else soft)
 
 
 def augment_batch(batch: dict, *, seed: int, epoch: int, image_size: int, augment: list[dict],
@@ -115,10 +116,10 @@ def augment_batch(batch: dict, *, seed: int, epoch: int, image_size: int, augmen
     torch.manual_seed(hash(key) % (2**63))
     order = np.random.default_rng(key).permutation(len(batch["id"]))
     batch = {k: np.asarray(batch[k])[order] for k in ("image", "label", "id")}
-    x = resize(torch.from_numpy(np.ascontiguousarray(batch["image"])).float() / 255.0, image_size)
+    x = resize(torch.from_numpy(np.ascontiguousarray(batch["image"])).float().div_(255.0), image_size)
     with torch.no_grad():
         x, labels = apply_ops(build_ops(augment, image_size), x, batch["label"], num_classes)
-        x = normalize(x)
+        x = normalize(x, inplace=True)
     labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     return {"image": x.numpy(), "label": labels, "id": np.asarray(batch["id"])}
 

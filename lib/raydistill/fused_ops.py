@@ -10,6 +10,9 @@ its own probability p:
   torchvision's affine kernels do;
 - brightness, saturation and hue become one 3x3 matrix per sample (hue as a rotation in YIQ
   space, DALI's ColorTwist), then contrast blends with each view's mean grey level.
+- mixup, erasing and noise write into the batch they are given (a fresh batch of views, so no
+  caller sees it change): at 224 px every extra pass over a batch is a copy of 150 KB per image,
+  and random erasing touches only its rectangles.
 Parameters come from torch's global generator, which augment.augment_batch seeds per batch.
 """
 
@@ -142,7 +145,7 @@ class ColorTwist:
 class MixUp:
     """mixup (Zhang et al. 2018): with probability p a sample becomes (1 - lam) x itself + lam x
     a random partner from the batch, lam ~ U(lambda_range). Returns (views, partner, lam): the
-    labels mix with the same partner and weight."""
+    labels mix with the same partner and weight. Writes into x."""
 
     def __init__(self, spec: dict):
         self.spec = spec
@@ -151,12 +154,12 @@ class MixUp:
         n = len(x)
         partner = torch.randperm(n)
         lam = torch.where(_applied(n, self.spec["p"]), _uniform(n, *self.spec["lambda_range"]), torch.zeros(n))
-        return torch.lerp(x, x[partner], lam[:, None, None, None].to(x.dtype)), partner, lam
+        return x.lerp_(x[partner], lam[:, None, None, None].to(x.dtype)), partner, lam
 
 
 class RandomErasing:
     """Random erasing (Zhong et al. 2017): with probability p, a rectangle of area fraction
-    ~ U(scale) and aspect ratio ~ logU(ratio), placed uniformly, is set to 0."""
+    ~ U(scale) and aspect ratio ~ logU(ratio), placed uniformly, is set to 0. Writes into x."""
 
     def __init__(self, spec: dict):
         self.spec = spec
@@ -168,19 +171,19 @@ class RandomErasing:
         h = (area * ratio).sqrt().round().clamp(1, height)
         w = (area / ratio).sqrt().round().clamp(1, width)
         top, left = (torch.rand(n) * (height - h + 1)).floor(), (torch.rand(n) * (width - w + 1)).floor()
-        rows, cols = torch.arange(height)[None], torch.arange(width)[None]
-        inside_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])  # (n, H)
-        inside_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])  # (n, W)
-        erase = inside_rows[:, :, None] & inside_cols[:, None, :] & _applied(n, self.spec["p"])[:, None, None]
-        return x.masked_fill(erase[:, None], 0.0)
+        boxes = torch.stack([top, top + h, left, left + w], 1).long().tolist()
+        for i in _applied(n, self.spec["p"]).nonzero().flatten().tolist():
+            t, b, l, r = boxes[i]
+            x[i, :, t:b, l:r] = 0.0
+        return x
 
 
 class GaussianNoise:
-    """Additive gaussian noise of the given std, with probability p per sample."""
+    """Additive gaussian noise of the given std, with probability p per sample. Writes into x."""
 
     def __init__(self, spec: dict):
         self.spec = spec
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         std = torch.where(_applied(len(x), self.spec["p"]), self.spec["std"], 0.0).to(x.dtype)
-        return torch.addcmul(x, torch.randn_like(x), std[:, None, None, None])
+        return x.addcmul_(torch.randn_like(x), std[:, None, None, None])

@@ -249,9 +249,9 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Pixels on 0..1 -> roughly zero-mean inputs."""
-    return (x - 0.5) / 0.5
+def normalize(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Pixels on 0..1 -> roughly zero-mean inputs (written into x with inplace)."""
+    return x.sub_(0.5).div_(0.5) if inplace else (x - 0.5) / 0.5
 
 
 def to_model_input(pixels: torch.Tensor, size: int) -> torch.Tensor:
