@@ -81,9 +81,8 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
     import torch.nn.functional as F
 
     from raydistill import sharding
-    from raydistill.models import ModelSpec
     from raydistill.loop import CrossEntropy, train_step
-    from raydistill.training import teacher_network, teacher_schedule
+    from raydistill.training import teacher_network, teacher_recipe, teacher_schedule
 
     variant, _, arch = name.partition("@")
     cuda = torch.cuda.is_available()
@@ -92,9 +91,11 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
     tcfg = cfg.teacher
     dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1, device_id=device if cuda else None)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[tcfg.dtype_name]
-    spec = ModelSpec(tcfg.arch, 10, (1, 8, 8), cfg.data.image_size)
+    # The rows only size the step plan, which this loop does not use.
+    recipe = teacher_recipe(cfg.with_values({"teacher.activation_checkpointing": False}), 10, (1, 8, 8), 10**7)
+    spec = recipe.spec
     with device:  # build on the GPU: initialising 1B parameters on the host takes long
-        net = teacher_network(cfg.with_values({"teacher.activation_checkpointing": False}), spec)
+        net = teacher_network(recipe)
     per_sample = flops_per_sample(net, spec.image_size, device, dtype)
     net.set_grad_checkpointing(tcfg.activation_checkpointing)
     params = sum(p.numel() for p in net.parameters())

@@ -49,7 +49,6 @@ def _space(tmp_path: Path, space: dict, **sweep) -> Path:
         ({"teacher.lr": {"normal": [0, 1]}}, {}, "sweep.space.teacher.lr"),
         ({"teacher.lrate": {"loguniform": [1e-3, 1e-2]}}, {}, "sweep.space.teacher.lrate: not a config key"),
         ({"teacher": {"uniform": [0, 1]}}, {}, "sweep.space.teacher: 'teacher' is a section"),
-        ({"deploy.replica_cpus": {"uniform": [0.5, 1]}}, {}, "sweep.space.deploy.replica_cpus: sweep trials train the teacher"),
         ({"data.augment.affine.translate": {"uniform": [0.1, 0.7]}}, {}, "sweep.space.data.augment.affine.translate: uniform [0.1, 0.7] allows a value"),
         ({"teacher.batch_size": {"uniform": [16, 64]}}, {}, "sweep.space.teacher.batch_size: uniform [16.0, 64.0] allows a value"),
         ({"teacher.zero_stage": {"choice": [1, 4]}}, {}, "sweep.space.teacher.zero_stage: choice [1, 4] allows a value"),
@@ -72,9 +71,19 @@ def test_bad_space_or_metric_names_the_key(tmp_path, space, sweep, expected):
         ({"teacher.lr": {"loguniform": [1e-3, 1e-2]}}, {"metric": "f1"}, "sweep.metric"),
         # Keys a trial sets itself: in-process trials run sweep.epochs and one process...
         ({"teacher.epochs": {"int": [1, 3]}}, {}, "teacher.epochs: in-process trials"),
-        ({"teacher.num_workers": {"choice": [1, 2]}}, {}, "teacher.num_workers: in-process trials"),
-        # ...and Ray Train trials set their own workers and epochs too.
+        # ...and Ray Train trials set their own workers and epochs too. (An in-process trial
+        # keeps the teacher's global batch by accumulating over teacher.num_workers
+        # micro-batches, so there that key does change what it trains.)
         ({"teacher.epochs": {"int": [1, 3]}}, {"trial_workers": 2}, "teacher.epochs: Ray Train trials"),
+        ({"teacher.num_workers": {"choice": [1, 2]}}, {"trial_workers": 2}, "teacher.num_workers: Ray Train trials"),
+        # Keys the trial's recipe never reads: another stage's, the data stage's split (made
+        # once, before the sweep), and settings that change only speed.
+        ({"deploy.replica_cpus": {"uniform": [0.5, 1]}}, {}, "deploy.replica_cpus: the recipe a sweep trial trains does not read"),
+        ({"student.lr": {"loguniform": [1e-3, 1e-2]}}, {}, "student.lr: the recipe"),
+        ({"data.val_fraction": {"uniform": [0.1, 0.2]}}, {}, "data.val_fraction: the recipe"),
+        ({"data.cpus_per_task": {"choice": [0.5, 1.0]}}, {"trial_workers": 2}, "data.cpus_per_task: the recipe"),
+        # A value that leaves the trial, at its sweep.epochs, nothing to train.
+        ({"teacher.freeze_backbone_epochs": {"int": [0, 2]}}, {"epochs": 2}, "teacher.freeze_backbone_epochs=2 in in-process trials"),
     ],
 )
 def test_cli_exits_2_for_a_bad_sweep_before_anything_runs(tmp_path, space, sweep, key):
@@ -107,9 +116,31 @@ def test_space_round_trips_through_yaml(tmp_path):
 
 
 def test_presets_load_with_their_spaces():
-    for name in ("demo", "gpu-single", "gpu-cluster"):
+    from raydistill.sweep import check_swept_keys
+
+    for name in ("demo", "default", "gpu-single", "gpu-cluster"):
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
         assert "teacher.lr" in cfg.sweep.space
+        check_swept_keys(cfg)  # every preset key changes what its trials train
+
+
+@pytest.mark.parametrize("trial_workers", [0, 2])
+@pytest.mark.parametrize("key, dist", [
+    ("teacher.batch_size", {"choice": [32, 64]}),
+    ("teacher.grad_clip", {"uniform": [0.5, 2.0]}),
+    ("teacher.warmup_fraction", {"uniform": [0.0, 0.3]}),
+    ("teacher.lr_schedule", {"choice": ["cosine", "linear"]}),
+    ("teacher.layer_decay", {"uniform": [0.5, 1.0]}),
+    ("teacher.freeze_backbone_epochs", {"int": [0, 1]}),
+    ("teacher.arch", {"choice": [SMALL, "resnet10t"]}),
+    ("data.image_size", {"choice": [16, 24]}),
+    ("data.augment.affine.degrees", {"int": [0, 30]}),
+    ("seed", {"int": [0, 3]}),
+])
+def test_keys_that_change_the_trial_recipe_are_accepted(tmp_path, key, dist, trial_workers):
+    from raydistill.sweep import check_swept_keys
+
+    check_swept_keys(load_config(_space(tmp_path, {key: dist}, trial_workers=trial_workers)))
 
 
 @pytest.mark.parametrize("searcher", ["tpe", "gp", "random"])

@@ -185,13 +185,17 @@ def train_stream(cfg: Config, split: SplitRef, epochs: int, rows_per_epoch: int 
         fn_kwargs={
             "root": data.root,
             "shape": tuple(data.shape),
-            "seed": cfg.seed,
-            "image_size": cfg.data.image_size,
-            "augment": cfg.data.augment_spec(),
+            **view_settings(cfg),
             "num_classes": num_classes,
             "threads": max(1, int(cfg.data.cpus_per_task)),
         },
     )
+
+
+def view_settings(cfg: Config) -> dict:
+    """What decides the augmented views a trainer sees (besides the split and epochs): the
+    seed, the model's input side and the ordered ops."""
+    return {"seed": cfg.seed, "image_size": cfg.data.image_size, "augment": cfg.data.augment_spec()}
 
 
 def rebatch(pieces, size: int):
@@ -215,10 +219,9 @@ def local_batches(cfg: Config, split: SplitRef, epochs: int, rows_per_epoch: int
     sweep trial, which holds no Ray Data stream."""
     import torch
 
-    kwargs = {"seed": cfg.seed, "image_size": cfg.data.image_size, "augment": cfg.data.augment_spec(),
-              "num_classes": num_classes}
     data = split.data
-    views = (_read_and_augment({k: [v] for k, v in item.items()}, root=data.root, shape=tuple(data.shape), **kwargs)
+    views = (_read_and_augment({k: [v] for k, v in item.items()}, root=data.root, shape=tuple(data.shape),
+                               num_classes=num_classes, **view_settings(cfg))
              for item in stream_plan(split, cfg.seed, epochs, rows_per_epoch))
     for micro, (x, y) in enumerate(rebatch(((v["image"], v["label"]) for v in views), batch_size), start=1):
         yield micro, {"image": torch.from_numpy(x), "label": torch.from_numpy(y)}

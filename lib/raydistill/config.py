@@ -16,10 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from raydistill.space import Dist
 
-# Sections a sweep trial reads: it trains the teacher on the (augmented) data. A key elsewhere
-# would change nothing the trials measure, so its "best" value would be noise.
-SWEEPABLE_SECTIONS = ("seed", "data", "teacher")
-
 
 class ConfigError(ValueError):
     """A config that cannot run: the message is one line naming the key."""
@@ -786,7 +782,8 @@ def load_config(path: str | Path | None, sets: list[str] | None = None) -> Confi
 
 
 def check_space(cfg: "Config") -> None:
-    """Every key a value the trials read, every bound or choice a valid value for it.
+    """Every key a config value, every bound or choice a valid value for it (whether the
+    trials read it is checked before Ray starts: sweep.check_swept_keys).
 
     Raises ConfigError naming the key. Called before Ray starts.
     """
@@ -800,11 +797,6 @@ def check_space(cfg: "Config") -> None:
         field = model.model_fields[path[-1]].annotation
         if isinstance(field, type) and issubclass(field, BaseModel):
             raise ConfigError(f"{where}: '{key}' is a section; name one of its values, e.g. {key}.{next(iter(field.model_fields))}")
-        if path[0] not in SWEEPABLE_SECTIONS:
-            raise ConfigError(
-                f"{where}: sweep trials train the teacher, so only keys under "
-                f"{', '.join(SWEEPABLE_SECTIONS)} change what they measure"
-            )
         for value in dist.values_to_check():
             try:
                 cfg.with_values({key: value})

@@ -10,9 +10,9 @@
 Each entry is one distribution: `uniform` / `loguniform` (floats in [low, high]), `int`
 (integers in [low, high], both included) or `choice` (a list of values). Checked in two steps,
 both before any trial starts: the shape of each entry when the config loads (empty or inverted
-ranges, a non-positive loguniform bound), and then that every key names a config value the
-trials read and that every bound is a valid value for it (`config.check_space`), and before
-Ray starts that the trials do not set the key themselves (`sweep.check_swept_keys`).
+ranges, a non-positive loguniform bound), and then that every key names a config value and
+that every bound is a valid value for it (`config.check_space`), and before Ray starts that
+the key changes the recipe a trial trains (`sweep.check_swept_keys`).
 """
 
 from __future__ import annotations

@@ -58,16 +58,16 @@ def train_in_process(cfg: Config, data, report) -> None:
     from raydistill.augment import local_batches
     from raydistill.loop import CrossEntropy, fit
     from raydistill.models import recalibrate_batchnorm
-    from raydistill.training import (BN_ROWS, EvalAdapter, StepPlan, set_threads, single_process_group, teacher_engine,
-                                     teacher_spec, validation_metrics)
+    from raydistill.training import (BN_ROWS, EvalAdapter, set_threads, single_process_group, teacher_engine,
+                                     teacher_recipe, validation_metrics)
 
     cfg = cfg.with_values(trial_overrides(cfg, in_process=True))
     tcfg = cfg.teacher
-    spec = teacher_spec(cfg, data)
+    recipe = teacher_recipe(cfg, data.num_classes, data.input_shape, len(data.train))
+    spec, plan = recipe.spec, recipe.plan
     set_threads(cfg.sweep.cpus_per_trial)
     single_process_group()
-    plan = StepPlan.of(len(data.train), 1, tcfg.batch_size, tcfg.epochs, tcfg.grad_accum_steps)
-    engine = teacher_engine(cfg, spec, 1, plan)
+    engine = teacher_engine(recipe)
     adapter = EvalAdapter(engine, engine.device)
     bn_images = data.train.head(BN_ROWS).images
     batches = local_batches(cfg, data.train, plan.epochs, plan.rows_per_epoch(1, tcfg.batch_size), tcfg.batch_size,
@@ -102,16 +102,35 @@ def trial_overrides(cfg: Config, in_process: bool) -> dict:
 
 
 def check_swept_keys(cfg: Config) -> None:
-    """Refuse a swept key whose sampled value the trial replaces with its own (trial_overrides),
-    so that its "best" value would be noise. Raises ConfigError naming the key."""
+    """Refuse a swept key that changes nothing a trial trains, so that its "best" value would
+    be noise: a key the trial replaces with its own value (trial_overrides), or one the
+    trial's recipe does not read at all (another stage's key, or one that changes only speed).
+    Derived from the recipe the trial trains (training.teacher_recipe), resolved at each of
+    the key's bounds or choices on placeholder data. Raises ConfigError naming the key."""
+    from raydistill.training import teacher_recipe
+
     if not cfg.sweep.num_trials:
         return
     in_process = cfg.sweep.trial_workers == 0
     kind = "in-process trials (sweep.trial_workers: 0)" if in_process else \
         f"Ray Train trials (sweep.trial_workers: {cfg.sweep.trial_workers})"
-    for key in cfg.sweep.space:
-        if key in trial_overrides(cfg, in_process):
-            raise ConfigError(f"sweep.space.{key}: {kind} set {key} themselves, so sweeping it changes nothing")
+    shape = (cfg.data.channels or 3, cfg.data.image_size, cfg.data.image_size)
+    rows = 10**7  # enough for a step at any batch: only the recipe's dependence on the key matters
+
+    def recipe_at(key: str, value):
+        try:
+            trial = cfg.with_values({key: value})
+            trial = trial.with_values(trial_overrides(trial, in_process))
+        except ConfigError as err:  # e.g. a frozen backbone for all of the trial's sweep.epochs
+            raise ConfigError(f"sweep.space.{key}={value} in {kind}: {err}") from None
+        return teacher_recipe(trial, max(2, cfg.data.num_classes), shape, rows)
+
+    for key, dist in cfg.sweep.space.items():
+        recipes = [recipe_at(key, value) for value in dist.values_to_check()]
+        if all(r == recipes[0] for r in recipes[1:]):
+            why = f"{kind} set {key} themselves" if key in trial_overrides(cfg, in_process) else \
+                f"the recipe a sweep trial trains does not read {key}"
+            raise ConfigError(f"sweep.space.{key}: {why}, so sweeping it changes nothing")
 
 
 def _timed_report_callback():
@@ -135,12 +154,12 @@ def trial_on_ray_train(params: dict, base: dict, data, storage: str) -> None:
     from ray.train import FailureConfig, RunConfig
 
     from raydistill.augment import train_stream
-    from raydistill.training import StepPlan, fit_trainer, teacher_spec, teacher_worker, torch_trainer
+    from raydistill.training import fit_trainer, teacher_recipe, teacher_worker, torch_trainer
 
     cfg = trial_config(Config.model_validate(base), params)
     tcfg = cfg.teacher
-    spec = teacher_spec(cfg, data)
-    plan = StepPlan.of(len(data.train), tcfg.num_workers, tcfg.batch_size, tcfg.epochs, tcfg.grad_accum_steps)
+    recipe = teacher_recipe(cfg, data.num_classes, data.input_shape, len(data.train))
+    spec, plan = recipe.spec, recipe.plan
     fit_id = uuid.uuid4().hex
     Path(storage).mkdir(parents=True, exist_ok=True)
     loop_config = {

@@ -329,43 +329,84 @@ def _copy_from_checkpoint(result, filename: str, dest: Path) -> Path:
 
 # ---- teacher --------------------------------------------------------------------------
 
-def teacher_network(cfg: Config, spec):
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """What a teacher run learns from, resolved from the config: the network, the step plan,
+    the engine's recipe (optimizer, clipping, precision, ZeRO), the LR schedule, the
+    fine-tuning groups and the views. The teacher stage and every sweep trial build their
+    engine and views from this and read nothing else in the config that changes training, so
+    a swept key whose values give equal recipes changes nothing a trial measures
+    (sweep.check_swept_keys)."""
+
+    spec: object  # models.ModelSpec
+    plan: StepPlan
+    seed: int
+    weights: dict  # where the initial weights come from (teacher_network)
+    engine: dict  # sharding.deepspeed_config
+    schedule: dict  # loop.lr_schedule's kind and warmup
+    groups: dict  # transfer.param_groups' fine-tuning settings
+    views: dict  # augment.view_settings
+
+
+def teacher_recipe(cfg: Config, num_classes: int, input_shape: tuple, n_train: int) -> TeacherRecipe:
+    from raydistill import sharding
+    from raydistill.augment import view_settings
+    from raydistill.models import ModelSpec
+
+    tcfg = cfg.teacher
+    plan = StepPlan.of(n_train, tcfg.num_workers, tcfg.batch_size, tcfg.epochs, tcfg.grad_accum_steps)
+    return TeacherRecipe(
+        spec=ModelSpec(tcfg.arch, num_classes, tuple(input_shape), cfg.data.image_size),
+        plan=plan,
+        seed=cfg.seed,
+        weights={"init_from": tcfg.init_from, "pretrained": tcfg.pretrained,
+                 "activation_checkpointing": tcfg.activation_checkpointing},
+        engine=sharding.deepspeed_config(tcfg, tcfg.num_workers),
+        schedule=schedule_settings(tcfg),
+        groups={"backbone_lr_scale": tcfg.backbone_lr_scale, "layer_decay": tcfg.layer_decay,
+                "frozen_steps": tcfg.freeze_backbone_epochs * plan.steps_per_epoch},
+        views=view_settings(cfg),
+    )
+
+
+def teacher_network(recipe: TeacherRecipe):
     from raydistill.models import build_network, load_matching
 
-    torch.manual_seed(cfg.seed)  # identical init on every rank before ZeRO partitions it
+    spec, weights = recipe.spec, recipe.weights
+    torch.manual_seed(recipe.seed)  # identical init on every rank before ZeRO partitions it
     net = build_network(spec)
-    if cfg.teacher.init_from:
-        load_matching(net, cfg.teacher.init_from)
-    if cfg.teacher.pretrained:
+    if weights["init_from"]:
+        load_matching(net, weights["init_from"])
+    if weights["pretrained"]:
         from raydistill import transfer
 
-        path = transfer.weights_path(spec.arch, cfg.teacher.pretrained)
+        path = transfer.weights_path(spec.arch, weights["pretrained"])
         transfer.load_pretrained(net, spec.arch, path, spec.num_classes, spec.input_shape[0])
-    if cfg.teacher.activation_checkpointing:
+    if weights["activation_checkpointing"]:
         net.set_grad_checkpointing(True)
     return net
+
+
+def schedule_settings(tcfg) -> dict:
+    return {"kind": tcfg.lr_schedule, "warmup_fraction": tcfg.warmup_fraction}
 
 
 def teacher_schedule(tcfg, total_steps: int):
     """optimizer -> the teacher's LR scheduler (loop.lr_schedule), for sharding.wrap."""
     from raydistill.loop import lr_schedule
 
-    return functools.partial(lr_schedule, kind=tcfg.lr_schedule, total_steps=total_steps,
-                             warmup_fraction=tcfg.warmup_fraction)
+    return functools.partial(lr_schedule, total_steps=total_steps, **schedule_settings(tcfg))
 
 
-def teacher_engine(cfg: Config, spec, world: int, plan: "StepPlan"):
-    """The teacher network in its DeepSpeed engine: the recipe (optimizer, LR schedule,
-    clipping, precision, ZeRO stage) is the engine's config; the fine-tuning keys make its
-    parameter groups (transfer.param_groups)."""
+def teacher_engine(recipe: TeacherRecipe):
+    """The teacher network in its DeepSpeed engine, built from the recipe alone."""
     from raydistill import sharding, transfer
+    from raydistill.loop import lr_schedule
 
-    tcfg = cfg.teacher
-    net = teacher_network(cfg, spec)
-    groups = transfer.param_groups(net, backbone_lr_scale=tcfg.backbone_lr_scale, layer_decay=tcfg.layer_decay,
-                                   frozen_steps=tcfg.freeze_backbone_epochs * plan.steps_per_epoch)
-    return sharding.wrap(net, sharding.deepspeed_config(tcfg, world), teacher_schedule(tcfg, plan.total_steps),
-                         params=groups)
+    net = teacher_network(recipe)
+    groups = transfer.param_groups(net, **recipe.groups)
+    schedule = functools.partial(lr_schedule, total_steps=recipe.plan.total_steps, **recipe.schedule)
+    return sharding.wrap(net, recipe.engine, schedule, params=groups)
 
 
 def count_attempt(path: str) -> int:
@@ -477,7 +518,7 @@ def teacher_worker(loop_config: dict) -> None:
 
     cfg, spec, plan, data, bn_images, rank, world, device = worker_start(loop_config, "teacher")
     tcfg = cfg.teacher
-    engine = teacher_engine(cfg, spec, world, plan)
+    engine = teacher_engine(teacher_recipe(cfg, data.num_classes, data.input_shape, len(data.train)))
     per_rank = sharding.gather_counts(sharding.local_param_count(engine))
     counters = {"fit_id": loop_config["fit_id"]}
     # Rank 0 counts the attempt: only its counters reach state.json and the final metrics.
