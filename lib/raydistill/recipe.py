@@ -63,13 +63,15 @@ def augment_strength(n_train: int) -> float:
 
 
 def augment_ops(n_train: int, channels: int) -> list[dict]:
-    """Label-preserving ops for any image: no flip (a mirrored diagonal stripe, digit or letter
-    is another class; list `flip` in data.augment when mirroring keeps yours), and mild even at
-    full strength, since a few hundred optimizer steps must still fit the data."""
+    """Label-preserving ops for any image: no flip and no rotation, which change the class of
+    whatever its orientation defines (a mirrored digit or letter, a plus turned towards a cross,
+    stripes at another angle; list `flip` or give `affine` its `degrees` in data.augment when
+    your classes keep), and mild even at full strength, since a few hundred optimizer steps
+    must still fit the data."""
     s = augment_strength(n_train)
     ops = [
         {"op": "random_resized_crop", "scale": [round(0.9 - 0.15 * s, 3), 1.0]},
-        {"op": "affine", "degrees": round(3 + 7 * s, 2), "translate": round(0.03 + 0.05 * s, 3)},
+        {"op": "affine", "degrees": 0.0, "translate": round(0.03 + 0.05 * s, 3)},
     ]
     if channels == 3:
         ops.append({"op": "color_jitter", "brightness": round(0.1 + 0.1 * s, 3), "contrast": round(0.1 + 0.1 * s, 3),
