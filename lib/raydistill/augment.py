@@ -212,18 +212,18 @@ def rebatch(pieces, size: int):
             xs, ys, have = [x_all[size:]], [y_all[size:]], have - size
 
 
-def local_batches(cfg: Config, split: SplitRef, epochs: int, rows_per_epoch: int, batch_size: int,
+def local_batches(views: dict, split: SplitRef, epochs: int, rows_per_epoch: int, batch_size: int,
                   num_classes: int | None = None):
     """(micro-batch number, {"image", "label"} tensors) in this process: the rows, in order,
-    that a single trainer pulls from train_stream, read and augmented here. For an in-process
-    sweep trial, which holds no Ray Data stream."""
+    that a single trainer pulls from train_stream with the same view_settings, read and
+    augmented here. For an in-process sweep trial, which holds no Ray Data stream."""
     import torch
 
     data = split.data
-    views = (_read_and_augment({k: [v] for k, v in item.items()}, root=data.root, shape=tuple(data.shape),
-                               num_classes=num_classes, **view_settings(cfg))
-             for item in stream_plan(split, cfg.seed, epochs, rows_per_epoch))
-    for micro, (x, y) in enumerate(rebatch(((v["image"], v["label"]) for v in views), batch_size), start=1):
+    views_of = (_read_and_augment({k: [v] for k, v in item.items()}, root=data.root, shape=tuple(data.shape),
+                                  num_classes=num_classes, **views)
+                for item in stream_plan(split, views["seed"], epochs, rows_per_epoch))
+    for micro, (x, y) in enumerate(rebatch(((v["image"], v["label"]) for v in views_of), batch_size), start=1):
         yield micro, {"image": torch.from_numpy(x), "label": torch.from_numpy(y)}
 
 

@@ -70,8 +70,8 @@ def train_in_process(cfg: Config, data, report) -> None:
     engine = teacher_engine(recipe)
     adapter = EvalAdapter(engine, engine.device)
     bn_images = data.train.head(BN_ROWS).images
-    batches = local_batches(cfg, data.train, plan.epochs, plan.rows_per_epoch(1, tcfg.batch_size), tcfg.batch_size,
-                            data.num_classes)
+    batches = local_batches(recipe.views, data.train, plan.epochs, plan.rows_per_epoch(1, tcfg.batch_size),
+                            tcfg.batch_size, data.num_classes)
 
     def after_step(step: int, epoch_loss: float | None) -> None:
         if epoch_loss is None:
