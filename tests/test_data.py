@@ -271,17 +271,35 @@ def test_image_folder_row_groups_mix_the_classes_whatever_the_task_size(tmp_path
         assert np.array_equal(ids(whole.split(split)), ids(cut.split(split)))
 
 
-def test_parquet_rows_sorted_by_label_are_named_before_training(tmp_path, capsys):
+def test_parquet_rows_sorted_by_label_are_mixed_before_training(tmp_path, capsys, monkeypatch):
+    """A Parquet source sorted by label would store row groups of one class; the data stage
+    rewrites its training split in hash buckets: the same rows, every row group mixed."""
+    from raydistill import data as data_module
+
     rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(3), 40)
+    labels = np.repeat(np.arange(3), 80)
     imgs = [rng.integers(0, 256, 16, dtype=np.uint8).tolist() for _ in labels]
     cfg = load_config(None, ["data.batch_size=8"])
+    monkeypatch.setattr(data_module, "FILES_PER_TASK", 32)  # several buckets from 240 rows
     write_table(tmp_path / "sorted.parquet", imgs, labels.tolist(), pa.list_(pa.uint8()))
-    load(cfg, tmp_path / "sorted.parquet", tmp_path, "sorted")
-    assert "training rows sit in row groups of a single class (rows sorted by label?)" in capsys.readouterr().out
+    mixed = load(cfg, tmp_path / "sorted.parquet", tmp_path, "sorted")
+    assert "rows sorted by label?): mixing the stored training rows" in capsys.readouterr().out
+    full = [mixed.train.read(g) for g in mixed.train.groups if g[2] == 8]
+    assert len(full) > 10 and all(len(set(b.labels)) > 1 for b in full)
+
+    monkeypatch.setattr(data_module, "_sorted_by_label", lambda *args: False)
+    kept = load(cfg, tmp_path / "sorted.parquet", tmp_path, "kept")
+    assert sum(len(set(kept.train.read(g).labels)) == 1 for g in kept.train.groups) > len(kept.train.groups) / 2
+
+    def rows(split):  # (id, label, pixels) of every stored row, in id order
+        return sorted((int(i), int(y), x.tobytes()) for b in split.batches() for i, y, x in zip(b.ids, b.labels, b.images))
+
+    assert rows(mixed.train) == rows(kept.train) and rows(mixed.val) == rows(kept.val)
+    assert Dataset.load(tmp_path / "sorted").train.groups == mixed.train.groups  # the index names the mixed files
+
     order = rng.permutation(len(labels))
-    write_table(tmp_path / "mixed.parquet", [imgs[i] for i in order], labels[order].tolist(), pa.list_(pa.uint8()))
-    load(cfg, tmp_path / "mixed.parquet", tmp_path, "mixed")
+    write_table(tmp_path / "shuffled.parquet", [imgs[i] for i in order], labels[order].tolist(), pa.list_(pa.uint8()))
+    load(cfg, tmp_path / "shuffled.parquet", tmp_path, "shuffled")
     assert "single class" not in capsys.readouterr().out
 
 

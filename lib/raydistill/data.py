@@ -551,7 +551,10 @@ def _collect(cfg: Config, source: str, records: list[dict], shape, class_names, 
         for split, per_class in r["class_counts"].items():
             class_counts[split].update(per_class)
     _check_classes(source, class_counts, class_names, dcfg)
-    _warn_if_sorted_by_label(source, records, class_counts, dcfg.batch_size)
+    if _sorted_by_label(records, class_counts, dcfg.batch_size):
+        log(f"data.source '{source}': most training rows sit in row groups of a single class (rows sorted "
+            "by label?): mixing the stored training rows, so that training batches mix the classes")
+        _mix_train_split(staging, groups, shas, math.prod(shape), dcfg.batch_size, dcfg.cpus_per_task)
     data = Dataset(root=str(staging), shape=tuple(int(v) for v in shape), num_classes=num_classes, source=source,
                    rows_read=sum(r["rows_read"] for r in records), rows_skipped=dict(skipped),
                    class_names=class_names, groups=groups, sha256=shas,
@@ -581,20 +584,62 @@ def _check_classes(source: str, counts: dict[str, Counter], class_names: list[st
                 f"{per_split['test']}; the smallest split takes 1 in {need}): add images, or remove the folder")
 
 
-def _warn_if_sorted_by_label(source: str, records: list[dict], class_counts: dict[str, Counter],
-                             rows_per_group: int) -> None:
-    """A Parquet source whose rows are sorted by label stores row groups of one class, and
-    training batches are cut from row groups: most batches would hold a single class. Image
-    folders never do (their tasks cut across the class folders); this names the Parquet case,
-    unless the classes are so unequal that pure groups are what a random order gives."""
+def _sorted_by_label(records: list[dict], class_counts: dict[str, Counter], rows_per_group: int) -> bool:
+    """Whether most stored training rows sit in single-class row groups when a random order
+    would not explain it (the classes so unequal that pure groups are what chance gives).
+    Training batches are cut from row groups, so most would hold one class. A Parquet source
+    sorted by label does this; image folders never do (their tasks cut across the folders)."""
     counts = class_counts["train"]
     rows = sum(counts.values())
     pure = sum(r.get("single_class_rows", {}).get("train", 0) for r in records)
     by_chance = sum((n / rows) ** rows_per_group for n in counts.values()) if rows else 1.0
-    if len(counts) > 1 and pure > rows / 2 and by_chance < 0.25:
-        log(f"warning: data.source '{source}': {pure} of {rows} training rows sit in row groups of a single "
-            "class (rows sorted by label?). Training batches are cut from row groups, so most would hold one "
-            "class and the network would not learn: shuffle the rows before writing the Parquet files.")
+    return len(counts) > 1 and pure > rows / 2 and by_chance < 0.25
+
+
+def _mix_train_split(staging: Path, groups: dict, shas: dict, pixels: int, rows_per_group: int,
+                     cpus_per_task: float) -> None:
+    """Rewrite the stored training split in buckets of a hash of each row's id, every bucket's
+    rows in hash order: Ray Data's hash shuffle of the stored (already resized) rows, on the
+    workers, done only for a split that needs it. The same rows on every rerun and block
+    layout; `groups` and `shas` are updated in place."""
+    import ray.data
+
+    old = sorted({file for file, _, _ in groups["train"]})
+    rows = sum(n for _, _, n in groups["train"])
+    mixed = staging / ".mixed"
+    records = ray.data.read_parquet([str(staging / f) for f in old]).map_batches(
+        _bucket_of_id, fn_kwargs={"buckets": max(1, math.ceil(rows / FILES_PER_TASK))}, batch_format="pyarrow",
+        num_cpus=cpus_per_task,
+    ).groupby("bucket").map_groups(
+        _write_bucket, fn_kwargs={"out": str(mixed), "pixels": pixels, "rows_per_group": rows_per_group},
+        batch_format="pyarrow", num_cpus=cpus_per_task,
+    ).take_all()
+    for file in old:
+        (staging / file).unlink()
+        shas.pop(file)
+    groups["train"] = []
+    for r in sorted((json.loads(r["record"]) for r in records), key=lambda r: r["unit"]):
+        name, sizes, sha = r["written"]["train"]
+        os.replace(mixed / "train" / name, staging / "train" / name)
+        groups["train"].extend([f"train/{name}", g, n] for g, n in enumerate(sizes))
+        shas[f"train/{name}"] = sha
+    shutil.rmtree(mixed)
+
+
+def _bucket_of_id(table: pa.Table, *, buckets: int) -> pa.Table:
+    ids = table.column("id").to_numpy()
+    return table.append_column("bucket", pa.array(ids % buckets, type=pa.int64()))
+
+
+def _write_bucket(table: pa.Table, *, out: str, pixels: int, rows_per_group: int) -> pa.Table:
+    """map_groups: one bucket's training rows -> one stored file, rows in id order."""
+    table = table.sort_by("id")
+    writer = _ShardWriter(Path(out), f"mixed-{table.column('bucket')[0].as_py():06d}", pixels, rows_per_group)
+    flat = _flat_pixels(table.column("image").combine_chunks(), pixels)
+    for i, (label, row_id) in enumerate(zip(table.column("label").to_pylist(), table.column("id").to_pylist())):
+        writer.add("train", flat[i * pixels:(i + 1) * pixels], label, row_id)
+    record = {"unit": writer.unit, "written": writer.close()}
+    return pa.table({"record": [json.dumps(record)]})
 
 
 def _swap_in(staging: Path, out: Path) -> None:
@@ -686,15 +731,18 @@ class Batch:
     ids: np.ndarray  # (B,) int64, the row's stable id
 
 
+def _flat_pixels(images: pa.Array, pixels: int) -> np.ndarray:
+    """A stored byte column's images as one flat uint8 array, zero-copy."""
+    return np.frombuffer(images.buffers()[1], dtype=np.uint8, count=len(images) * pixels, offset=images.offset * pixels)
+
+
 def read_group(root: str, file: str, group: int, shape: tuple) -> Batch:
     """One stored row group (`data.batch_size` rows) as arrays; images zero-copy from Arrow."""
     table = pq.ParquetFile(Path(root) / file).read_row_group(group)
     column = table.column("image")
     images = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     if pa.types.is_fixed_size_binary(images.type):
-        pixels = math.prod(shape)
-        flat = np.frombuffer(images.buffers()[1], dtype=np.uint8, count=len(images) * pixels,
-                             offset=images.offset * pixels)
+        flat = _flat_pixels(images, math.prod(shape))
     else:  # splits stored as lists of uint8, before the byte column
         flat = images.flatten().to_numpy(zero_copy_only=False)
     return Batch(flat.reshape(-1, *shape), table.column("label").to_numpy(), table.column("id").to_numpy())
