@@ -76,14 +76,8 @@ def test_bad_space_or_metric_names_the_key(tmp_path, space, sweep, expected):
         # micro-batches, so there that key does change what it trains.)
         ({"teacher.epochs": {"int": [1, 3]}}, {"trial_workers": 2}, "teacher.epochs: Ray Train trials"),
         ({"teacher.num_workers": {"choice": [1, 2]}}, {"trial_workers": 2}, "teacher.num_workers: Ray Train trials"),
-        # Keys the trial's recipe never reads: another stage's, the data stage's split (made
-        # once, before the sweep), and settings that change only speed.
+        # A key the trial's recipe never reads (more in the test below).
         ({"deploy.replica_cpus": {"uniform": [0.5, 1]}}, {}, "deploy.replica_cpus: the recipe a sweep trial trains does not read"),
-        ({"student.lr": {"loguniform": [1e-3, 1e-2]}}, {}, "student.lr: the recipe"),
-        ({"data.val_fraction": {"uniform": [0.1, 0.2]}}, {}, "data.val_fraction: the recipe"),
-        ({"data.cpus_per_task": {"choice": [0.5, 1.0]}}, {"trial_workers": 2}, "data.cpus_per_task: the recipe"),
-        # A value that leaves the trial, at its sweep.epochs, nothing to train.
-        ({"teacher.freeze_backbone_epochs": {"int": [0, 2]}}, {"epochs": 2}, "teacher.freeze_backbone_epochs=2 in in-process trials"),
     ],
 )
 def test_cli_exits_2_for_a_bad_sweep_before_anything_runs(tmp_path, space, sweep, key):
@@ -122,6 +116,28 @@ def test_presets_load_with_their_spaces():
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
         assert "teacher.lr" in cfg.sweep.space
         check_swept_keys(cfg)  # every preset key changes what its trials train
+
+
+@pytest.mark.parametrize(
+    "space, sweep, expected",
+    [
+        # Keys the trial's recipe never reads: another stage's, the data stage's split (made
+        # once, before the sweep), and settings that change only speed.
+        ({"student.lr": {"loguniform": [1e-3, 1e-2]}}, {}, "student.lr: the recipe a sweep trial trains does not read"),
+        ({"data.val_fraction": {"uniform": [0.1, 0.2]}}, {}, "data.val_fraction: the recipe"),
+        ({"data.cpus_per_task": {"choice": [0.5, 1.0]}}, {"trial_workers": 2}, "data.cpus_per_task: the recipe"),
+        ({"teacher.checkpoint_every_steps": {"int": [10, 100]}}, {}, "teacher.checkpoint_every_steps: the recipe"),
+        # A value that leaves the trial, at its sweep.epochs, nothing to train.
+        ({"teacher.freeze_backbone_epochs": {"int": [0, 2]}}, {"epochs": 2},
+         "sweep.space.teacher.freeze_backbone_epochs=2 in in-process trials (sweep.trial_workers: 0): bad values"),
+    ],
+)
+def test_a_key_that_changes_nothing_a_trial_trains_is_refused(tmp_path, space, sweep, expected):
+    from raydistill.sweep import check_swept_keys
+
+    with pytest.raises(ConfigError) as err:
+        check_swept_keys(load_config(_space(tmp_path, space, **sweep)))
+    assert expected in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("trial_workers", [0, 2])
