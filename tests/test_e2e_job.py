@@ -49,8 +49,9 @@ def _hashes(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def head():
-    """A real Ray head of 2 CPUs, token auth on (raydistill.testing.localcluster)."""
-    with LocalCluster.temporary(head_cpus=2) as cluster:
+    """A real Ray head of 2 CPUs, token auth on (raydistill.testing.localcluster). A runtime
+    env that cannot be built fails on its first attempt, not after Ray's three (minutes each)."""
+    with LocalCluster.temporary(head_cpus=2, extra_env={"RUNTIME_ENV_RETRY_TIMES": "1"}) as cluster:
         yield cluster
 
 
