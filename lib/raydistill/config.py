@@ -134,9 +134,32 @@ class CutMixOp(_Op):
     p: float = Field(0.5, ge=0, le=1)
 
 
+class _TokenOp(_Op):
+    rate: float = Field(0.1, ge=0, lt=1, description="share of a text's tokens the op touches")
+
+
+class TokenMaskOp(_TokenOp):
+    """Replace tokens with the tokenizer's [MASK] (text tasks)."""
+
+    op: Literal["token_mask"]
+
+
+class TokenDeleteOp(_TokenOp):
+    """Drop tokens; the rest close up (text tasks)."""
+
+    op: Literal["token_delete"]
+
+
+class TokenSwapOp(_TokenOp):
+    """Swap tokens with their right neighbour (text tasks)."""
+
+    op: Literal["token_swap"]
+
+
+TEXT_OPS = ("token_mask", "token_delete", "token_swap")
 AugmentOp = Annotated[
     Union[RandomResizedCropOp, FlipOp, RotationOp, AffineOp, ColorJitterOp, GaussianNoiseOp,
-          RandomErasingOp, RandAugmentOp, MixUpOp, CutMixOp],
+          RandomErasingOp, RandAugmentOp, MixUpOp, CutMixOp, TokenMaskOp, TokenDeleteOp, TokenSwapOp],
     Field(discriminator="op"),
 ]
 # op name -> its model: config keys `data.augment.<op>.<param>` address one op of the list.
@@ -160,6 +183,15 @@ class DataConfig(_Section):
     )
     image_column: str = "image"
     label_column: str = "label"
+    text_column: str = Field("text", description="text tasks: the column holding each row's text")
+    text_pair_column: str | None = Field(
+        None, description="text tasks: a second text per row (premise/hypothesis, query/document); "
+        "the pair is encoded as one sequence, [CLS] text [SEP] pair [SEP]")
+    max_length: int = Field(128, ge=8, le=4096, description="text tasks: tokens per sequence; longer texts are cut")
+    tokenizer: str | None = Field(
+        None, description="text tasks: a Hugging Face tokenizer folder. Unset: the teacher's folder "
+        "(teacher.arch hf:<dir>) when it holds one, else a WordPiece tokenizer trained on the training split")
+    vocab_size: int = Field(8000, ge=100, le=250000, description="text tasks: size of a tokenizer trained here")
     on_bad_rows: Literal["fail", "skip"] = "fail"
     fingerprint: Literal["sample", "full"] = Field(
         "sample", description="how the data stage tells changed data at the same source: sample (every "
@@ -184,7 +216,8 @@ class DataConfig(_Section):
         default_factory=_default_augment,
         description="ordered list of ops, each {op: NAME, ...params}; ops: "
         "random_resized_crop, flip, rotation, affine, color_jitter, gaussian_noise, random_erasing, "
-        "rand_augment, mixup, cutmix. Address one op's value as data.augment.<op>.<param>",
+        "rand_augment, mixup, cutmix; for text tasks token_mask, token_delete, token_swap. "
+        "Address one op's value as data.augment.<op>.<param>",
     )
 
     @model_validator(mode="after")
@@ -402,6 +435,19 @@ class TeacherConfig(_Section):
 class StudentConfig(_Section):
     """The small model: distilled from the teacher, then pruned, exported to ONNX and int8."""
 
+    layers: int = Field(4, ge=1, le=48, description="text tasks: transformer layers of the student")
+    hidden: int = Field(256, ge=8, le=8192, description="text tasks: hidden size of the student")
+    heads: int = Field(4, ge=1, le=128, description="text tasks: attention heads (hidden must divide by it)")
+    init: Literal["auto", "teacher_layers", "fresh"] = Field(
+        "auto", description="text tasks: teacher_layers copies the embeddings and every k-th layer of the "
+        "teacher (DistilBERT; needs the teacher's hidden size and heads); fresh starts from random "
+        "weights; auto: teacher_layers when the sizes allow it")
+    hidden_weight: float = Field(
+        0.0, ge=0, description="text tasks: weight of the TinyBERT hidden-state loss (MSE through a learned "
+        "projection, student layer i against teacher layer i*k); 0 turns it off")
+    attention_weight: float = Field(
+        0.0, ge=0, description="text tasks: weight of the TinyBERT attention loss (MSE of attention "
+        "probabilities, averaged over heads); 0 turns it off")
     arch: str = Field("test_efficientnet", description="timm model name (built with pretrained=False)")
     width: float = Field(
         1.0, gt=0, le=4, description="channel multiplier (timm channel_multiplier; efficientnet / mobilenetv3 families)"
@@ -512,6 +558,10 @@ class DeployConfig(_Section):
         description="largest uploaded image, width x height, read from its header before decoding (a "
         "decompression bomb is refused, 413)",
     )
+    max_text_bytes: int = Field(16384, ge=1, description="text models: bytes one text may have (413 past it)")
+    max_text_tokens: int = Field(
+        512, ge=1, description="text models: tokens one text may encode to (400 past it); between the model's "
+        "max_length and this, texts are cut to max_length as in training")
     max_json_depth: int = Field(32, ge=2, description="deepest JSON nesting a request may have (400 past it)")
     decode_threads: int = Field(
         2, ge=1, description="threads parsing request bodies and decoding uploaded images off the replica's "
@@ -575,27 +625,49 @@ class DeployConfig(_Section):
 
 # What each stage reads: a stage reruns when any of these sections changed.
 STAGE_SECTIONS = {
-    "data": ("seed", "data"),
-    "sweep": ("seed", "data", "sweep", "teacher"),
-    "teacher": ("seed", "data", "teacher"),
-    "student": ("seed", "data", "student"),  # + the teacher's weights, an input checked by hash
+    "data": ("seed", "task", "data"),
+    "sweep": ("seed", "task", "data", "sweep", "teacher"),
+    "teacher": ("seed", "task", "data", "teacher"),
+    "student": ("seed", "task", "data", "student"),  # + the teacher's weights, an input checked by hash
     "deploy": ("deploy",),
 }
 
 
 class Config(_Section):
     seed: int = 0
+    task: Literal["image_classification", "text_classification"] = Field(
+        "image_classification", description="what the run learns: image_classification, or "
+        "text_classification (teacher.arch hf:<dir>, a BERT-family model)")
     data: DataConfig = DataConfig()
     sweep: SweepConfig = SweepConfig()
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
     deploy: DeployConfig = DeployConfig()
 
+    @property
+    def is_text(self) -> bool:
+        return self.task == "text_classification"
+
+    @model_validator(mode="after")
+    def _ops_fit_the_task(self) -> "Config":
+        """Token ops augment text and pixel ops images; each task refuses the other's. A text
+        task that leaves data.augment unset trains on the texts as they are."""
+        if self.is_text and "augment" not in self.data.model_fields_set:
+            object.__setattr__(self, "data", self.data.model_copy(update={"augment": []}))
+        wrong = [op.op for op in self.data.augment if (op.op in TEXT_OPS) != self.is_text]
+        if wrong:
+            allowed = ", ".join(TEXT_OPS) if self.is_text else "image ops only"
+            raise ValueError(f"data.augment: {', '.join(wrong)} cannot augment a {self.task} run ({allowed})")
+        if self.is_text and not self.teacher.arch.startswith("hf:"):
+            raise ValueError(f"teacher.arch: a text task's teacher is a Hugging Face model, 'hf:<hub id or "
+                             f"folder>', got {self.teacher.arch!r}")
+        return self
+
     @model_validator(mode="after")
     def _resolve_auto_arch(self) -> "Config":
         """teacher.arch=auto -> the arch for data.image_size (recipe.teacher_arch). The key stays
         unset, so a copy (with_values) resolves it again from its own image size."""
-        if self.teacher.arch == "auto":
+        if self.teacher.arch == "auto" and not self.is_text:
             from raydistill.recipe import teacher_arch
 
             teacher = self.teacher.model_copy()  # never mutate a shared default section

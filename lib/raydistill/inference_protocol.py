@@ -138,11 +138,21 @@ def decode_request(body: bytes, header_length: str | None, max_depth: int = 32,
         _only(tensor, INPUT_FIELDS, f"input '{name}'")
         if name in arrays:
             raise ProtocolError(f"input '{name}' is given more than once")
-        if not isinstance(datatype, str) or datatype not in DTYPES:
+        if not isinstance(datatype, str) or (datatype not in DTYPES and datatype != "BYTES"):
             raise ProtocolError(f"input '{name}': unsupported datatype {datatype!r}")
         shape, count = _shape(tensor, max_values)
         size = _parameters(tensor, f"input '{name}'").get("binary_data_size")
-        if size is not None:
+        if datatype == "BYTES":
+            if size is not None:
+                if not isinstance(size, int) or size < 0 or offset + size > len(blob):
+                    raise ProtocolError(f"input '{name}': binary_data_size {size!r} does not fit the body")
+                arr = _bytes_elements(blob[offset : offset + size], name)
+                offset += size
+            elif "data" in tensor:
+                arr = _strings(tensor["data"], name)
+            else:
+                raise ProtocolError(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
+        elif size is not None:
             dtype = np.dtype(DTYPES[datatype]).newbyteorder("<")
             if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(blob):
                 raise ProtocolError(f"input '{name}': binary_data_size {size!r} does not match shape {shape}")
@@ -164,6 +174,41 @@ def decode_request(body: bytes, header_length: str | None, max_depth: int = 32,
     if offset != len(blob):
         raise ProtocolError(f"{len(blob) - offset} bytes of binary data follow the inputs unclaimed")
     return payload, arrays
+
+
+def _bytes_elements(raw: memoryview, name: str) -> np.ndarray:
+    """Triton's binary BYTES tensor: each element a 4-byte little-endian length, then its bytes."""
+    out, at = [], 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise ProtocolError(f"input '{name}': BYTES data ends inside an element's 4-byte length")
+        length = int.from_bytes(raw[at : at + 4], "little")
+        if at + 4 + length > len(raw):
+            raise ProtocolError(f"input '{name}': a BYTES element of {length} bytes runs past its data")
+        out.append(_utf8(bytes(raw[at + 4 : at + 4 + length]), name))
+        at += 4 + length
+    return np.array(out, dtype=object)
+
+
+def _utf8(raw: bytes, name: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"input '{name}': a BYTES element is not UTF-8 text") from None
+
+
+def _strings(data, name: str) -> np.ndarray:
+    """JSON BYTES data: strings, in lists nested as the shape says (tritonclient flattens them)."""
+    flat, stack = [], [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, str):
+            flat.append(item)
+        else:
+            raise ProtocolError(f"input '{name}': BYTES 'data' must hold strings, got {type(item).__name__}")
+    return np.array(flat, dtype=object)
 
 
 def requested_outputs(payload: dict, available: list[str]) -> list[tuple[str, bool]]:

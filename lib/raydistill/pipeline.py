@@ -48,29 +48,31 @@ def connect_ray() -> bool:
 
 
 def load_data(cfg: Config, run: Run):
-    """The prepared data (data.Dataset). Prepared anew (read, checked, split and stored by Ray
-    Data tasks into data/splits) when the data stage is not done: its config changed, the data
-    at the source did (data.fingerprint), or its stored splits are gone. The summary holds the
-    fingerprint and is an input of every stage that trains, so those are redone too."""
-    from raydistill.data import INDEX, DataError, Dataset, prepare as prepare_splits, resolve_source
+    """The prepared data (the task's: data.Dataset for images, text.data.TextData for text).
+    Prepared anew (read, checked, split and stored by Ray Data tasks under data/) when the data
+    stage is not done: its config changed, the data at the source did (data.fingerprint), or
+    its stored splits are gone. The summary holds the fingerprint and is an input of every
+    stage that trains, so those are redone too."""
+    from raydistill.data import DataError
     from raydistill.fingerprint import fingerprint
+    from raydistill.tasks import task_of
 
+    task = task_of(cfg)
     data_dir = run.dir("data")
-    splits = data_dir / "splits"
-    source = resolve_source(cfg, data_dir)
+    stored = data_dir / task.stored
+    source = task.resolve_source(cfg, data_dir)
     seen = fingerprint(source, full=cfg.data.fingerprint == "full")
     digest = f"{cfg.stage_digest('data')}-{seen['sha256'][:16]}"
     data = None
     if run.is_done("data", digest):
         with contextlib.suppress(DataError, FileNotFoundError):
-            data = Dataset.load(splits)
+            data = task.load(stored)
     if data is None:
         with run.stage("data", digest, config=cfg.stage_config("data")) as outputs:
-            data = prepare_splits(cfg, source, splits)
+            data = task.prepare(cfg, source, stored)
             summary = {**data.summary(cfg.data.augment), "source_fingerprint": seen}
-            outputs.extend([write_json(data_dir / "summary.json", summary), splits / INDEX])
-    log(f"data: {data.rows_read} rows read, splits train/val/test = "
-        f"{len(data.train)}/{len(data.val)}/{len(data.test)}, skipped {data.rows_skipped or 'none'}")
+            outputs.extend([write_json(data_dir / "summary.json", summary), stored / task.index])
+    log(task.describe(data))
     return data
 
 
@@ -110,8 +112,9 @@ def stage_sweep(cfg: Config, data, run: Run, resume: bool = False) -> Config:
 
 
 def stage_teacher(cfg: Config, data, run: Run) -> dict:
-    from raydistill.training import run_teacher
+    from raydistill.tasks import task_of
 
+    run_teacher = task_of(cfg).run_teacher
     summary = _run_or_reuse(
         run, cfg, "teacher",
         lambda out: (run_teacher(cfg, data, out), [out / "teacher.safetensors"]),
@@ -123,8 +126,9 @@ def stage_teacher(cfg: Config, data, run: Run) -> dict:
 
 
 def stage_student(cfg: Config, data, run: Run) -> dict:
-    from raydistill.distill import run_student
+    from raydistill.tasks import task_of
 
+    run_student = task_of(cfg).run_student
     teacher_path = run.root / "teacher" / "teacher.safetensors"
     teacher_sha = _verify(run, "teacher", teacher_path)
     teacher_accuracy = read_json(run.root / "teacher" / "summary.json")["accuracy"]
@@ -200,7 +204,9 @@ def stage_deploy(cfg: Config, run: Run) -> dict:
     with run.stage("deploy", cfg.stage_digest("deploy"), inputs=[weights, *([onnx] if onnx else [])],
                    config=cfg.stage_config("deploy")) as outputs:
         digest = _verify(run, "student", weights)
-        model = ServedModel(str(weights), digest, *((str(onnx), _verify(run, "student", onnx)) if onnx else ()))
+        tokenizer = run.root / "data" / "text" / "tokenizer"
+        model = ServedModel(str(weights), digest, *((str(onnx), _verify(run, "student", onnx)) if onnx else (None, None)),
+                            str(tokenizer) if cfg.is_text else None)
         version = digest[:12]
         read_api_key(dcfg)  # checked again: the key may have gone since the run started
         serve.start(http_options={"host": dcfg.host, "port": dcfg.port})
@@ -319,7 +325,7 @@ def prepare(cfg: Config, run: Run, stages: tuple[str, ...]) -> tuple[Config, obj
     it leaves unset fitted to the data (recipe.fit_to_data), and the data (None when no stage
     needs it). The caller holds the run's lock, has started its record and is connected to Ray."""
     data = load_data(cfg, run) if {"sweep", "teacher", "student"} & set(stages) else None
-    if data is not None:
+    if data is not None and not cfg.is_text:  # the fitted recipe is the image one
         from raydistill.recipe import fit_to_data
 
         cfg, chosen = fit_to_data(cfg, len(data.train), data.input_shape[0])
@@ -334,9 +340,9 @@ def prepare(cfg: Config, run: Run, stages: tuple[str, ...]) -> tuple[Config, obj
 
         check_sweep(cfg, data)
     if "teacher" in stages:
-        from raydistill.training import check_teacher, teacher_spec
+        from raydistill.tasks import task_of
 
-        check_teacher(cfg, teacher_spec(cfg, data), len(data.train))
+        task_of(cfg).check_teacher(cfg, data)
     return cfg, data
 
 
@@ -347,9 +353,9 @@ def check_before_ray(cfg: Config, stages: tuple[str, ...]) -> None:
 
         check_swept_keys(cfg)
     if "teacher" in stages:
-        from raydistill.training import check_teacher_network
+        from raydistill.tasks import task_of
 
-        check_teacher_network(cfg)
+        task_of(cfg).check_teacher(cfg)
     if "deploy" in stages:
         from raydistill.serving import read_api_key
 

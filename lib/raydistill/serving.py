@@ -72,22 +72,31 @@ class BadRequest(Exception):
         self.status = status
 
 
-@api.exception_handler(BadRequest)
 async def _bad_request(_: Request, err: BadRequest) -> JSONResponse:
     return JSONResponse({"error": str(err)}, status_code=err.status)
 
 
-@api.exception_handler(HTTPException)  # the framework's own: unknown route (404), wrong method (405)
 async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
+    """The framework's own errors: unknown route (404), wrong method (405)."""
     message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
     return JSONResponse({"error": message.get(err.status_code, str(err.detail))}, status_code=err.status_code,
                         headers=getattr(err, "headers", None))
 
 
-@api.exception_handler(RequestValidationError)
 async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
     where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in err.errors())
     return JSONResponse({"error": f"invalid request: {where}"}, status_code=422)
+
+
+def install_error_handlers(app: FastAPI) -> FastAPI:
+    """Every error an app answers is {"error": "..."}, its own and the framework's alike."""
+    app.add_exception_handler(BadRequest, _bad_request)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    return app
+
+
+install_error_handlers(api)
 
 
 # What each route reads; a request without a Content-Type is read as the route's default.
@@ -181,6 +190,7 @@ class ServedModel(NamedTuple):
     sha256: str | None
     onnx: str | None = None
     onnx_sha256: str | None = None
+    tokenizer: str | None = None  # text models: the tokenizer folder the replica encodes with
 
 
 def forward_in_chunks(predict, pixels: np.ndarray, max_items: int) -> np.ndarray:
@@ -231,28 +241,10 @@ class Predictor:
             return torch.softmax(logits, dim=-1).float().cpu().numpy()
 
 
-@serve.deployment
-@serve.ingress(api)
-class StudentServer:
-    """One replica: the student classifier, with requests batched across callers."""
-
-    def __init__(self, model: ServedModel, deploy: dict, version: str):
-        self.cfg = DeployConfig.model_validate(deploy)
-        self.api_key = read_api_key(self.cfg)
-        self.predict_probs = Predictor(model, max(1, int(self.cfg.replica_cpus)), self.cfg.use_gpu)
-        self.spec = self.predict_probs.spec
-        self.version = version
-        self.decoder = ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="decode")
-        self._forward.set_max_batch_size(self.cfg.max_batch_size)
-        self._forward.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # both set from config in __init__
-    async def _forward(self, requests: list[np.ndarray]) -> list[np.ndarray]:
-        """Many requests' (B_i, C, H, W) arrays -> forward passes of at most deploy.max_batch_items
-        images -> per-request probabilities. (@serve.batch counts requests, not images.)"""
-        sizes = [len(r) for r in requests]
-        probs = forward_in_chunks(self.predict_probs, np.concatenate(requests), self.cfg.max_batch_items)
-        return np.split(probs, np.cumsum(sizes)[:-1])
+class RequestPlumbing:
+    """What every server's routes share: the API key, the model name and version, bodies read
+    under deploy.max_request_bytes, and parsing off the event loop. Needs self.cfg
+    (DeployConfig), self.api_key, self.version and self.decoder (a thread pool)."""
 
     def _authorize(self, request: Request) -> None:
         """With an API key configured, every route but health and docs needs it as a bearer token."""
@@ -299,6 +291,30 @@ class StudentServer:
         if not isinstance(payload, dict):
             raise BadRequest("request body must be a JSON object")
         return payload
+
+
+@serve.deployment
+@serve.ingress(api)
+class StudentServer(RequestPlumbing):
+    """One replica: the student classifier, with requests batched across callers."""
+
+    def __init__(self, model: ServedModel, deploy: dict, version: str):
+        self.cfg = DeployConfig.model_validate(deploy)
+        self.api_key = read_api_key(self.cfg)
+        self.predict_probs = Predictor(model, max(1, int(self.cfg.replica_cpus)), self.cfg.use_gpu)
+        self.spec = self.predict_probs.spec
+        self.version = version
+        self.decoder = ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="decode")
+        self._forward.set_max_batch_size(self.cfg.max_batch_size)
+        self._forward.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # both set from config in __init__
+    async def _forward(self, requests: list[np.ndarray]) -> list[np.ndarray]:
+        """Many requests' (B_i, C, H, W) arrays -> forward passes of at most deploy.max_batch_items
+        images -> per-request probabilities. (@serve.batch counts requests, not images.)"""
+        sizes = [len(r) for r in requests]
+        probs = forward_in_chunks(self.predict_probs, np.concatenate(requests), self.cfg.max_batch_items)
+        return np.split(probs, np.cumsum(sizes)[:-1])
 
     async def _read_uploads(self, request: Request) -> np.ndarray:
         """Multipart image files (form field `file`) -> (B, C, H, W): bytes and file count are
@@ -449,7 +465,8 @@ def app(args: dict):
     shows it), instead of replicas failing over and over."""
     from raydistill.artifacts import verify_file
 
-    model = ServedModel(args["weights"], args.get("sha256"), args.get("onnx"), args.get("onnx_sha256"))
+    model = ServedModel(args["weights"], args.get("sha256"), args.get("onnx"), args.get("onnx_sha256"),
+                        args.get("tokenizer"))
     verify_file(Path(model.weights), model.sha256)
     if model.onnx is not None:
         verify_file(Path(model.onnx), model.onnx_sha256)
@@ -457,7 +474,17 @@ def app(args: dict):
 
 
 def build_app(model: ServedModel, deploy: DeployConfig, version: str):
-    """The bound Serve application for a student's files."""
+    """The bound Serve application for a student's files (a text student when it comes with a
+    tokenizer)."""
+    if model.tokenizer is not None:
+        from raydistill.text.serving import build_text_app
+
+        return build_text_app(model, deploy, version)
+    return StudentServer.options(**deployment_options(deploy)).bind(model, deploy.model_dump(mode="json"), version)
+
+
+def deployment_options(deploy: DeployConfig) -> dict:
+    """Replica resources, concurrency and scaling, from the deploy section."""
     options = {
         "name": deploy.model_name,
         "ray_actor_options": {"num_cpus": deploy.replica_cpus, "num_gpus": 1 if deploy.use_gpu else 0},
@@ -468,4 +495,4 @@ def build_app(model: ServedModel, deploy: DeployConfig, version: str):
         options["autoscaling_config"] = autoscaling
     else:
         options["num_replicas"] = deploy.num_replicas
-    return StudentServer.options(**options).bind(model, deploy.model_dump(mode="json"), version)
+    return options

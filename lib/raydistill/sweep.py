@@ -111,6 +111,9 @@ def check_swept_keys(cfg: Config) -> None:
 
     if not cfg.sweep.num_trials:
         return
+    if cfg.is_text:
+        raise ConfigError("sweep.num_trials: text tasks do not sweep yet; set sweep.num_trials=0 and the "
+                          "teacher trains with its configured settings")
     in_process = cfg.sweep.trial_workers == 0
     kind = "in-process trials (sweep.trial_workers: 0)" if in_process else \
         f"Ray Train trials (sweep.trial_workers: {cfg.sweep.trial_workers})"

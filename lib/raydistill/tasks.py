@@ -1,0 +1,65 @@
+"""One small interface per task: how its data is read and stored, how its teacher and student
+train, and which Serve application serves it. The stages (pipeline.py) call these and do not
+branch on the task themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from raydistill.config import Config
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    stored: str  # the data folder's subfolder holding the prepared splits
+    index: str  # the file in it that a finished data stage writes last
+    resolve_source: Callable  # (cfg, data_dir) -> source string
+    prepare: Callable  # (cfg, source, out) -> data
+    load: Callable  # (out) -> data
+    describe: Callable  # (data) -> one log line
+    run_teacher: Callable  # (cfg, data, out_dir) -> summary
+    run_student: Callable  # (cfg, data, teacher_path, teacher_accuracy, out_dir, teacher_sha256) -> (summary, files)
+    check_teacher: Callable  # (cfg, data | None) -> None: refusals before training
+
+
+def _image() -> Task:
+    from raydistill import data, distill, training
+
+    def describe(d) -> str:
+        return (f"data: {d.rows_read} rows read, splits train/val/test = {len(d.train)}/{len(d.val)}/{len(d.test)}, "
+                f"skipped {d.rows_skipped or 'none'}")
+
+    def check_teacher(cfg: Config, d=None) -> None:
+        if d is None:
+            training.check_teacher_network(cfg)
+        else:
+            training.check_teacher(cfg, training.teacher_spec(cfg, d), len(d.train))
+
+    return Task("image_classification", "splits", data.INDEX, data.resolve_source, data.prepare, data.Dataset.load,
+                describe, training.run_teacher, distill.run_student, check_teacher)
+
+
+def _text() -> Task:
+    from raydistill.text import data, distill, train
+
+    def prepare(cfg: Config, source: str, out: Path):
+        from raydistill.text.models import hf_source
+
+        folder = Path(hf_source(cfg.teacher.arch))
+        return data.prepare(cfg, source, out, teacher_dir=folder if folder.is_dir() else None)
+
+    def describe(d) -> str:
+        rows = "/".join(str(d.rows(s)) for s in data.SPLITS)
+        return (f"data: {d.rows_read} rows read, splits train/val/test = {rows}, {d.num_classes} classes, "
+                f"max_length {d.max_length}, skipped {d.rows_skipped or 'none'}")
+
+    return Task("text_classification", "text", data.INDEX, data.resolve_source, prepare, data.TextData.load,
+                describe, train.run_teacher, distill.run_student, train.check_teacher)
+
+
+def task_of(cfg: Config) -> Task:
+    return _text() if cfg.is_text else _image()

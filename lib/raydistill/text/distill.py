@@ -1,0 +1,149 @@
+"""The text student stage: distill on Ray Train, then export and quantize in one Ray task,
+and measure the student against its teacher (both as ONNX, one thread, batch 1, in turns).
+
+The student's size is its configuration (student.layers, hidden, heads), so there is no
+channel pruning here; student.prune_ratio applies to image students.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from raydistill.config import Config
+from raydistill.distill import INT8_FILE, ONNX_FILE, STAGING, STUDENT_FILE, kd_effect
+
+LATENCY_ROWS = 64
+
+
+def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, out_dir: Path,
+                teacher_sha256: str | None = None) -> tuple[dict, list[Path]]:
+    """Writes student.safetensors, student.onnx and student.int8.onnx; returns (summary, files).
+    A failed attempt leaves the last good files in place (they are published together)."""
+    import ray
+
+    from raydistill.artifacts import publish
+    from raydistill.text.train import make_student_factory, train_text
+
+    scfg = cfg.student
+    factory = make_student_factory(scfg)
+    extra = {"teacher_path": str(teacher_path.resolve()), "teacher_sha256": teacher_sha256, "student_factory": factory}
+    staging = out_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    metrics, elapsed = train_text("student", cfg, data, out_dir, extra, copy_to=staging)
+    control = None
+    if scfg.kd_control:
+        labels_only = cfg.with_values({"student.alpha": 1.0, "student.hidden_weight": 0.0,
+                                       "student.attention_weight": 0.0})
+        without, _ = train_text("student", labels_only, data, out_dir, extra, copy_to=staging / "without_kd")
+        control = float(without["val_accuracy"])
+    task = ray.remote(compress_in_task).options(num_cpus=scfg.cpus_per_worker, max_retries=0)
+    summary, written = ray.get(task.remote(cfg, data, teacher_path, teacher_sha256, teacher_accuracy, staging,
+                                           float(metrics["val_accuracy"]), control))
+    summary.update(steps=int(metrics["steps"]), epochs=scfg.epochs, samples_per_s=float(metrics["samples_per_s"]),
+                   train_time_s=round(elapsed, 2))
+    published = publish(staging, out_dir, written)
+    shutil.rmtree(staging, ignore_errors=True)
+    return summary, published
+
+
+def compress_in_task(cfg: Config, data, teacher_path: Path, teacher_sha256: str | None, teacher_accuracy: float,
+                     out_dir: Path, val_accuracy: float, val_without_kd: float | None) -> tuple[dict, list[Path]]:
+    import torch
+
+    from raydistill import report
+    from raydistill.compress import onnx_session
+    from raydistill.text import export
+    from raydistill.text.models import load_model, param_count
+    from raydistill.text.train import StudentFactory, latency_ms
+
+    torch.set_num_threads(max(1, int(cfg.student.cpus_per_worker)))
+    scfg = cfg.student
+    start = time.perf_counter()
+    test, val = data.arrays("test"), data.arrays("val")
+    teacher = load_model(teacher_path, teacher_sha256)
+    student = load_model(out_dir / STUDENT_FILE)
+    onnx_path = export.export_onnx(student, out_dir / ONNX_FILE, data.max_length)
+    expected = export.torch_logits(student, test)
+    fp32 = onnx_session(onnx_path)
+    onnx_check = export.check_export(expected, export.onnx_logits(fp32, test), scfg.onnx_tolerance * 100,
+                                     "the student's ONNX export")
+    files = [out_dir / STUDENT_FILE, onnx_path]
+
+    def accuracy(logits: np.ndarray, arrays: dict) -> float:
+        return float((logits.argmax(1) == arrays["label"]).mean())
+
+    student_accuracy = accuracy(expected, test)
+    int8_accuracy = int8_val = None
+    sessions = {"student_onnx": fp32}
+    if scfg.quantize:
+        int8_path = export.quantize_int8(onnx_path, out_dir / INT8_FILE)
+        files.append(int8_path)
+        int8 = onnx_session(int8_path)
+        int8_accuracy = accuracy(export.onnx_logits(int8, test), test)
+        int8_val = accuracy(export.onnx_logits(int8, val), val)
+        sessions["student_int8"] = int8
+    with tempfile.TemporaryDirectory() as tmp:  # the teacher as ONNX too: latency is compared like for like
+        teacher_onnx = onnx_session(export.export_onnx(teacher, Path(tmp) / "teacher.onnx", data.max_length))
+        latency = _latency_in_turns({"teacher_onnx": teacher_onnx, **sessions}, test)
+    with report.one_thread(), torch.inference_mode():
+        torch_latency = {"teacher": latency_ms(_torch_runner(teacher), test, 1, LATENCY_ROWS),
+                         "student": latency_ms(_torch_runner(student), test, 1, LATENCY_ROWS)}
+    served = sessions.get("student_int8", fp32)
+    teacher_params, student_params = param_count(teacher), param_count(student)
+    summary = {
+        "task": cfg.task,
+        "arch": f"bert L{scfg.layers} H{scfg.hidden} A{scfg.heads}",
+        "init": StudentFactory(scfg.layers, scfg.hidden, scfg.heads, scfg.init).plan(teacher.config),
+        "params_total": student_params,
+        "accuracy": student_accuracy,
+        "teacher_accuracy": teacher_accuracy,
+        "retention": student_accuracy / teacher_accuracy if teacher_accuracy else None,
+        "params_ratio": teacher_params / student_params,
+        "latency_ms_p50": torch_latency,
+        "latency_ms_p50_exported": latency,
+        "latency_ratio_onnx": latency["teacher_onnx"] / latency["student_onnx"],
+        "kd": {"T": scfg.temperature, "alpha": scfg.alpha, "hidden_weight": scfg.hidden_weight,
+               "attention_weight": scfg.attention_weight},
+        "kd_effect": kd_effect(val_accuracy, val_without_kd),
+        "majority_accuracy": data.majority("test"),
+        "majority_val_accuracy": data.majority("val"),
+        "pruning": {"status": "off (a text student's size is its configuration)", "ratio": 0.0},
+        "onnx": onnx_check,
+        "val_accuracy": val_accuracy,
+        "int8_accuracy": int8_accuracy,
+        "int8_val_accuracy": int8_val,
+        "served_runtime_check": accuracy(export.onnx_logits(served, val), val),
+        "compress_time_s": round(time.perf_counter() - start, 2),
+    }
+    return summary, files
+
+
+def _torch_runner(model):
+    import torch
+
+    def run(feed):
+        model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    return run
+
+
+def _latency_in_turns(sessions: dict, arrays: dict, repeats: int = 3) -> dict[str, float]:
+    """Median batch-1 latency of each session, alternating between them row by row so that a
+    noisy neighbour slows them all alike."""
+    from raydistill.text.export import INPUTS, OUTPUT
+
+    times = {name: [] for name in sessions}
+    n = min(LATENCY_ROWS, len(arrays["label"]))
+    for _ in range(repeats):
+        for i in range(n):
+            length = max(1, int(arrays["attention_mask"][i].sum()))
+            feed = {k: arrays[k][i : i + 1, :length].astype(np.int64) for k in INPUTS}
+            for name, session in sessions.items():
+                t0 = time.perf_counter()
+                session.run([OUTPUT], feed)
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}

@@ -1,0 +1,73 @@
+"""A text model as ONNX (dynamic batch and sequence axes), then int8 with ONNX Runtime's
+dynamic quantization (weights int8, activations quantized per call: the usual choice for
+transformers, whose activation ranges vary too much for a static calibration). Each file is
+checked against torch on the test split before it is kept.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raydistill.artifacts import atomic_write
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT = "logits"
+
+
+def export_onnx(model: torch.nn.Module, path: Path, max_length: int) -> Path:
+    from raydistill.text.models import TextClassifier
+
+    wrapped = TextClassifier(model).eval()
+    example = tuple(torch.ones(2, min(16, max_length), dtype=torch.long) for _ in INPUTS)
+    axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS}
+
+    def export(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+            torch.onnx.export(wrapped, example, str(tmp), input_names=list(INPUTS), output_names=[OUTPUT],
+                              dynamic_axes={**axes, OUTPUT: {0: "batch"}}, opset_version=17, dynamo=False)
+
+    return atomic_write(path, export)
+
+
+def quantize_int8(fp32: Path, int8: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    return atomic_write(int8, lambda tmp: quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8))
+
+
+def onnx_logits(session, arrays: dict, batch: int = 64) -> np.ndarray:
+    out = []
+    for start in range(0, len(arrays["label"]), batch):
+        rows = slice(start, start + batch)
+        length = max(1, int(arrays["attention_mask"][rows].sum(1).max()))
+        feed = {k: arrays[k][rows, :length].astype(np.int64) for k in INPUTS}
+        out.append(session.run([OUTPUT], feed)[0])
+    return np.concatenate(out)
+
+
+def torch_logits(model: torch.nn.Module, arrays: dict, batch: int = 64) -> np.ndarray:
+    from raydistill.text.train import logits_of
+
+    model.eval()
+    forward = lambda *x: model(input_ids=x[0], attention_mask=x[1], token_type_ids=x[2]).logits  # noqa: E731
+    with torch.no_grad():
+        return np.concatenate([logits_of(forward, arrays, slice(s, s + batch)).numpy()
+                               for s in range(0, len(arrays["label"]), batch)])
+
+
+def check_export(expected: np.ndarray, got: np.ndarray, tolerance: float, what: str) -> dict:
+    diff = float(np.abs(got - expected).max())
+    if not diff <= tolerance:
+        raise RuntimeError(f"{what} differs from torch: max |logit diff| {diff:.3g} > tolerance {tolerance:.3g}")
+    return {"max_abs_logit_diff": diff, "tolerance": tolerance,
+            "top1_agreement": float((got.argmax(1) == expected.argmax(1)).mean()), "rows": int(len(got))}
+
+
+def session_runner(session):
+    """feed dict -> logits, for latency measurements."""
+    return lambda feed: session.run([OUTPUT], feed)

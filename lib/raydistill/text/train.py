@@ -1,0 +1,428 @@
+"""Training text models on Ray Train: the teacher sharded with DeepSpeed ZeRO, the student
+distilled from it (KD on logits, optionally TinyBERT's hidden-state and attention transfer).
+
+Both run the single training loop (loop.fit) over batches streamed from the stored token
+splits by Ray Data, with the image teacher's checkpoints, resume and failure recovery
+(training._restore, training._report). Each batch is trimmed to its longest row, and the
+configured token ops (data.augment) are applied on the worker, seeded by step, so that a
+resumed run sees the views it would have seen.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raydistill.config import Config
+from raydistill.training import StepPlan
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+EVAL_BATCH = 64
+
+
+def plan_of(cfg: Config, data, role: str) -> StepPlan:
+    section = getattr(cfg, role)
+    return StepPlan.of(data.rows("train"), section.num_workers, section.batch_size, section.epochs,
+                       getattr(section, "grad_accum_steps", 1))
+
+
+def trim(batch: dict) -> dict:
+    """Cut the padding every row of the batch shares: attention costs the square of the length."""
+    length = max(1, int(batch["attention_mask"].sum(1).max()))
+    return {k: (v[:, :length] if k in INPUTS else v) for k, v in batch.items()}
+
+
+def augment_tokens(batch: dict, ops: list[dict], special_ids: torch.Tensor, mask_id: int, pad_id: int,
+                   generator: torch.Generator) -> dict:
+    """token_mask / token_delete / token_swap on the batch's ordinary tokens ([CLS], [SEP] and
+    padding are never touched), each drawn per row (p) and per token (rate)."""
+    ids, mask = batch["input_ids"].clone(), batch["attention_mask"]
+    for op in ops:
+        ordinary = mask.bool() & ~torch.isin(ids, special_ids)
+        row_on = torch.rand(ids.shape[0], 1, generator=generator) < op["p"]
+        hit = ordinary & row_on & (torch.rand(ids.shape, generator=generator) < op["rate"])
+        if op["op"] == "token_mask":
+            ids = torch.where(hit, torch.full_like(ids, mask_id), ids)
+        elif op["op"] == "token_swap":
+            right = torch.roll(ordinary, -1, dims=1)
+            swap = hit & right
+            swap &= ~torch.roll(swap, 1, dims=1)  # a token swapped with its left neighbour stays put
+            left_ids, right_ids = ids, torch.roll(ids, -1, dims=1)
+            ids = torch.where(swap, right_ids, torch.where(torch.roll(swap, 1, dims=1), torch.roll(left_ids, 1, dims=1), ids))
+        else:  # token_delete: keep the rest in order, pad the end
+            keep = ~hit & (mask.bool() | (ids != pad_id))
+            order = torch.argsort((~keep).int(), dim=1, stable=True)
+            ids = torch.where(torch.gather(keep, 1, order), torch.gather(ids, 1, order), torch.full_like(ids, pad_id))
+            kept = torch.gather(keep & mask.bool(), 1, order)
+            mask = kept.to(batch["attention_mask"].dtype)
+            batch = {**batch, "token_type_ids": torch.gather(batch["token_type_ids"], 1, order) * mask}
+    return {**batch, "input_ids": ids, "attention_mask": mask}
+
+
+def batches(shard, batch_size: int, plan: StepPlan, device, seed: int, skip: int = 0, augment=None, wait=None):
+    """(micro-batch number from 1, batch) over plan.epochs passes of the shard, each pass
+    shuffled anew (seeded) and cut at the plan's micro-batches per epoch."""
+    per_epoch = plan.steps_per_epoch * plan.accum
+    micro = 0
+    for epoch in range(plan.epochs):
+        if micro + per_epoch <= skip:  # a resumed run does not re-read finished epochs
+            micro += per_epoch
+            continue
+        stream = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=4 * batch_size,
+                                          local_shuffle_seed=seed + epoch)
+        if wait is not None:
+            stream = wait.wrap(stream)
+        for index, batch in enumerate(stream):
+            if index >= per_epoch:  # drained, not left: a split stream starts the next epoch only
+                continue            # once every worker has read this one to its end
+            micro += 1
+            if micro <= skip:
+                continue
+            batch = trim({k: v.long() for k, v in batch.items()})
+            if augment is not None:
+                batch = augment(batch, micro)
+            yield micro, {k: v.to(device) for k, v in batch.items()}
+
+
+def logits_of(forward, arrays: dict, rows: slice) -> torch.Tensor:
+    batch = trim({k: torch.from_numpy(arrays[k][rows]).long() for k in INPUTS})
+    return forward(*(batch[k] for k in INPUTS)).float().cpu()
+
+
+def accuracy_sharded(forward, arrays: dict, rank: int, world: int, device) -> float:
+    """Accuracy on a split, each rank taking every world-th batch. Every rank runs the same
+    number of forwards (ZeRO-3 gathers parameters collectively): a rank out of batches
+    repeats its last one and does not count it."""
+    import torch.distributed as dist
+
+    n = len(arrays["label"])
+    starts = list(range(0, n, EVAL_BATCH))
+    rounds = -(-len(starts) // world)
+    correct = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for r in range(rounds):
+            i = r * world + rank
+            start = starts[min(i, len(starts) - 1)]
+            rows = slice(start, start + EVAL_BATCH)
+            pred = logits_of(forward, arrays, rows).argmax(1).numpy()
+            if i < len(starts):
+                correct += torch.tensor([(pred == arrays["label"][rows]).sum(), len(pred)], dtype=torch.float64)
+    if world > 1 and dist.is_initialized():
+        dist.all_reduce(correct)
+    return float(correct[0] / max(1.0, float(correct[1])))
+
+
+class _Forward:
+    """An engine or module called with (input_ids, attention_mask, token_type_ids) -> logits."""
+
+    def __init__(self, module, device):
+        self.module, self.device = module, device
+
+    def __call__(self, *inputs):
+        return self.module(*(x.to(self.device) for x in inputs))
+
+
+class Teacherless:
+    """Cross-entropy on the labels (the teacher's loss, and the student without KD)."""
+
+    def __call__(self, engine, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(engine(*(batch[k] for k in INPUTS)).float(), batch["label"])
+
+
+class TextDistillation(nn.Module):
+    """The student being trained, and its loss: KD on logits (kd.kd_loss), plus TinyBERT's
+    hidden-state loss (student layer i through a learned projection against teacher layer
+    layer_map[i]) and attention loss (MSE of the attention probabilities, head-averaged)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, scfg):
+        super().__init__()
+        from raydistill.text.models import layer_map
+
+        self.student, self.teacher = student, teacher
+        self.t, self.alpha = scfg.temperature, scfg.alpha
+        self.hidden_weight, self.attention_weight = scfg.hidden_weight, scfg.attention_weight
+        self.mapping = layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+        self.project = nn.Linear(student.config.hidden_size, teacher.config.hidden_size) if self.hidden_weight else None
+
+    def forward(self, input_ids, attention_mask, token_type_ids, label=None):
+        """Logits, or with `label` the training loss (through forward, so DDP syncs gradients)."""
+        if label is None:
+            return self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+        return self.loss({"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                          "label": label})
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        from raydistill.kd import kd_loss
+
+        inputs = {k: batch[k] for k in INPUTS}
+        deep = bool(self.hidden_weight or self.attention_weight)
+        with torch.no_grad():
+            t_out = self.teacher(**inputs, output_hidden_states=deep, output_attentions=deep)
+        s_out = self.student(**inputs, output_hidden_states=deep, output_attentions=deep)
+        loss = kd_loss(s_out.logits.float(), t_out.logits.float(), batch["label"], self.t, self.alpha)
+        keep = batch["attention_mask"].unsqueeze(-1).float()
+        if self.hidden_weight:
+            pairs = [(s_out.hidden_states[i + 1], t_out.hidden_states[j + 1]) for i, j in enumerate(self.mapping)]
+            mse = sum(((self.project(s) - t) ** 2 * keep).sum() / (keep.sum() * t.shape[-1]) for s, t in pairs)
+            loss = loss + self.hidden_weight * mse / len(pairs)
+        if self.attention_weight:
+            pairs = [(s_out.attentions[i].mean(1), t_out.attentions[j].mean(1)) for i, j in enumerate(self.mapping)]
+            loss = loss + self.attention_weight * sum(F.mse_loss(s, t) for s, t in pairs) / len(pairs)
+        return loss
+
+
+class DistillLoss:
+    def __call__(self, engine, batch: dict) -> torch.Tensor:
+        return engine(*(batch[k] for k in INPUTS), batch["label"])
+
+
+def text_worker(loop_config: dict) -> None:
+    """One Ray Train worker, for the teacher (role=teacher: DeepSpeed ZeRO engine) or the
+    student (role=student: AdamW, DDP when world > 1, the frozen teacher beside it)."""
+    import ray.train
+    import ray.train.torch
+
+    from raydistill import sharding
+    from raydistill.artifacts import save_weights
+    from raydistill.loop import TorchEngine, fit, lr_schedule
+    from raydistill.text.data import load_tokenizer
+    from raydistill.text.models import TextClassifier, build_teacher, load_model, model_meta
+    from raydistill.training import (DataWait, EpochLog, _report, _restore, count_attempt, set_threads)
+
+    cfg = Config.model_validate(loop_config["cfg"])
+    role, data = loop_config["role"], loop_config["data"]
+    section = getattr(cfg, role)
+    set_threads(section.cpus_per_worker)
+    ctx = ray.train.get_context()
+    rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+    plan = StepPlan(**loop_config["plan"])
+    tok = load_tokenizer(data.tokenizer_dir)
+    if role == "teacher":
+        import functools
+
+        net = build_teacher(cfg.teacher.arch, data.num_classes, len(tok), cfg.teacher.pretrained, cfg.seed)
+        net = TextClassifier(net)  # logits out, as the loss and evaluation expect
+        schedule = functools.partial(lr_schedule, total_steps=plan.total_steps, kind=cfg.teacher.lr_schedule,
+                                     warmup_fraction=cfg.teacher.warmup_fraction)
+        engine = sharding.wrap(net, sharding.deepspeed_config(cfg.teacher, world), schedule)
+        loss, plain = Teacherless(), None
+        per_rank = sharding.gather_counts(sharding.local_param_count(engine))
+        forward = _Forward(engine, device)
+    else:
+        teacher = load_model(Path(loop_config["teacher_path"]), loop_config["teacher_sha256"]).to(device)
+        teacher.requires_grad_(False)
+        torch.manual_seed(cfg.seed)
+        trainee = TextDistillation(loop_config["student_factory"](teacher), teacher, section).to(device)
+        engine = TorchEngine(ray.train.torch.prepare_model(trainee), lr=section.lr, weight_decay=section.weight_decay,
+                             total_steps=plan.total_steps, schedule=section.lr_schedule,
+                             warmup_fraction=section.warmup_fraction, grad_clip=section.grad_clip)
+        loss = DistillLoss() if section.alpha < 1 or section.hidden_weight or section.attention_weight else Teacherless()
+        plain = trainee.student
+        forward = _Forward(trainee, device)
+        per_rank = [sum(p.numel() for p in plain.parameters())] * world
+    counters = {"fit_id": loop_config["fit_id"]}
+    attempt = count_attempt(loop_config["attempts_file"]) if rank == 0 else 1
+    log = EpochLog(role, plan, section.batch_size * getattr(section, "grad_accum_steps", 1) * world, rank,
+                   tb_dir=loop_config.get("tb_dir"))
+    start_step = _restore(engine, log, counters, attempt, rank, world) if role == "teacher" else 0
+    log.start_step = start_step
+    val = data.arrays("val")
+    ops = [op.model_dump(mode="json") for op in cfg.data.augment]
+    augment = None
+    if ops:
+        special = torch.tensor(tok.all_special_ids)
+        mask_id, pad_id = tok.mask_token_id, tok.pad_token_id
+
+        def augment(batch, micro):
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro * world + rank)
+            return augment_tokens(batch, ops, special, mask_id, pad_id, generator)
+
+    wait = DataWait()
+    stream = batches(ray.train.get_dataset_shard("train"), section.batch_size, plan, device, cfg.seed,
+                     skip=start_step * plan.accum, augment=augment, wait=wait)
+    shown, curve = {}, []
+    every = getattr(section, "checkpoint_every_steps", 0)
+
+    def after_step(step: int, epoch_loss: float | None) -> None:
+        nonlocal shown
+        save = role == "teacher" and step < plan.total_steps and (step % every == 0 if every else epoch_loss is not None)
+        metrics = {"step": step, "epoch": -(-step // plan.steps_per_epoch)}
+        if epoch_loss is not None:
+            engine.eval()
+            shown = {"loss": epoch_loss, "val_accuracy": accuracy_sharded(forward, val, rank, world, device)}
+            curve.append([step, epoch_loss])
+            log.line(step, shown)
+            metrics.update(shown)
+        if save:
+            _report(metrics, engine, step, counters)
+        elif epoch_loss is not None:
+            _report(metrics)
+
+    fit(engine, loss, stream, plan, after_step, wait)
+    engine.eval()
+    test_accuracy = accuracy_sharded(forward, data.arrays("test"), rank, world, device)
+    if role == "teacher":
+        full = sharding.consolidated_state_dict(engine)
+        state = {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
+        weights_of = net.model
+    else:
+        state, weights_of = plain.state_dict(), plain
+
+    def export(directory: Path) -> None:
+        save_weights(directory / f"{role}.safetensors", state, model_meta(weights_of, role, data))
+
+    final = {**shown, "epoch": plan.epochs, "steps": plan.total_steps, "samples_per_s": log.samples_per_s(plan.total_steps),
+             "params_per_rank": per_rank, "params_total": sum(p.numel() for p in weights_of.parameters()) if role != "teacher"
+             else sharding.full_param_count(engine), "restarts": counters.get("restarts", 0),
+             "resumes": counters.get("resumes", 0), "resumed_from_step": start_step, "test_accuracy": test_accuracy,
+             "loss_curve": curve, **wait.metrics()}
+    if role == "teacher":
+        _report(final, engine, plan.total_steps, counters, rank_files=export)
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                export(Path(tmp))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(final, checkpoint=checkpoint)
+
+
+def train_text(role: str, cfg: Config, data, out_dir: Path, extra: dict | None = None, copy_to: Path | None = None):
+    """Run text_worker on Ray Train; the trained weights land in copy_to (default out_dir).
+    Returns (rank 0's final metrics, seconds)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    from raydistill.text.models import HF_PREFIX, hf_source
+    from raydistill.training import _copy_from_checkpoint, fit_trainer, torch_trainer
+
+    section = getattr(cfg, role)
+    plan = plan_of(cfg, data, role)
+    fit_id = uuid.uuid4().hex
+    ray_dir = (out_dir / "ray").resolve()
+    ray_dir.mkdir(parents=True, exist_ok=True)
+    tree = cfg.model_dump(mode="json")
+    # Workers do not share the driver's working directory: a relative teacher folder is resolved here.
+    tree["teacher"]["arch"] = HF_PREFIX + hf_source(cfg.teacher.arch)
+    loop_config = {"cfg": tree, "role": role, "data": data, "plan": plan.__dict__,
+                   "fit_id": fit_id, "attempts_file": str(ray_dir / f"attempts-{fit_id}.log"),
+                   "tb_dir": str((out_dir / "tensorboard").resolve()), **(extra or {})}
+    run_config = RunConfig(
+        name=f"{role}-{cfg.stage_digest(role)}" + ("" if role == "teacher" else f"-{uuid.uuid4().hex[:6]}"),
+        storage_path=str(ray_dir),
+        failure_config=FailureConfig(max_failures=getattr(section, "max_failures", 0)),
+        checkpoint_config=CheckpointConfig(num_to_keep=getattr(section, "keep_checkpoints", 1)),
+    )
+    trainer = torch_trainer(text_worker, loop_config, section, {"train": data.dataset("train", cfg.data.cpus_per_task)}, run_config)
+    start = time.perf_counter()
+    result = fit_trainer(trainer, role)
+    elapsed = time.perf_counter() - start
+    _copy_from_checkpoint(result, f"{role}.safetensors", (copy_to or out_dir) / f"{role}.safetensors")
+    return result.metrics, elapsed
+
+
+def check_teacher(cfg: Config, data=None) -> dict:
+    """What can be refused before a worker starts: the teacher folder (its config, and its
+    weights when pretrained), the tokenizer against its embeddings, and the step plan."""
+    from raydistill import sharding
+    from raydistill.text.models import teacher_config
+
+    config = teacher_config(cfg.teacher.arch)
+    if data is not None:
+        from raydistill.text.data import load_tokenizer
+
+        vocab = len(load_tokenizer(data.tokenizer_dir))
+        if cfg.teacher.pretrained and vocab > config.vocab_size:
+            from raydistill.text.models import ModelError
+
+            raise ModelError(f"teacher.arch {cfg.teacher.arch}: its embeddings hold {config.vocab_size} tokens but "
+                             f"the tokenizer has {vocab}; use the model's own tokenizer (data.tokenizer)")
+        if data.max_length > getattr(config, "max_position_embeddings", data.max_length):
+            raise ValueError(f"data.max_length {data.max_length} exceeds the teacher's "
+                             f"{config.max_position_embeddings} positions")
+        plan_of(cfg, data, "teacher")
+    sharding.validate(sharding.deepspeed_config(cfg.teacher, cfg.teacher.num_workers))
+    return {"hidden_size": config.hidden_size, "layers": config.num_hidden_layers}
+
+
+def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
+    tcfg = cfg.teacher
+    check_teacher(cfg, data)
+    metrics, elapsed = train_text("teacher", cfg, data, out_dir)
+    return {
+        "task": cfg.task,
+        "arch": tcfg.arch,
+        "params_total": int(metrics["params_total"]),
+        "params_per_rank": [int(v) for v in metrics["params_per_rank"]],
+        "zero_stage": tcfg.zero_stage,
+        "world_size": tcfg.num_workers,
+        "precision": tcfg.dtype_name,
+        "steps": int(metrics["steps"]),
+        "epochs": tcfg.epochs,
+        "restarts": int(metrics["restarts"]),
+        "resumes": int(metrics["resumes"]),
+        "resumed_from_step": int(metrics["resumed_from_step"]),
+        "accuracy": float(metrics["test_accuracy"]),
+        "val_accuracy": float(metrics["val_accuracy"]),
+        "majority_accuracy": data.majority("test"),
+        "majority_val_accuracy": data.majority("val"),
+        "pretrained": bool(tcfg.pretrained),
+        "samples_per_s": float(metrics["samples_per_s"]),
+        "data_wait_fraction": float(metrics["data_wait_fraction"]),
+        "loss_curve": [[int(s), float(v)] for s, v in metrics["loss_curve"]],
+        "lr": tcfg.lr,
+        "train_time_s": round(elapsed, 2),
+    }
+
+
+def make_student_factory(scfg):
+    """teacher -> a fresh student model (a picklable callable, sent to the workers)."""
+    return StudentFactory(scfg.layers, scfg.hidden, scfg.heads, scfg.init)
+
+
+class StudentFactory:
+    def __init__(self, layers: int, hidden: int, heads: int, init: str):
+        self.layers, self.hidden, self.heads, self.init = layers, hidden, heads, init
+
+    def plan(self, teacher_cfg) -> str:
+        """teacher_layers or fresh, `auto` resolved."""
+        from raydistill.text.models import ModelError, can_copy_layers, student_config
+
+        fits = can_copy_layers(teacher_cfg, student_config(teacher_cfg, self.layers, self.hidden, self.heads))
+        if self.init == "teacher_layers" and not fits:
+            raise ModelError("student.init=teacher_layers needs the teacher's hidden size, heads and at most its "
+                             f"{teacher_cfg.num_hidden_layers} layers (student.hidden={self.hidden}, "
+                             f"heads={self.heads}, layers={self.layers})")
+        return "teacher_layers" if self.init == "teacher_layers" or (self.init == "auto" and fits) else "fresh"
+
+    def __call__(self, teacher: nn.Module) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        from raydistill.text.models import init_from_teacher, student_config
+
+        config = student_config(teacher.config, self.layers, self.hidden, self.heads)
+        student = AutoModelForSequenceClassification.from_config(config)
+        if self.plan(teacher.config) == "teacher_layers":
+            init_from_teacher(student, teacher)
+        return student
+
+
+def latency_ms(session_or_forward, arrays: dict, repeats: int, rows: int = 64) -> float:
+    """Median batch-1 latency over the first `rows` test rows, each trimmed to its own length."""
+    times = []
+    n = min(rows, len(arrays["label"]))
+    for _ in range(repeats):
+        for i in range(n):
+            length = max(1, int(arrays["attention_mask"][i].sum()))
+            feed = {k: arrays[k][i : i + 1, :length].astype(np.int64) for k in INPUTS}
+            start = time.perf_counter()
+            session_or_forward(feed)
+            times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
