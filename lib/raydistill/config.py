@@ -445,6 +445,9 @@ class StudentConfig(_Section):
     hidden_weight: float = Field(
         0.0, ge=0, description="text tasks: weight of the TinyBERT hidden-state loss (MSE through a learned "
         "projection, student layer i against teacher layer i*k); 0 turns it off")
+    seed: int | None = Field(
+        None, description="text tasks: the student's own seed (initialisation and batch order); unset: the "
+        "run's seed. Splits and the teacher stay as they are, so students can be compared across seeds")
     attention_weight: float = Field(
         0.0, ge=0, description="text tasks: weight of the TinyBERT attention loss (MSE of attention "
         "probabilities, averaged over heads); 0 turns it off")

@@ -47,10 +47,12 @@ def _text() -> Task:
     from raydistill.text import data, distill, train
 
     def prepare(cfg: Config, source: str, out: Path):
+        """A teacher folder's tokenizer, or a pretrained hub model's, unless data.tokenizer names one."""
         from raydistill.text.models import hf_source
 
-        folder = Path(hf_source(cfg.teacher.arch))
-        return data.prepare(cfg, source, out, teacher_dir=folder if folder.is_dir() else None)
+        teacher = hf_source(cfg.teacher.arch)
+        own = data.has_tokenizer(Path(teacher)) if Path(teacher).is_dir() else bool(cfg.teacher.pretrained)
+        return data.prepare(cfg, source, out, teacher_tokenizer=teacher if own else None)
 
     def describe(d) -> str:
         rows = "/".join(str(d.rows(s)) for s in data.SPLITS)

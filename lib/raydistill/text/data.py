@@ -298,7 +298,7 @@ def _first_bad(checked, limit: int = 3) -> str:
     return "; ".join(r["reason"] for r in rows)
 
 
-def prepare(cfg: Config, source: str, out: Path, teacher_dir: Path | None = None) -> TextData:
+def prepare(cfg: Config, source: str, out: Path, teacher_tokenizer: str | None = None) -> TextData:
     """Read, check, split, tokenize and store the text rows under `out` (replacing what was there)."""
     import shutil
 
@@ -343,7 +343,7 @@ def prepare(cfg: Config, source: str, out: Path, teacher_dir: Path | None = None
     out.mkdir(parents=True)
     good = checked.filter(expr=col("reason") == "")
     tok_dir = out / "tokenizer"
-    given = dcfg.tokenizer or (str(teacher_dir) if teacher_dir and has_tokenizer(teacher_dir) else None)
+    given = dcfg.tokenizer or teacher_tokenizer
     if given:
         load_tokenizer(given).save_pretrained(str(tok_dir))
     else:

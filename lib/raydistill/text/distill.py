@@ -35,15 +35,17 @@ def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, 
     staging = out_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     metrics, elapsed = train_text("student", cfg, data, out_dir, extra, copy_to=staging)
-    control = None
+    control = control_test = None
     if scfg.kd_control:
         labels_only = cfg.with_values({"student.alpha": 1.0, "student.hidden_weight": 0.0,
                                        "student.attention_weight": 0.0})
         without, _ = train_text("student", labels_only, data, out_dir, extra, copy_to=staging / "without_kd")
-        control = float(without["val_accuracy"])
+        control, control_test = float(without["val_accuracy"]), float(without["test_accuracy"])
     task = ray.remote(compress_in_task).options(num_cpus=scfg.cpus_per_worker, max_retries=0)
     summary, written = ray.get(task.remote(cfg, data, teacher_path, teacher_sha256, teacher_accuracy, staging,
                                            float(metrics["val_accuracy"]), control))
+    # The student in torch as trained, and the same student without KD, on the test split.
+    summary.update(trained_test_accuracy=float(metrics["test_accuracy"]), test_accuracy_without_kd=control_test)
     summary.update(steps=int(metrics["steps"]), epochs=scfg.epochs, samples_per_s=float(metrics["samples_per_s"]),
                    train_time_s=round(elapsed, 2))
     published = publish(staging, out_dir, written)

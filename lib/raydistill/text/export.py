@@ -19,25 +19,38 @@ OUTPUT = "logits"
 
 
 def export_onnx(model: torch.nn.Module, path: Path, max_length: int) -> Path:
+    """The model as ONNX, then through ONNX Runtime's transformer optimizer: embeddings,
+    attention, GELU and skip-LayerNorm become single fused ops. A small student is bound by
+    per-op overhead at batch 1, so fusion cuts its latency by about a third; the logits stay
+    equal to rounding (checked against torch by the caller)."""
+    import tempfile
+
+    from onnxruntime.transformers import optimizer
+
     from raydistill.text.models import TextClassifier
 
     wrapped = TextClassifier(model).eval()
     example = tuple(torch.ones(2, min(16, max_length), dtype=torch.long) for _ in INPUTS)
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS}
-
-    def export(tmp: Path) -> None:
+    config = model.config
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
-            torch.onnx.export(wrapped, example, str(tmp), input_names=list(INPUTS), output_names=[OUTPUT],
+            torch.onnx.export(wrapped, example, str(raw), input_names=list(INPUTS), output_names=[OUTPUT],
                               dynamic_axes={**axes, OUTPUT: {0: "batch"}}, opset_version=17, dynamo=False)
-
-    return atomic_write(path, export)
+        fused = optimizer.optimize_model(str(raw), model_type="bert", num_heads=config.num_attention_heads,
+                                         hidden_size=config.hidden_size)
+        return atomic_write(path, lambda out: fused.save_model_to_file(str(out)))
 
 
 def quantize_int8(fp32: Path, int8: Path) -> Path:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    return atomic_write(int8, lambda tmp: quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8))
+    # The fused ops (com.microsoft domain) defeat ONNX shape inference: their outputs are fp32.
+    return atomic_write(int8, lambda tmp: quantize_dynamic(
+        str(fp32), str(tmp), weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}))
 
 
 def onnx_logits(session, arrays: dict, batch: int = 64) -> np.ndarray:

@@ -202,6 +202,7 @@ def text_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
     plan = StepPlan(**loop_config["plan"])
+    seed = cfg.seed if role == "teacher" or cfg.student.seed is None else cfg.student.seed
     tok = load_tokenizer(data.tokenizer_dir)
     if role == "teacher":
         import functools
@@ -217,7 +218,7 @@ def text_worker(loop_config: dict) -> None:
     else:
         teacher = load_model(Path(loop_config["teacher_path"]), loop_config["teacher_sha256"]).to(device)
         teacher.requires_grad_(False)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         trainee = TextDistillation(loop_config["student_factory"](teacher), teacher, section).to(device)
         engine = TorchEngine(ray.train.torch.prepare_model(trainee), lr=section.lr, weight_decay=section.weight_decay,
                              total_steps=plan.total_steps, schedule=section.lr_schedule,
@@ -240,11 +241,11 @@ def text_worker(loop_config: dict) -> None:
         mask_id, pad_id = tok.mask_token_id, tok.pad_token_id
 
         def augment(batch, micro):
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro * world + rank)
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + micro * world + rank)
             return augment_tokens(batch, ops, special, mask_id, pad_id, generator)
 
     wait = DataWait()
-    stream = batches(ray.train.get_dataset_shard("train"), section.batch_size, plan, device, cfg.seed,
+    stream = batches(ray.train.get_dataset_shard("train"), section.batch_size, plan, device, seed,
                      skip=start_step * plan.accum, augment=augment, wait=wait)
     shown, curve = {}, []
     every = getattr(section, "checkpoint_every_steps", 0)
