@@ -135,7 +135,7 @@ def test_a_local_teacher_folder_loads_with_its_weights_and_mismatches_are_named(
     assert teacher.config.num_labels == 3
     with pytest.raises(ModelError, match="embeddings hold 120 tokens but the tokenizer has 500"):
         build_teacher(f"hf:{bert_folder}", 3, 500, pretrained=True, seed=0)
-    with pytest.raises(ModelError, match="no model config"):
+    with pytest.raises(ModelError, match="no folder .*missing, and no such model in the local Hugging Face cache"):
         build_teacher(f"hf:{tmp_path / 'missing'}", 3, 120, pretrained=False, seed=0)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text((bert_folder / "config.json").read_text())
@@ -245,3 +245,23 @@ def test_bad_bytes_inputs_are_named():
                               "parameters": {"binary_data_size": len(short)}}, short))
     with pytest.raises(ProtocolError, match="holds 2 values; shape \\[3\\] needs 3"):
         decode_request(*body({"name": "text", "shape": [3], "datatype": "BYTES", "data": ["a", "b"]}))
+
+
+@pytest.mark.parametrize("sets, exit_code, message", [
+    (["teacher.arch=hf:no/such-model-in-the-cache"], 1, "no such model in the local Hugging Face cache"),
+    (["data.augment=[{op: flip}]"], 2, "flip cannot augment a text_classification run"),
+])
+def test_a_text_run_refuses_a_missing_teacher_before_ray_starts(tmp_path, sets, exit_code, message):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [str(Path(sys.executable).parent / "raydistill"), "run", "--config", str(repo / "configs" / "text-demo.yaml"),
+           "--storage", str(tmp_path)]
+    for item in sets:
+        cmd += ["--set", item]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == exit_code, out.stderr
+    assert message in out.stderr
+    assert "Started a local Ray instance" not in out.stdout + out.stderr

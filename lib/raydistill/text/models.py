@@ -37,9 +37,11 @@ def teacher_config(arch: str):
     try:
         return AutoConfig.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as err:
-        where = "folder" if Path(source).exists() else "hub id (not in the local Hugging Face cache)"
-        raise ModelError(f"teacher.arch {arch}: no model config in that {where} "
-                         f"({str(err).splitlines()[0][:160]})") from None
+        if Path(source).exists():
+            raise ModelError(f"teacher.arch {arch}: no model config in folder {source} "
+                             f"({str(err).splitlines()[0][:160]})") from None
+        raise ModelError(f"teacher.arch {arch}: no folder {Path(source).resolve()}, and no such model in the "
+                         "local Hugging Face cache (nothing is downloaded: put it in the cache first)") from None
 
 
 def _eager(config, num_labels: int, vocab_size: int | None = None):
