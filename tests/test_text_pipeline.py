@@ -32,6 +32,7 @@ def run(tmp_path_factory):
     port = free_port()
     cfg = load_config(REPO_CONFIG, [
         f"data.source={source}", "data.vocab_size=300", "data.max_length=24", f"teacher.arch=hf:{teacher}",
+        "sweep.num_trials=2", "sweep.trial_workers=1", "sweep.epochs=1", "sweep.max_concurrent_trials=2",
         "teacher.epochs=4", "teacher.batch_size=8", "teacher.lr=2e-3", "student.layers=1", "student.hidden=32", "student.heads=2",
         "student.epochs=4", "student.batch_size=8", "student.lr=3e-3", "student.cpus_per_worker=0.5", "deploy.min_gain_over_majority=0.0",
         f"deploy.port={port}", "deploy.model_name=words", "deploy.foreground=never", "deploy.max_request_images=8"])
@@ -42,6 +43,14 @@ def run(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_the_sweep_searches_the_text_teacher_on_ray_train(run):
+    _, _, root = run
+    sweep = json.loads((root / "sweep" / "summary.json").read_text())
+    assert len(sweep["trials"]) == 2 and sweep["trial_workers"] == 1
+    assert all(t["epochs"] == 1 and t["metric"] is not None for t in sweep["trials"])
+    assert set(sweep["best_config"]) == {"teacher.lr", "teacher.weight_decay"}
 
 
 def test_the_teacher_is_sharded_and_the_student_is_smaller_and_exported(run):
@@ -116,3 +125,13 @@ def test_bad_infer_requests_get_a_4xx_that_names_the_problem(run, tensor, says):
     _, url, _ = run
     reply = requests.post(f"{url}/v2/models/words/infer", json={"inputs": [tensor]})
     assert reply.status_code == 400 and says in reply.json()["error"], reply.text
+
+
+def test_query_cli_prints_texts_with_class_names(run, capsys):
+    from raydistill.client import query
+
+    _, url, _ = run
+    assert query(url, [], texts=["sparse matrix eigenvalue", "pixel crop font " * 10]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["text", "label", "prob"] and len(out) == 3
+    assert out[2].startswith("pixel crop font") and "..." in out[2]  # long texts are shortened

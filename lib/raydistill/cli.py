@@ -32,6 +32,7 @@ EPILOG = """examples:
   raydistill run --config configs/demo.yaml --set teacher.epochs=8 --set sweep.num_trials=8
   raydistill train --config runs/demo/sweep/best.yaml --name demo
   raydistill query --url http://127.0.0.1:8000 digit.png more_digits/
+  raydistill query --text "Compute the eigenvalues of a sparse matrix."   (a text model)
   raydistill status demo
   raydistill status --json demo | jq .stages.teacher.summary.accuracy
   raydistill data preview --config configs/demo.yaml --out grid.png
@@ -63,11 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in STAGE_COMMANDS:
         _stage_parser(sub, name)
-    q = sub.add_parser("query", help="send images to a deployment and print predictions as a table")
+    q = sub.add_parser("query", help="send images (or texts) to a deployment and print predictions as a table")
     q.add_argument("--url", default="http://127.0.0.1:8000", help="deployment URL (default %(default)s)")
     q.add_argument("--api-key-file", metavar="FILE",
                    help="file holding the deployment's API key (default: $RAYDISTILL_API_KEY, if set)")
-    q.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="PNG/JPEG files or folders of them")
+    q.add_argument("paths", nargs="*", metavar="IMAGE_OR_DIR", help="PNG/JPEG files or folders of them")
+    q.add_argument("--text", dest="texts", action="append", metavar="TEXT",
+                   help="a text to classify, for a text model (repeatable; instead of images)")
     d = sub.add_parser("data", help="look at the data stage: `data preview` saves augmented samples as a PNG grid")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     pv = dsub.add_parser("preview", help="save a PNG grid of augmented training samples with their labels")
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     from raydistill.config import ConfigError
     from raydistill.data import DataError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         # `ray job stop` and Kubernetes send SIGTERM: stop as on Ctrl-C, so the running stage
         # is recorded as interrupted (not left "running"). ray.init replaces this handler with
@@ -125,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "query":
             from raydistill.client import query
 
-            return query(args.url, args.paths, args.api_key_file)
+            if bool(args.paths) == bool(args.texts):
+                parser.error("query: give image files or folders, or --text TEXT, but not both")
+            return query(args.url, args.paths, args.api_key_file, args.texts)
         if args.command == "data":
             return _data_preview(args)
         if args.command == "status":

@@ -1,4 +1,4 @@
-"""`raydistill query`: send images to a deployment, print predictions as a table."""
+"""`raydistill query`: send images or texts to a deployment, print predictions as a table."""
 
 from __future__ import annotations
 
@@ -38,37 +38,44 @@ def _image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def query(url: str, paths: list[str], key_file: str | None = None) -> int:
-    """POST images to /predict and print one row per image."""
+def _predict(url: str, key: str | None, **body) -> list[dict]:
+    """POST to /predict; the predictions, or an error naming what the deployment said."""
     import requests
 
-    key = api_key(key_file)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    files = _image_files(paths)
-    rows = []
-    for i in range(0, len(files), CHUNK):
-        chunk = files[i : i + CHUNK]
+    try:
+        resp = requests.post(f"{url.rstrip('/')}/predict", headers=headers, timeout=60, **body)
+    except requests.ConnectionError:
+        raise RuntimeError(f"cannot reach {url}: is the deployment running?") from None
+    if resp.status_code != 200:
         try:
-            resp = requests.post(
-                f"{url.rstrip('/')}/predict",
-                files=[("file", (p.name, p.read_bytes())) for p in chunk],
-                headers=headers,
-                timeout=60,
-            )
-        except requests.ConnectionError:
-            raise RuntimeError(f"cannot reach {url}: is the deployment running?") from None
-        if resp.status_code != 200:
-            try:
-                message = resp.json().get("error", resp.text)
-            except ValueError:
-                message = resp.text
-            hint = (f" (send the key with --api-key-file or ${KEY_ENV})" if resp.status_code == 401 and not key
-                    else "")
-            raise RuntimeError(f"{url}/predict answered {resp.status_code}: {message}{hint}")
-        rows += zip(chunk, resp.json()["predictions"])
-    width = max(len(str(p)) for p, _ in rows)
-    print(f"{'image':<{width}}  label  prob    top-3")
-    for path, pred in rows:
-        top = ", ".join(f"{t['label']}:{t['probability']:.2f}" for t in pred["top_k"])
-        print(f"{str(path):<{width}}  {pred['label']:>5}  {pred['probability']:.3f}  {top}")
+            message = resp.json().get("error", resp.text)
+        except ValueError:
+            message = resp.text
+        hint = f" (send the key with --api-key-file or ${KEY_ENV})" if resp.status_code == 401 and not key else ""
+        raise RuntimeError(f"{url}/predict answered {resp.status_code}: {message}{hint}")
+    return resp.json()["predictions"]
+
+
+def query(url: str, paths: list[str], key_file: str | None = None, texts: list[str] | None = None) -> int:
+    """POST images (or, for a text model, texts) to /predict and print one row per input."""
+    key = api_key(key_file)
+    rows = []
+    if texts:
+        for i in range(0, len(texts), CHUNK):
+            chunk = texts[i : i + CHUNK]
+            rows += zip(chunk, _predict(url, key, json={"instances": [{"text": t} for t in chunk]}))
+        shown = [(t if len(t) <= 60 else t[:57] + "...", p) for t, p in rows]
+    else:
+        files = _image_files(paths)
+        for i in range(0, len(files), CHUNK):
+            chunk = files[i : i + CHUNK]
+            rows += zip(chunk, _predict(url, key, files=[("file", (p.name, p.read_bytes())) for p in chunk]))
+        shown = [(str(p), pred) for p, pred in rows]
+    width = max(len(name) for name, _ in shown)
+    print(f"{'text' if texts else 'image':<{width}}  label  prob    top-3")
+    for name, pred in shown:
+        label = pred.get("class_name", pred["label"])
+        top = ", ".join(f"{t.get('class_name', t['label'])}:{t['probability']:.2f}" for t in pred["top_k"])
+        print(f"{name:<{width}}  {label!s:>5}  {pred['probability']:.3f}  {top}")
     return 0

@@ -111,9 +111,8 @@ def check_swept_keys(cfg: Config) -> None:
 
     if not cfg.sweep.num_trials:
         return
-    if cfg.is_text:
-        raise ConfigError("sweep.num_trials: text tasks do not sweep yet; set sweep.num_trials=0 and the "
-                          "teacher trains with its configured settings")
+    if cfg.is_text and cfg.sweep.trial_workers == 0:
+        raise ConfigError("sweep.trial_workers: a text task's trials run on Ray Train; set it to 1 or more")
     in_process = cfg.sweep.trial_workers == 0
     kind = "in-process trials (sweep.trial_workers: 0)" if in_process else \
         f"Ray Train trials (sweep.trial_workers: {cfg.sweep.trial_workers})"
@@ -126,6 +125,10 @@ def check_swept_keys(cfg: Config) -> None:
             trial = trial.with_values(trial_overrides(trial, in_process))
         except ConfigError as err:  # e.g. a frozen backbone for all of the trial's sweep.epochs
             raise ConfigError(f"sweep.space.{key}={value} in {kind}: {err}") from None
+        if cfg.is_text:
+            from raydistill.text.train import trial_recipe
+
+            return trial_recipe(trial)
         return teacher_recipe(trial, max(2, cfg.data.num_classes), shape, rows)
 
     for key, dist in cfg.sweep.space.items():
@@ -257,6 +260,10 @@ def max_concurrent(cfg: Config, cluster_cpus: float, cluster_gpus: float = 0) ->
 
 def check_sweep(cfg: Config, data) -> None:
     """What a sweep can refuse before Ray starts (the space itself was checked at load)."""
+    if cfg.is_text:
+        from raydistill.text.train import check_teacher
+
+        return check_teacher(trial_config(cfg, {}), data)
     if cfg.sweep.trial_workers:
         from raydistill.training import StepPlan, teacher_spec
         from raydistill.models import describe_network
@@ -283,7 +290,10 @@ def _trainable(cfg: Config, data, out_dir: Path):
     if cfg.sweep.trial_workers == 0:
         fn = tune.with_parameters(trial_in_process, base=base, data=data)
         return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial})
-    fn = tune.with_parameters(trial_on_ray_train, base=base, data=data,
+    if cfg.is_text:
+        from raydistill.text.train import trial_on_ray_train as text_trial
+
+    fn = tune.with_parameters(text_trial if cfg.is_text else trial_on_ray_train, base=base, data=data,
                               storage=str((out_dir / "ray" / "train").resolve()))
     # The trial driver only waits on its TorchTrainer: it must hold no CPU, or on a small
     # cluster the drivers take the CPUs their own workers need and nothing ever runs. Tune
@@ -475,12 +485,39 @@ def summarize(grid, cfg: Config, resumed: bool) -> dict:
     }
 
 
+def _placement_groups_of_this_job() -> set[str]:
+    """Ids of this job's live placement groups (a placement group id ends with its job's id)."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    job = ray.get_runtime_context().get_job_id()
+    return {pg for pg, info in placement_group_table().items() if pg.endswith(job) and info["state"] != "REMOVED"}
+
+
+def _remove_left_behind(before: set[str]) -> None:
+    """Remove the placement groups the sweep's trials left. When Tune stops a trial that is a
+    Ray Train run (ASHA, or its last epoch), Train's cleaner is meant to remove the run's
+    worker group placement group, but it finds the cluster through the state API, which can
+    resolve a stale address (an old /tmp/ray/ray_current_cluster) and give up: the workers'
+    CPUs then stay reserved and the teacher stage waits forever. Once Tune has returned,
+    nothing of this job's sweep holds a placement group any more."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray._raylet import PlacementGroupID
+
+    for pg in _placement_groups_of_this_job() - before:
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))
+
+
 def run_sweep(cfg: Config, data, out_dir: Path, resume: bool = False, run_name: str = "sweep") -> tuple[dict, Config]:
     """Run (or with `resume`, continue) the search; return (summary, the config with the best
     values applied). Writes progress.png beside the summary."""
     check_sweep(cfg, data)
     tuner, resumed = _tuner(cfg, data, out_dir, resume, run_name)
-    grid = tuner.fit()
+    before = _placement_groups_of_this_job()
+    try:
+        grid = tuner.fit()
+    finally:
+        _remove_left_behind(before)
     summary = summarize(grid, cfg, resumed)
     summary["mlflow_tracking_uri"] = mlflow_uri(cfg, out_dir)
     summary["majority_val_accuracy"] = data.majority("val")  # the bar val_accuracy must clear

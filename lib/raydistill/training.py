@@ -650,21 +650,8 @@ def export_check(spec, state: dict, probe_images, engine_logits: torch.Tensor, d
     return {"max_abs_logit_diff": diff, "tolerance": tolerance, "probe_images": int(len(logits))}
 
 
-def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
-    """Train the teacher on the cluster; write teacher.safetensors and return its summary."""
-    import uuid
-
-    tcfg = cfg.teacher
-    spec = teacher_spec(cfg, data)
-    check_teacher(cfg, spec, len(data.train))
-    fit_id = uuid.uuid4().hex
-    (out_dir / "ray").mkdir(parents=True, exist_ok=True)
-    extra = {"fit_id": fit_id, "attempts_file": str((out_dir / "ray" / f"attempts-{fit_id}.log").resolve()),
-             "tb_dir": str((out_dir / "tensorboard").resolve())}
-    metrics, elapsed = train_on_ray(
-        "teacher", teacher_worker, cfg, data, spec, out_dir, extra,
-        max_failures=tcfg.max_failures, keep_checkpoints=tcfg.keep_checkpoints,
-    )
+def teacher_summary(tcfg, metrics: dict, data) -> dict:
+    """What every teacher summary holds, from rank 0's final metrics (DESIGN's keys first)."""
     return {
         "arch": tcfg.arch,
         "params_total": int(metrics["params_total"]),
@@ -682,6 +669,26 @@ def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
         # The bar each accuracy must clear: always answering the split's most frequent class.
         "majority_accuracy": data.majority("test"),
         "majority_val_accuracy": data.majority("val"),
+    }
+
+
+def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
+    """Train the teacher on the cluster; write teacher.safetensors and return its summary."""
+    import uuid
+
+    tcfg = cfg.teacher
+    spec = teacher_spec(cfg, data)
+    check_teacher(cfg, spec, len(data.train))
+    fit_id = uuid.uuid4().hex
+    (out_dir / "ray").mkdir(parents=True, exist_ok=True)
+    extra = {"fit_id": fit_id, "attempts_file": str((out_dir / "ray" / f"attempts-{fit_id}.log").resolve()),
+             "tb_dir": str((out_dir / "tensorboard").resolve())}
+    metrics, elapsed = train_on_ray(
+        "teacher", teacher_worker, cfg, data, spec, out_dir, extra,
+        max_failures=tcfg.max_failures, keep_checkpoints=tcfg.keep_checkpoints,
+    )
+    return {
+        **teacher_summary(tcfg, metrics, data),
         **({"pretrained": str(tcfg.pretrained)} if tcfg.pretrained else {}),
         "export_check": metrics["export_check"],
         "samples_per_s": float(metrics["samples_per_s"]),

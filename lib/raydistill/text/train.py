@@ -10,6 +10,7 @@ resumed run sees the views it would have seen.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -95,27 +96,31 @@ def logits_of(forward, arrays: dict, rows: slice) -> torch.Tensor:
     return forward(*(batch[k] for k in INPUTS)).float().cpu()
 
 
-def accuracy_sharded(forward, arrays: dict, rank: int, world: int, device) -> float:
-    """Accuracy on a split, each rank taking every world-th batch. Every rank runs the same
-    number of forwards (ZeRO-3 gathers parameters collectively): a rank out of batches
-    repeats its last one and does not count it."""
+def split_metrics(forward, arrays: dict, rank: int, world: int) -> dict:
+    """Accuracy and mean cross-entropy on a split, each rank taking every world-th batch. Every
+    rank runs the same number of forwards (ZeRO-3 gathers parameters collectively): a rank out
+    of batches repeats its last one and does not count it."""
     import torch.distributed as dist
 
     n = len(arrays["label"])
     starts = list(range(0, n, EVAL_BATCH))
     rounds = -(-len(starts) // world)
-    correct = torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, rows
     with torch.no_grad():
         for r in range(rounds):
             i = r * world + rank
             start = starts[min(i, len(starts) - 1)]
             rows = slice(start, start + EVAL_BATCH)
-            pred = logits_of(forward, arrays, rows).argmax(1).numpy()
+            logits = logits_of(forward, arrays, rows)
+            labels = torch.from_numpy(arrays["label"][rows]).long()
             if i < len(starts):
-                correct += torch.tensor([(pred == arrays["label"][rows]).sum(), len(pred)], dtype=torch.float64)
+                sums += torch.tensor([(logits.argmax(1) == labels).sum().item(),
+                                      F.cross_entropy(logits, labels, reduction="sum").item(), len(labels)],
+                                     dtype=torch.float64)
     if world > 1 and dist.is_initialized():
-        dist.all_reduce(correct)
-    return float(correct[0] / max(1.0, float(correct[1])))
+        dist.all_reduce(sums)
+    rows = max(1.0, float(sums[2]))
+    return {"accuracy": float(sums[0] / rows), "loss": float(sums[1] / rows)}
 
 
 class _Forward:
@@ -128,7 +133,7 @@ class _Forward:
         return self.module(*(x.to(self.device) for x in inputs))
 
 
-class Teacherless:
+class LabelsOnly:
     """Cross-entropy on the labels (the teacher's loss, and the student without KD)."""
 
     def __call__(self, engine, batch: dict) -> torch.Tensor:
@@ -190,10 +195,10 @@ def text_worker(loop_config: dict) -> None:
 
     from raydistill import sharding
     from raydistill.artifacts import save_weights
-    from raydistill.loop import TorchEngine, fit, lr_schedule
+    from raydistill.loop import fit
     from raydistill.text.data import load_tokenizer
-    from raydistill.text.models import TextClassifier, build_teacher, load_model, model_meta
-    from raydistill.training import (DataWait, EpochLog, _report, _restore, count_attempt, set_threads)
+    from raydistill.text.models import model_meta
+    from raydistill.training import DataWait, EpochLog, _report, _restore, count_attempt, set_threads
 
     cfg = Config.model_validate(loop_config["cfg"])
     role, data = loop_config["role"], loop_config["data"]
@@ -204,29 +209,8 @@ def text_worker(loop_config: dict) -> None:
     plan = StepPlan(**loop_config["plan"])
     seed = cfg.seed if role == "teacher" or cfg.student.seed is None else cfg.student.seed
     tok = load_tokenizer(data.tokenizer_dir)
-    if role == "teacher":
-        import functools
-
-        net = build_teacher(cfg.teacher.arch, data.num_classes, len(tok), cfg.teacher.pretrained, cfg.seed)
-        net = TextClassifier(net)  # logits out, as the loss and evaluation expect
-        schedule = functools.partial(lr_schedule, total_steps=plan.total_steps, kind=cfg.teacher.lr_schedule,
-                                     warmup_fraction=cfg.teacher.warmup_fraction)
-        engine = sharding.wrap(net, sharding.deepspeed_config(cfg.teacher, world), schedule)
-        loss, plain = Teacherless(), None
-        per_rank = sharding.gather_counts(sharding.local_param_count(engine))
-        forward = _Forward(engine, device)
-    else:
-        teacher = load_model(Path(loop_config["teacher_path"]), loop_config["teacher_sha256"]).to(device)
-        teacher.requires_grad_(False)
-        torch.manual_seed(seed)
-        trainee = TextDistillation(loop_config["student_factory"](teacher), teacher, section).to(device)
-        engine = TorchEngine(ray.train.torch.prepare_model(trainee), lr=section.lr, weight_decay=section.weight_decay,
-                             total_steps=plan.total_steps, schedule=section.lr_schedule,
-                             warmup_fraction=section.warmup_fraction, grad_clip=section.grad_clip)
-        loss = DistillLoss() if section.alpha < 1 or section.hidden_weight or section.attention_weight else Teacherless()
-        plain = trainee.student
-        forward = _Forward(trainee, device)
-        per_rank = [sum(p.numel() for p in plain.parameters())] * world
+    build = _teacher_engine if role == "teacher" else _student_engine
+    engine, loss, plain, forward, per_rank = build(cfg, loop_config, plan, len(tok), seed, world, device)
     counters = {"fit_id": loop_config["fit_id"]}
     attempt = count_attempt(loop_config["attempts_file"]) if rank == 0 else 1
     log = EpochLog(role, plan, section.batch_size * getattr(section, "grad_accum_steps", 1) * world, rank,
@@ -256,7 +240,8 @@ def text_worker(loop_config: dict) -> None:
         metrics = {"step": step, "epoch": -(-step // plan.steps_per_epoch)}
         if epoch_loss is not None:
             engine.eval()
-            shown = {"loss": epoch_loss, "val_accuracy": accuracy_sharded(forward, val, rank, world, device)}
+            on_val = split_metrics(forward, val, rank, world)
+            shown = {"loss": epoch_loss, "val_accuracy": on_val["accuracy"], "val_loss": on_val["loss"]}
             curve.append([step, epoch_loss])
             log.line(step, shown)
             metrics.update(shown)
@@ -267,11 +252,11 @@ def text_worker(loop_config: dict) -> None:
 
     fit(engine, loss, stream, plan, after_step, wait)
     engine.eval()
-    test_accuracy = accuracy_sharded(forward, data.arrays("test"), rank, world, device)
+    test_accuracy = split_metrics(forward, data.arrays("test"), rank, world)["accuracy"]
     if role == "teacher":
         full = sharding.consolidated_state_dict(engine)
         state = {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
-        weights_of = net.model
+        weights_of = engine.module.model
     else:
         state, weights_of = plain.state_dict(), plain
 
@@ -296,12 +281,91 @@ def text_worker(loop_config: dict) -> None:
             ray.train.report(final, checkpoint=checkpoint)
 
 
+def worker_config(cfg: Config) -> dict:
+    """The config as workers receive it. They do not share the driver's working directory, so
+    a relative teacher folder is resolved here."""
+    from raydistill.text.models import HF_PREFIX, hf_source
+
+    tree = cfg.model_dump(mode="json")
+    tree["teacher"]["arch"] = HF_PREFIX + hf_source(cfg.teacher.arch)
+    return tree
+
+
+# What changes only speed or bookkeeping, not what a teacher learns.
+SPEED_KEYS = {"cpus_per_worker", "checkpoint_every_steps", "keep_checkpoints", "max_failures", "nvme_path"}
+
+
+def trial_recipe(cfg: Config) -> tuple:
+    """What a sweep trial of a text teacher trains from: its teacher settings and token ops.
+    A swept key that leaves this unchanged changes nothing a trial measures (sweep.check_swept_keys)."""
+    teacher = cfg.teacher.model_dump(mode="json", exclude=SPEED_KEYS)
+    return json.dumps(teacher, sort_keys=True), json.dumps([op.model_dump(mode="json") for op in cfg.data.augment])
+
+
+def trial_on_ray_train(params: dict, base: dict, data, storage: str) -> None:
+    """One Tune trial: a Ray Train run of the text teacher on sweep.trial_workers workers,
+    reporting val_accuracy, val_loss and loss every epoch to the scheduler."""
+    from ray import tune
+    from ray.train import FailureConfig, RunConfig
+
+    from raydistill.sweep import _timed_report_callback, trial_config
+    from raydistill.training import fit_trainer, torch_trainer
+
+    cfg = trial_config(Config.model_validate(base), params)
+    fit_id = uuid.uuid4().hex
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    loop_config = {"cfg": worker_config(cfg), "role": "teacher", "data": data, "plan": plan_of(cfg, data, "teacher").__dict__,
+                   "fit_id": fit_id, "attempts_file": str(Path(storage) / f"attempts-{fit_id}.log")}
+    run_config = RunConfig(name=f"trial-{tune.get_context().get_trial_id()}", storage_path=storage,
+                           failure_config=FailureConfig(max_failures=0), callbacks=[_timed_report_callback()])
+    trainer = torch_trainer(text_worker, loop_config, cfg.teacher,
+                            {"train": data.dataset("train", cfg.data.cpus_per_task)}, run_config)
+    fit_trainer(trainer, "sweep trial")
+
+
+def _teacher_engine(cfg: Config, loop_config: dict, plan: StepPlan, vocab: int, seed: int, world: int, device):
+    """The teacher in its DeepSpeed ZeRO engine: (engine, loss, None, forward, params per rank)."""
+    import functools
+
+    from raydistill import sharding
+    from raydistill.loop import lr_schedule
+    from raydistill.text.models import TextClassifier, build_teacher
+
+    tcfg = cfg.teacher
+    net = TextClassifier(build_teacher(tcfg.arch, loop_config["data"].num_classes, vocab, tcfg.pretrained, seed))
+    schedule = functools.partial(lr_schedule, total_steps=plan.total_steps, kind=tcfg.lr_schedule,
+                                 warmup_fraction=tcfg.warmup_fraction)
+    engine = sharding.wrap(net, sharding.deepspeed_config(tcfg, world), schedule)
+    per_rank = sharding.gather_counts(sharding.local_param_count(engine))
+    return engine, LabelsOnly(), None, _Forward(engine, device), per_rank
+
+
+def _student_engine(cfg: Config, loop_config: dict, plan: StepPlan, vocab: int, seed: int, world: int, device):
+    """The student (DDP when world > 1) beside its frozen teacher: (engine, loss, the plain
+    student, forward, params per rank)."""
+    import ray.train.torch
+
+    from raydistill.loop import TorchEngine
+    from raydistill.text.models import load_model
+
+    scfg = cfg.student
+    teacher = load_model(Path(loop_config["teacher_path"]), loop_config["teacher_sha256"]).to(device)
+    teacher.requires_grad_(False)
+    torch.manual_seed(seed)
+    trainee = TextDistillation(loop_config["student_factory"](teacher), teacher, scfg).to(device)
+    engine = TorchEngine(ray.train.torch.prepare_model(trainee), lr=scfg.lr, weight_decay=scfg.weight_decay,
+                         total_steps=plan.total_steps, schedule=scfg.lr_schedule,
+                         warmup_fraction=scfg.warmup_fraction, grad_clip=scfg.grad_clip)
+    distills = scfg.alpha < 1 or scfg.hidden_weight or scfg.attention_weight
+    per_rank = [sum(p.numel() for p in trainee.student.parameters())] * world
+    return engine, DistillLoss() if distills else LabelsOnly(), trainee.student, _Forward(trainee, device), per_rank
+
+
 def train_text(role: str, cfg: Config, data, out_dir: Path, extra: dict | None = None, copy_to: Path | None = None):
     """Run text_worker on Ray Train; the trained weights land in copy_to (default out_dir).
     Returns (rank 0's final metrics, seconds)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    from raydistill.text.models import HF_PREFIX, hf_source
     from raydistill.training import _copy_from_checkpoint, fit_trainer, torch_trainer
 
     section = getattr(cfg, role)
@@ -309,10 +373,7 @@ def train_text(role: str, cfg: Config, data, out_dir: Path, extra: dict | None =
     fit_id = uuid.uuid4().hex
     ray_dir = (out_dir / "ray").resolve()
     ray_dir.mkdir(parents=True, exist_ok=True)
-    tree = cfg.model_dump(mode="json")
-    # Workers do not share the driver's working directory: a relative teacher folder is resolved here.
-    tree["teacher"]["arch"] = HF_PREFIX + hf_source(cfg.teacher.arch)
-    loop_config = {"cfg": tree, "role": role, "data": data, "plan": plan.__dict__,
+    loop_config = {"cfg": worker_config(cfg), "role": role, "data": data, "plan": plan.__dict__,
                    "fit_id": fit_id, "attempts_file": str(ray_dir / f"attempts-{fit_id}.log"),
                    "tb_dir": str((out_dir / "tensorboard").resolve()), **(extra or {})}
     run_config = RunConfig(
@@ -354,26 +415,15 @@ def check_teacher(cfg: Config, data=None) -> dict:
 
 
 def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
+    """Train the text teacher on the cluster; write teacher.safetensors and return its summary."""
+    from raydistill.training import teacher_summary
+
     tcfg = cfg.teacher
     check_teacher(cfg, data)
     metrics, elapsed = train_text("teacher", cfg, data, out_dir)
     return {
         "task": cfg.task,
-        "arch": tcfg.arch,
-        "params_total": int(metrics["params_total"]),
-        "params_per_rank": [int(v) for v in metrics["params_per_rank"]],
-        "zero_stage": tcfg.zero_stage,
-        "world_size": tcfg.num_workers,
-        "precision": tcfg.dtype_name,
-        "steps": int(metrics["steps"]),
-        "epochs": tcfg.epochs,
-        "restarts": int(metrics["restarts"]),
-        "resumes": int(metrics["resumes"]),
-        "resumed_from_step": int(metrics["resumed_from_step"]),
-        "accuracy": float(metrics["test_accuracy"]),
-        "val_accuracy": float(metrics["val_accuracy"]),
-        "majority_accuracy": data.majority("test"),
-        "majority_val_accuracy": data.majority("val"),
+        **teacher_summary(tcfg, metrics, data),
         "pretrained": bool(tcfg.pretrained),
         "samples_per_s": float(metrics["samples_per_s"]),
         "data_wait_fraction": float(metrics["data_wait_fraction"]),
