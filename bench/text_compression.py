@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-from pathlib import Path
 
 from harness import REPO, Bench
 

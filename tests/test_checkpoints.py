@@ -91,6 +91,9 @@ def _worker(rank: int, world: int, port: int, root: str, results) -> None:
         if rank == 0:
             results.put((i, out))
     dist.destroy_process_group()
+    # Leave without interpreter teardown: a spawned rank has aborted there ("terminate called
+    # without an active exception", a native thread still joinable) after its results were in.
+    os._exit(0)
 
 
 SETTINGS = [  # (teacher settings, checkpoint shard files)
@@ -206,6 +209,9 @@ def _fallback_worker(rank: int, world: int, port: int, root: str, results) -> No
     results.put((rank, {"step": state["step"], "said": said, "both_bad": both_bad,
                         "hashes": sorted(json.loads((newer / checkpoints.STATE_FILE).read_text())["shards"])}))
     dist.destroy_process_group()
+    # Leave without interpreter teardown: a spawned rank has aborted there ("terminate called
+    # without an active exception", a native thread still joinable) after its results were in.
+    os._exit(0)
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_kept_one(tmp_path):

@@ -137,7 +137,7 @@ def test_each_stage_keeps_its_own_config_and_code_version(tmp_path):
     run.start(later.model_dump(mode="json"), later.digest())  # a later `deploy --set ...`
     record = run.manifest()["stages"]["teacher"]
     assert record["config"]["teacher"]["epochs"] == cfg.teacher.epochs and set(record["config"]) == {
-        "seed", "data", "teacher"}
+        "seed", "task", "data", "teacher"}
     assert record["git_sha"] and len(record["git_sha"]) == 40
     assert run.manifest()["config"]["teacher"]["epochs"] == 99  # the top level: the last command's
 

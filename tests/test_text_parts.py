@@ -61,6 +61,8 @@ def test_text_config_refuses_image_ops_and_a_timm_teacher():
         load_config(None, ["task=text_classification", "teacher.arch=resnet18"])
     with pytest.raises(ConfigError, match="token_mask cannot augment a image_classification run"):
         load_config(None, ["data.augment=[{op: token_mask}]"])
+    with pytest.raises(ConfigError, match="a text student runs its teacher online"):
+        text_cfg("x", "student.teacher_mode=offline")
     assert text_cfg("x").data.augment == []  # unset: texts as they are, never the image defaults
 
 

@@ -661,6 +661,10 @@ class Config(_Section):
         if wrong:
             allowed = ", ".join(TEXT_OPS) if self.is_text else "image ops only"
             raise ValueError(f"data.augment: {', '.join(wrong)} cannot augment a {self.task} run ({allowed})")
+        if self.is_text and self.student.teacher_mode == "offline":
+            raise ValueError("student.teacher_mode: a text student runs its teacher online")
+        if self.is_text and self.student.hint_weight:
+            raise ValueError("student.hint_weight: a text student transfers hidden states with student.hidden_weight")
         if self.is_text and not self.teacher.arch.startswith("hf:"):
             raise ValueError(f"teacher.arch: a text task's teacher is a Hugging Face model, 'hf:<hub id or "
                              f"folder>', got {self.teacher.arch!r}")

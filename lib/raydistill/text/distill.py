@@ -27,10 +27,10 @@ def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, 
     import ray
 
     from raydistill.artifacts import publish
-    from raydistill.text.train import make_student_factory, train_text
+    from raydistill.text.train import StudentFactory, train_text
 
     scfg = cfg.student
-    factory = make_student_factory(scfg)
+    factory = StudentFactory.of(scfg)
     extra = {"teacher_path": str(teacher_path.resolve()), "teacher_sha256": teacher_sha256, "student_factory": factory}
     staging = out_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)
@@ -61,7 +61,7 @@ def compress_in_task(cfg: Config, data, teacher_path: Path, teacher_sha256: str 
     from raydistill.compress import onnx_session
     from raydistill.text import export
     from raydistill.text.models import load_model, param_count
-    from raydistill.text.train import StudentFactory, latency_ms
+    from raydistill.text.train import StudentFactory
 
     torch.set_num_threads(max(1, int(cfg.student.cpus_per_worker)))
     scfg = cfg.student
@@ -81,26 +81,25 @@ def compress_in_task(cfg: Config, data, teacher_path: Path, teacher_sha256: str 
 
     student_accuracy = accuracy(expected, test)
     int8_accuracy = int8_val = None
-    sessions = {"student_onnx": fp32}
+    sessions = {"student_onnx": export.session_runner(fp32)}
     if scfg.quantize:
         int8_path = export.quantize_int8(onnx_path, out_dir / INT8_FILE)
         files.append(int8_path)
         int8 = onnx_session(int8_path)
         int8_accuracy = accuracy(export.onnx_logits(int8, test), test)
         int8_val = accuracy(export.onnx_logits(int8, val), val)
-        sessions["student_int8"] = int8
+        sessions["student_int8"] = export.session_runner(int8)
     with tempfile.TemporaryDirectory() as tmp:  # the teacher as ONNX too: latency is compared like for like
         teacher_onnx = onnx_session(export.export_onnx(teacher, Path(tmp) / "teacher.onnx", data.max_length))
-        latency = _latency_in_turns({"teacher_onnx": teacher_onnx, **sessions}, test)
+        latency = _latency_in_turns({"teacher_onnx": export.session_runner(teacher_onnx), **sessions}, test)
     with report.one_thread(), torch.inference_mode():
-        torch_latency = {"teacher": latency_ms(_torch_runner(teacher), test, 1, LATENCY_ROWS),
-                         "student": latency_ms(_torch_runner(student), test, 1, LATENCY_ROWS)}
-    served = sessions.get("student_int8", fp32)
+        torch_latency = _latency_in_turns({"teacher": _torch_runner(teacher), "student": _torch_runner(student)},
+                                          test, repeats=1)
     teacher_params, student_params = param_count(teacher), param_count(student)
     summary = {
         "task": cfg.task,
         "arch": f"bert L{scfg.layers} H{scfg.hidden} A{scfg.heads}",
-        "init": StudentFactory(scfg.layers, scfg.hidden, scfg.heads, scfg.init).plan(teacher.config),
+        "init": StudentFactory.of(scfg).plan(teacher.config),
         "params_total": student_params,
         "accuracy": student_accuracy,
         "teacher_accuracy": teacher_accuracy,
@@ -119,7 +118,6 @@ def compress_in_task(cfg: Config, data, teacher_path: Path, teacher_sha256: str 
         "val_accuracy": val_accuracy,
         "int8_accuracy": int8_accuracy,
         "int8_val_accuracy": int8_val,
-        "served_runtime_check": accuracy(export.onnx_logits(served, val), val),
         "compress_time_s": round(time.perf_counter() - start, 2),
     }
     return summary, files
@@ -133,19 +131,20 @@ def _torch_runner(model):
     return run
 
 
-def _latency_in_turns(sessions: dict, arrays: dict, repeats: int = 3) -> dict[str, float]:
-    """Median batch-1 latency of each session, alternating between them row by row so that a
+def _latency_in_turns(runners: dict, arrays: dict, repeats: int = 3) -> dict[str, float]:
+    """Median batch-1 latency (ms) of each runner (feed dict -> output) over the first test
+    rows, each cut to its own length, alternating between the runners row by row so that a
     noisy neighbour slows them all alike."""
-    from raydistill.text.export import INPUTS, OUTPUT
+    from raydistill.text.export import INPUTS
 
-    times = {name: [] for name in sessions}
+    times = {name: [] for name in runners}
     n = min(LATENCY_ROWS, len(arrays["label"]))
     for _ in range(repeats):
         for i in range(n):
             length = max(1, int(arrays["attention_mask"][i].sum()))
             feed = {k: arrays[k][i : i + 1, :length].astype(np.int64) for k in INPUTS}
-            for name, session in sessions.items():
+            for name, run in runners.items():
                 t0 = time.perf_counter()
-                session.run([OUTPUT], feed)
+                run(feed)
                 times[name].append(time.perf_counter() - t0)
     return {name: 1e3 * float(np.median(t)) for name, t in times.items()}

@@ -15,7 +15,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -218,19 +217,9 @@ def text_worker(loop_config: dict) -> None:
     start_step = _restore(engine, log, counters, attempt, rank, world) if role == "teacher" else 0
     log.start_step = start_step
     val = data.arrays("val")
-    ops = [op.model_dump(mode="json") for op in cfg.data.augment]
-    augment = None
-    if ops:
-        special = torch.tensor(tok.all_special_ids)
-        mask_id, pad_id = tok.mask_token_id, tok.pad_token_id
-
-        def augment(batch, micro):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + micro * world + rank)
-            return augment_tokens(batch, ops, special, mask_id, pad_id, generator)
-
     wait = DataWait()
     stream = batches(ray.train.get_dataset_shard("train"), section.batch_size, plan, device, seed,
-                     skip=start_step * plan.accum, augment=augment, wait=wait)
+                     skip=start_step * plan.accum, augment=_token_ops(cfg, tok, seed, rank, world), wait=wait)
     shown, curve = {}, []
     every = getattr(section, "checkpoint_every_steps", 0)
 
@@ -321,6 +310,21 @@ def trial_on_ray_train(params: dict, base: dict, data, storage: str) -> None:
     trainer = torch_trainer(text_worker, loop_config, cfg.teacher,
                             {"train": data.dataset("train", cfg.data.cpus_per_task)}, run_config)
     fit_trainer(trainer, "sweep trial")
+
+
+def _token_ops(cfg: Config, tok, seed: int, rank: int, world: int):
+    """(batch, micro-batch number) -> the batch with data.augment's token ops applied, drawn
+    from a generator seeded by step and rank; None without ops."""
+    ops = [op.model_dump(mode="json") for op in cfg.data.augment]
+    if not ops:
+        return None
+    special = torch.tensor(tok.all_special_ids)
+
+    def augment(batch: dict, micro: int) -> dict:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + micro * world + rank)
+        return augment_tokens(batch, ops, special, tok.mask_token_id, tok.pad_token_id, generator)
+
+    return augment
 
 
 def _teacher_engine(cfg: Config, loop_config: dict, plan: StepPlan, vocab: int, seed: int, world: int, device):
@@ -433,14 +437,15 @@ def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
     }
 
 
-def make_student_factory(scfg):
-    """teacher -> a fresh student model (a picklable callable, sent to the workers)."""
-    return StudentFactory(scfg.layers, scfg.hidden, scfg.heads, scfg.init)
-
-
 class StudentFactory:
+    """teacher -> a new student model (picklable: it is sent to the workers)."""
+
     def __init__(self, layers: int, hidden: int, heads: int, init: str):
         self.layers, self.hidden, self.heads, self.init = layers, hidden, heads, init
+
+    @classmethod
+    def of(cls, scfg) -> "StudentFactory":
+        return cls(scfg.layers, scfg.hidden, scfg.heads, scfg.init)
 
     def plan(self, teacher_cfg) -> str:
         """teacher_layers or fresh, `auto` resolved."""
@@ -463,17 +468,3 @@ class StudentFactory:
         if self.plan(teacher.config) == "teacher_layers":
             init_from_teacher(student, teacher)
         return student
-
-
-def latency_ms(session_or_forward, arrays: dict, repeats: int, rows: int = 64) -> float:
-    """Median batch-1 latency over the first `rows` test rows, each trimmed to its own length."""
-    times = []
-    n = min(rows, len(arrays["label"]))
-    for _ in range(repeats):
-        for i in range(n):
-            length = max(1, int(arrays["attention_mask"][i].sum()))
-            feed = {k: arrays[k][i : i + 1, :length].astype(np.int64) for k in INPUTS}
-            start = time.perf_counter()
-            session_or_forward(feed)
-            times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
