@@ -3,6 +3,7 @@ ZeRO-3 across 2 gloo workers, a distilled student exported to ONNX and int8, and
 deployment queried over HTTP, as people and tritonclient query it, good requests and bad."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -31,7 +32,8 @@ def run(tmp_path_factory):
     source = write_jsonl(tmp / "rows.jsonl", text_rows(360))
     port = free_port()
     cfg = load_config(REPO_CONFIG, [
-        f"data.source={source}", "data.vocab_size=300", "data.max_length=24", f"teacher.arch=hf:{teacher}",
+        f"data.source={source}", "data.vocab_size=300", "data.max_length=24",
+        f"teacher.arch=hf:{os.path.relpath(teacher)}",  # relative, as in the presets: resolved before trials start
         "sweep.num_trials=2", "sweep.trial_workers=1", "sweep.epochs=1", "sweep.max_concurrent_trials=2",
         "teacher.epochs=4", "teacher.batch_size=8", "teacher.lr=2e-3", "student.layers=1", "student.hidden=32", "student.heads=2",
         "student.epochs=4", "student.batch_size=8", "student.lr=3e-3", "student.cpus_per_worker=0.5", "deploy.min_gain_over_majority=0.0",

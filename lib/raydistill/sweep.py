@@ -287,6 +287,10 @@ def _trainable(cfg: Config, data, out_dir: Path):
     from ray import tune
 
     base = cfg.model_dump(mode="json")
+    if cfg.is_text:
+        from raydistill.text.train import worker_config
+
+        base = worker_config(cfg)  # a trial runs in its own folder: a relative teacher folder is resolved here
     if cfg.sweep.trial_workers == 0:
         fn = tune.with_parameters(trial_in_process, base=base, data=data)
         return tune.with_resources(fn, {"cpu": cfg.sweep.cpus_per_trial})
