@@ -308,3 +308,14 @@ def load_weights(path: Path, expected_sha256: str | None = None) -> tuple[dict, 
     except (SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{path}: not a readable safetensors file ({err})") from None
     return tensors, meta
+
+
+def read_meta(path: Path) -> dict[str, str]:
+    """A safetensors file's header metadata alone (what the model is), without its tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(verify_file(path)), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({err})") from None

@@ -187,7 +187,16 @@ class DataConfig(_Section):
     text_pair_column: str | None = Field(
         None, description="text tasks: a second text per row (premise/hypothesis, query/document); "
         "the pair is encoded as one sequence, [CLS] text [SEP] pair [SEP]")
-    max_length: int = Field(128, ge=8, le=4096, description="text tasks: tokens per sequence; longer texts are cut")
+    question_column: str = Field("question", description="question_answering: the column holding the question")
+    context_column: str = Field("context", description="question_answering: the column holding the context")
+    answers_column: str = Field(
+        "answers", description="question_answering: the column holding the answers, SQuAD's list of "
+        "{text, answer_start} or Hugging Face datasets' {text: [...], answer_start: [...]}; empty: unanswerable")
+    max_length: int = Field(128, ge=8, le=4096, description="text tasks: tokens per sequence; longer texts are cut "
+                            "(question_answering: cut into windows)")
+    doc_stride: int = Field(32, ge=1, description="question_answering: tokens shared by consecutive windows of a "
+                            "context longer than a window")
+    max_answer_tokens: int = Field(30, ge=1, description="question_answering: the longest answer span predicted")
     tokenizer: str | None = Field(
         None, description="text tasks: a Hugging Face tokenizer folder. Unset: the teacher's folder "
         "(teacher.arch hf:<dir>) when it holds one, else a WordPiece tokenizer trained on the training split")
@@ -638,9 +647,10 @@ STAGE_SECTIONS = {
 
 class Config(_Section):
     seed: int = 0
-    task: Literal["image_classification", "text_classification"] = Field(
-        "image_classification", description="what the run learns: image_classification, or "
-        "text_classification (teacher.arch hf:<dir>, a BERT-family model)")
+    task: Literal["image_classification", "text_classification", "question_answering"] = Field(
+        "image_classification", description="what the run learns: image_classification, "
+        "text_classification or question_answering (extractive, SQuAD's); text tasks take a BERT-family "
+        "teacher, teacher.arch hf:<dir>")
     data: DataConfig = DataConfig()
     sweep: SweepConfig = SweepConfig()
     teacher: TeacherConfig = TeacherConfig()
@@ -649,7 +659,11 @@ class Config(_Section):
 
     @property
     def is_text(self) -> bool:
-        return self.task == "text_classification"
+        return self.task in ("text_classification", "question_answering")
+
+    @property
+    def is_qa(self) -> bool:
+        return self.task == "question_answering"
 
     @model_validator(mode="after")
     def _ops_fit_the_task(self) -> "Config":
@@ -665,6 +679,9 @@ class Config(_Section):
             raise ValueError("student.teacher_mode: a text student runs its teacher online")
         if self.is_text and self.student.hint_weight:
             raise ValueError("student.hint_weight: a text student transfers hidden states with student.hidden_weight")
+        if self.is_qa and self.data.text_pair_column:
+            raise ValueError("data.text_pair_column: question answering pairs data.question_column with "
+                             "data.context_column")
         if self.is_text and not self.teacher.arch.startswith("hf:"):
             raise ValueError(f"teacher.arch: a text task's teacher is a Hugging Face model, 'hf:<hub id or "
                              f"folder>', got {self.teacher.arch!r}")

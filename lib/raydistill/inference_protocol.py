@@ -227,7 +227,18 @@ def requested_outputs(payload: dict, available: list[str]) -> list[tuple[str, bo
 
 
 def _datatype(arr: np.ndarray) -> str:
+    if arr.dtype == object:  # strings
+        return "BYTES"
     return next(name for name, dtype in DTYPES.items() if np.dtype(dtype) == arr.dtype)
+
+
+def _binary(arr: np.ndarray) -> bytes:
+    """A tensor's binary-extension bytes: little-endian values, or for BYTES each element's
+    UTF-8 bytes after its 4-byte little-endian length (as tritonclient reads them)."""
+    if arr.dtype != object:
+        return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+    parts = [str(item).encode("utf-8", "surrogatepass") for item in arr.ravel()]
+    return b"".join(len(p).to_bytes(4, "little") + p for p in parts)
 
 
 def encode_response(header: dict, outputs: list[tuple[str, np.ndarray, bool]]) -> tuple[bytes, dict[str, str]]:
@@ -236,7 +247,7 @@ def encode_response(header: dict, outputs: list[tuple[str, np.ndarray, bool]]) -
     for name, arr, binary in outputs:
         tensor = {"name": name, "datatype": _datatype(arr), "shape": list(arr.shape)}
         if binary:
-            raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            raw = _binary(arr)
             tensor["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:

@@ -80,8 +80,8 @@ class TorchEngine:
         self.lr_scheduler = lr_schedule(self.optimizer, schedule, total_steps, warmup_fraction)
         self.grad_clip, self.accum, self.micro_steps = grad_clip, accum, 0
 
-    def __call__(self, *args):
-        return self.module(*args)
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
 
     def train(self) -> None:
         self.module.train()

@@ -43,8 +43,8 @@ def _image() -> Task:
                 describe, training.run_teacher, distill.run_student, check_teacher)
 
 
-def _text() -> Task:
-    from raydistill.text import data, distill, train
+def _text(name: str) -> Task:
+    from raydistill.text import data, distill, qa_data, train
 
     def prepare(cfg: Config, source: str, out: Path):
         """A teacher folder's tokenizer, or a pretrained hub model's, unless data.tokenizer names one."""
@@ -52,16 +52,21 @@ def _text() -> Task:
 
         teacher = hf_source(cfg.teacher.arch)
         own = data.has_tokenizer(Path(teacher)) if Path(teacher).is_dir() else bool(cfg.teacher.pretrained)
-        return data.prepare(cfg, source, out, teacher_tokenizer=teacher if own else None)
+        stage = qa_data.prepare if cfg.is_qa else data.prepare
+        return stage(cfg, source, out, teacher_tokenizer=teacher if own else None)
 
     def describe(d) -> str:
         rows = "/".join(str(d.rows(s)) for s in data.SPLITS)
-        return (f"data: {d.rows_read} rows read, splits train/val/test = {rows}, {d.num_classes} classes, "
-                f"max_length {d.max_length}, skipped {d.rows_skipped or 'none'}")
+        if isinstance(d, qa_data.QAData):
+            examples = "/".join(str(d.examples(s)) for s in data.SPLITS)
+            what = f"examples train/val/test = {examples} in windows {rows}, doc_stride {d.doc_stride}"
+        else:
+            what = f"splits train/val/test = {rows}, {d.num_classes} classes"
+        return f"data: {d.rows_read} rows read, {what}, max_length {d.max_length}, skipped {d.rows_skipped or 'none'}"
 
-    return Task("text_classification", "text", data.INDEX, data.resolve_source, prepare, data.TextData.load,
+    return Task(name, "text", data.INDEX, data.resolve_source, prepare, data.TextData.load,
                 describe, train.run_teacher, distill.run_student, train.check_teacher)
 
 
 def task_of(cfg: Config) -> Task:
-    return _text() if cfg.is_text else _image()
+    return _text(cfg.task) if cfg.is_text else _image()

@@ -1,4 +1,6 @@
-"""The bundled text set: which library a docstring comes from.
+"""The bundled text sets, read from the installed libraries' docstrings: which library a
+docstring comes from (text classification), and questions on the parameters that numpydoc
+docstrings document (extractive question answering).
 
 A real, offline, non-trivial text classification set that exists on any machine with the
 venv: the first paragraph of each public docstring in eight of the installed libraries,
@@ -102,6 +104,102 @@ def write_docstrings_parquet(path: Path, per_class: int = PER_CLASS) -> Path:
     texts, labels, names = docstring_rows(per_class)
     table = pa.table({"text": texts, "label": pa.array(labels, pa.int64())})
     table = table.replace_schema_metadata({"class_names": json.dumps(names)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=512)
+    return path
+
+
+# ---- question answering: the parameters numpydoc docstrings document -----------------------
+
+QA_LIBRARIES = ("numpy", "scipy", "sklearn")  # numpydoc style: "Parameters" underlined, "name : type"
+QA_EXAMPLES = 2400
+MAX_CONTEXT_CHARS = 320
+_ENTRY = re.compile(r"^(\w+) : (.+)$")
+_MARKUP = re.compile(r"[`*]|:\w+:")
+
+
+def _parameter_sections(doc: str):
+    """The entries [(name, type, first sentence)] of each Parameters section of a numpydoc docstring."""
+    lines = doc.expandtabs().splitlines()
+    for i, line in enumerate(lines[:-1]):
+        if line.strip() != "Parameters" or set(lines[i + 1].strip()) != {"-"}:
+            continue
+        entries, base = [], None
+        for body in lines[i + 2:]:
+            if body.strip() and set(body.strip()) == {"-"}:  # the next section's underline
+                entries = entries[:-1] if entries and not entries[-1][2] else entries
+                break
+            if not body.strip():
+                continue
+            indent = len(body) - len(body.lstrip())
+            base = indent if base is None else base
+            match = _ENTRY.match(body.strip())
+            if indent == base:
+                if not match:
+                    break
+                entries.append([match.group(1), " ".join(_MARKUP.sub("", match.group(2)).split()), ""])
+            elif entries and not entries[-1][2].endswith("."):
+                entries[-1][2] = " ".join(f"{entries[-1][2]} {_MARKUP.sub('', body.strip())}".split())
+        yield [(n, t, d.split(". ")[0].rstrip(".")) for n, t, d in entries if d]
+
+
+def _qa_rows_of(entries: list[tuple], key: str) -> list[dict]:
+    """Two questions on one Parameters section: which parameter a description describes (the
+    answer is its name) and what type a parameter takes (the answer is the type)."""
+    context, where = "", []
+    for name, kind, desc in entries:
+        entry = f"{name} ({kind}): {desc}. "
+        if len(context) + len(entry) > MAX_CONTEXT_CHARS:
+            break
+        where.append((len(context), len(context) + len(name) + 2, name, kind, desc))
+        context += entry
+    if len(where) < 2:
+        return []
+    h = int(_key(key), 16)
+    name_at, type_at, name, kind, desc = where[h % len(where)]
+    other = where[(h // 7) % len(where)]
+    return [
+        {"id": f"{_key(key)[:12]}-name", "question": f"Which parameter: {desc[0].lower() + desc[1:]}?",
+         "context": context.strip(), "answers": [{"text": name, "answer_start": name_at}]},
+        {"id": f"{_key(key)[:12]}-type", "question": f"What type is {other[2]}?", "context": context.strip(),
+         "answers": [{"text": other[3], "answer_start": other[1]}]},
+    ]
+
+
+def parameter_questions(limit: int = QA_EXAMPLES) -> list[dict]:
+    """SQuAD-style rows (id, question, context, answers): contexts are the Parameters sections
+    of numpy, scipy and scikit-learn docstrings (name, type and the first sentence of each
+    description), deduplicated, ordered by a hash, at most `limit` rows."""
+    rows, seen = [], set()
+    for module in QA_LIBRARIES:
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(f"the bundled QA set needs {module}, which is not installed")
+        root = Path(next(iter(spec.submodule_search_locations)))
+        for path in sorted(root.rglob("*.py")):
+            if any(p in ("tests", "test", "testing", "_vendor") for p in path.relative_to(root).parts):
+                continue
+            for doc in _docstrings(path):
+                for entries in _parameter_sections(doc):
+                    key = repr(entries)
+                    if key not in seen:
+                        seen.add(key)
+                        rows.extend(_qa_rows_of(entries, key))
+    rows.sort(key=lambda r: _key(r["id"]))
+    return rows[:limit]
+
+
+def write_parameter_qa_parquet(path: Path, limit: int = QA_EXAMPLES) -> Path:
+    """The bundled QA set as Parquet, answers in Hugging Face datasets' form."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = parameter_questions(limit)
+    table = pa.table({
+        "id": [r["id"] for r in rows], "question": [r["question"] for r in rows],
+        "context": [r["context"] for r in rows],
+        "answers": [{"text": [a["text"] for a in r["answers"]], "answer_start": [a["answer_start"] for a in r["answers"]]}
+                    for r in rows]})
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, row_group_size=512)
     return path

@@ -33,19 +33,25 @@ READERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "cs
 
 
 def resolve_source(cfg: Config, data_dir: Path) -> str:
-    """`docstrings` becomes a Parquet file written once into the run's data folder."""
+    """`docstrings` becomes a Parquet file written once into the run's data folder: the
+    library of each docstring, or questions on documented parameters (question_answering)."""
     if cfg.data.source != BUNDLED:
         return cfg.data.source
-    from raydistill.text.corpus import write_docstrings_parquet
+    from raydistill.text.corpus import write_docstrings_parquet, write_parameter_qa_parquet
 
-    path = data_dir / "docstrings.parquet"
+    path = data_dir / ("parameter_questions.parquet" if cfg.is_qa else "docstrings.parquet")
     if not path.exists():
-        write_docstrings_parquet(path)
+        (write_parameter_qa_parquet if cfg.is_qa else write_docstrings_parquet)(path)
     return str(path)
 
 
 def _format(source: str) -> str:
     """parquet, json or csv, from the file's (or a folder's files') extension."""
+    return listing(source)[0]
+
+
+def listing(source: str) -> tuple[str, list[str]]:
+    """(parquet, json or csv, the files), from the file's (or a folder's files') extension."""
     import pyarrow.fs as pafs
 
     fs, path = pafs.FileSystem.from_uri(source) if "://" in source else (pafs.LocalFileSystem(), str(Path(source).resolve()))
@@ -58,7 +64,9 @@ def _format(source: str) -> str:
     if len(kinds) != 1:
         raise DataError(f"data.source {source}: text tasks read .parquet, .jsonl or .csv files; "
                         f"found {sorted(kinds) or 'none of them'}")
-    return kinds.pop()
+    files = [n if "://" not in source else f"{source.split('://', 1)[0]}://{n}" for n in names
+             if READERS.get(Path(n).suffix.lower())]
+    return kinds.pop(), files
 
 
 def read_source(source: str):
@@ -147,7 +155,7 @@ def has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
 
 
-def train_wordpiece(texts_ds, vocab_size: int, out: Path) -> Path:
+def train_wordpiece(texts_ds, vocab_size: int, out: Path, columns=("text", "text_pair")) -> Path:
     """A lowercasing WordPiece tokenizer (BERT's) trained on the training split's texts, in a
     Ray task that streams them: the driver never holds the split."""
     import ray
@@ -164,8 +172,8 @@ def train_wordpiece(texts_ds, vocab_size: int, out: Path) -> Path:
 
         def texts():
             for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-                yield from batch["text"].tolist()
-                yield from (p for p in batch["text_pair"].tolist() if p)
+                for column in columns:
+                    yield from (t for t in batch[column].tolist() if t)
 
         tok.train_from_iterator(texts(), trainer)
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
@@ -176,7 +184,9 @@ def train_wordpiece(texts_ds, vocab_size: int, out: Path) -> Path:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    raw = ray.get(train.remote(texts_ds))
+    # Materialized first: the task (1 CPU) would otherwise start the dataset's own tasks, which
+    # wait for a CPU that a running Serve replica or trainer may leave it short of.
+    raw = ray.get(train.remote(texts_ds.materialize()))
     fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(raw.decode()), unk_token="[UNK]",
                                    pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     fast.save_pretrained(str(out))
@@ -196,10 +206,10 @@ def tokenize_rows(batch: dict, *, folder: str, max_length: int, has_pair: bool) 
 
 # ---- the prepared data -------------------------------------------------------------------
 
-def _read_token_files(batch: pa.Table) -> pa.Table:
+def _read_token_files(batch: pa.Table, columns: list[str]) -> pa.Table:
     import pyarrow.parquet as pq
 
-    return pa.concat_tables([pq.read_table(f, columns=[*TOKEN_COLUMNS, "label"]) for f in batch.column("file").to_pylist()])
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in batch.column("file").to_pylist()])
 
 
 @dataclass
@@ -216,6 +226,12 @@ class TextData:
     rows_skipped: dict[str, int] = field(default_factory=dict)
     class_names: list[str] | None = None
     class_counts: dict = field(default_factory=dict)  # split -> {class id (str): rows}
+    task: str = "text_classification"
+
+    @property
+    def train_columns(self) -> tuple[str, ...]:
+        """What a training batch holds: the tokens and the targets."""
+        return (*TOKEN_COLUMNS, "label")
 
     @property
     def tokenizer_dir(self) -> str:
@@ -240,18 +256,21 @@ class TextData:
 
         files = sorted(str(p) for p in Path(self.split_dir(split)).glob("*.parquet"))
         return ray.data.from_items([{"file": f} for f in files]).map_batches(
-            _read_token_files, batch_size=1, num_cpus=cpus_per_task, batch_format="pyarrow")
+            _read_token_files, batch_size=1, num_cpus=cpus_per_task, batch_format="pyarrow",
+            fn_kwargs={"columns": list(self.train_columns)})
 
-    def arrays(self, split: str, columns=(*TOKEN_COLUMNS, "label")) -> dict[str, np.ndarray]:
+    def arrays(self, split: str, columns=None) -> dict[str, np.ndarray]:
         """A whole split as arrays, read in the calling process (a worker's evaluation, export checks)."""
         import pyarrow.dataset as pads
 
-        table = pads.dataset(self.split_dir(split), format="parquet").to_table(columns=list(columns))
+        columns = list(columns or self.train_columns)
+        table = pads.dataset(self.split_dir(split), format="parquet").to_table(columns=columns)
         out = {}
         for c in columns:
             col = table.column(c)
-            out[c] = (np.stack(col.to_numpy(zero_copy_only=False)) if c in TOKEN_COLUMNS
-                      else col.to_numpy(zero_copy_only=False))
+            values = col.to_numpy(zero_copy_only=False)
+            rows_are_arrays = values.dtype == object and len(values) and isinstance(values[0], np.ndarray)
+            out[c] = np.stack(values) if rows_are_arrays else values  # token ids, offsets: (rows, max_length)
         return out
 
     @classmethod
@@ -260,11 +279,19 @@ class TextData:
         missing = [s for s in SPLITS if not any(Path(root, s).glob("*.parquet"))]
         if missing or not has_tokenizer(Path(root) / "tokenizer"):
             raise DataError(f"{root}: stored splits or tokenizer are missing; rerun the data stage")
+        if index.get("task") == "question_answering":
+            from raydistill.text.qa_data import QAData
+
+            return QAData(root=str(root), **index)
         return cls(root=str(root), **index)
+
+    def write_index(self) -> None:
+        index = {k: v for k, v in self.__dict__.items() if k != "root"}
+        (Path(self.root) / INDEX).write_text(json.dumps(index, indent=2))
 
     def summary(self, augment: list) -> dict:
         return {
-            "task": "text_classification",
+            "task": self.task,
             "source": self.source,
             "rows_read": self.rows_read,
             "rows_skipped": dict(self.rows_skipped),
@@ -279,29 +306,43 @@ class TextData:
         }
 
 
-def _counts(checked) -> tuple[Counter, dict]:
-    """({reason: rows} of bad rows, {split: {label: rows}} of good ones), aggregated by Ray Data."""
+def count_rows(checked, by: str = "label") -> tuple[Counter, dict]:
+    """({reason: rows} of bad rows, {split: {value of `by`: rows}} of good ones), aggregated by Ray Data."""
     skipped, classes = Counter(), {s: {} for s in SPLITS}
-    for row in checked.groupby(["reason", "split", "label"]).count().take_all():
+    for row in checked.groupby(["reason", "split", by]).count().take_all():
         n = int(row["count()"])
         if row["reason"]:
             skipped[row["reason"]] += n
         else:
-            classes[row["split"]][str(int(row["label"]))] = n
+            classes[row["split"]][str(int(row[by]))] = n
     return skipped, classes
 
 
-def _first_bad(checked, limit: int = 3) -> str:
+def first_bad(checked, limit: int = 3) -> str:
     from ray.data.expressions import col
 
     rows = checked.filter(expr=col("reason") != "").take(limit)
     return "; ".join(r["reason"] for r in rows)
 
 
-def prepare(cfg: Config, source: str, out: Path, teacher_tokenizer: str | None = None) -> TextData:
-    """Read, check, split, tokenize and store the text rows under `out` (replacing what was there)."""
+def fresh_output(out: Path, tokenizer: str | None, train_rows, vocab_size: int, columns: tuple) -> Path:
+    """`out` emptied, with the tokenizer in out/tokenizer: the given folder's, or WordPiece
+    trained on the training rows' text columns. Returns the tokenizer folder."""
     import shutil
 
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tok_dir = out / "tokenizer"
+    if tokenizer:
+        load_tokenizer(tokenizer).save_pretrained(str(tok_dir))
+    else:
+        train_wordpiece(train_rows, vocab_size, tok_dir, columns)
+    return tok_dir
+
+
+def prepare(cfg: Config, source: str, out: Path, teacher_tokenizer: str | None = None) -> TextData:
+    """Read, check, split, tokenize and store the text rows under `out` (replacing what was there)."""
     from ray.data.expressions import col
 
     dcfg = cfg.data
@@ -330,24 +371,17 @@ def prepare(cfg: Config, source: str, out: Path, teacher_tokenizer: str | None =
                    "num_classes": num_classes, "seed": cfg.seed, "val_fraction": dcfg.val_fraction,
                    "test_fraction": dcfg.test_fraction}).materialize()
     rows_read = checked.count()
-    skipped, counts = _counts(checked)
+    skipped, counts = count_rows(checked)
     if skipped and dcfg.on_bad_rows == "fail":
         raise DataError(f"data.source {source}: {sum(skipped.values())} bad rows of {rows_read} "
-                        f"({_first_bad(checked)}); fix them or set data.on_bad_rows=skip")
+                        f"({first_bad(checked)}); fix them or set data.on_bad_rows=skip")
     empty = [s for s in SPLITS if not counts[s]]
     if empty:
         raise DataError(f"data.source {source}: split {', '.join(empty)} would be empty "
                         f"({rows_read - sum(skipped.values())} good rows)")
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     good = checked.filter(expr=col("reason") == "")
-    tok_dir = out / "tokenizer"
-    given = dcfg.tokenizer or teacher_tokenizer
-    if given:
-        load_tokenizer(given).save_pretrained(str(tok_dir))
-    else:
-        train_wordpiece(good.filter(expr=col("split") == "train"), dcfg.vocab_size, tok_dir)
+    tok_dir = fresh_output(out, dcfg.tokenizer or teacher_tokenizer, good.filter(expr=col("split") == "train"),
+                           dcfg.vocab_size, ("text", "text_pair"))
     for split in SPLITS:
         part = good.filter(expr=col("split") == split)
         part.map_batches(tokenize_rows, batch_format="numpy", zero_copy_batch=False, num_cpus=dcfg.cpus_per_task,
@@ -357,6 +391,5 @@ def prepare(cfg: Config, source: str, out: Path, teacher_tokenizer: str | None =
     data = TextData(root=str(out), source=source, num_classes=num_classes, max_length=dcfg.max_length,
                     rows_read=rows_read, has_pair=bool(dcfg.text_pair_column), rows_skipped=dict(skipped),
                     class_names=names, class_counts=counts)
-    index = {k: v for k, v in data.__dict__.items() if k != "root"}
-    (out / INDEX).write_text(json.dumps(index, indent=2))
+    data.write_index()
     return data

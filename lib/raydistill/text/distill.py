@@ -61,12 +61,13 @@ def compress_in_task(cfg: Config, data, teacher_path: Path, teacher_sha256: str 
     from raydistill.compress import onnx_session
     from raydistill.text import export
     from raydistill.text.models import load_model, param_count
-    from raydistill.text.train import StudentFactory
+    from raydistill.text.train import StudentFactory, objective_of
 
     torch.set_num_threads(max(1, int(cfg.student.cpus_per_worker)))
     scfg = cfg.student
     start = time.perf_counter()
-    test, val = data.arrays("test"), data.arrays("val")
+    objective = objective_of(data)
+    test, val = objective.arrays("test"), objective.arrays("val")
     teacher = load_model(teacher_path, teacher_sha256)
     student = load_model(out_dir / STUDENT_FILE)
     onnx_path = export.export_onnx(student, out_dir / ONNX_FILE, data.max_length)
@@ -76,18 +77,17 @@ def compress_in_task(cfg: Config, data, teacher_path: Path, teacher_sha256: str 
                                      "the student's ONNX export")
     files = [out_dir / STUDENT_FILE, onnx_path]
 
-    def accuracy(logits: np.ndarray, arrays: dict) -> float:
-        return float((logits.argmax(1) == arrays["label"]).mean())
-
-    student_accuracy = accuracy(expected, test)
+    scores = objective.score(expected, "test")
+    student_accuracy = scores["accuracy"]
     int8_accuracy = int8_val = None
     sessions = {"student_onnx": export.session_runner(fp32)}
     if scfg.quantize:
         int8_path = export.quantize_int8(onnx_path, out_dir / INT8_FILE)
         files.append(int8_path)
         int8 = onnx_session(int8_path)
-        int8_accuracy = accuracy(export.onnx_logits(int8, test), test)
-        int8_val = accuracy(export.onnx_logits(int8, val), val)
+        int8_scores = objective.score(export.onnx_logits(int8, test), "test")
+        int8_accuracy = int8_scores["accuracy"]
+        int8_val = objective.score(export.onnx_logits(int8, val), "val")["accuracy"]
         sessions["student_int8"] = export.session_runner(int8)
     with tempfile.TemporaryDirectory() as tmp:  # the teacher as ONNX too: latency is compared like for like
         teacher_onnx = onnx_session(export.export_onnx(teacher, Path(tmp) / "teacher.onnx", data.max_length))
@@ -96,12 +96,18 @@ def compress_in_task(cfg: Config, data, teacher_path: Path, teacher_sha256: str 
         torch_latency = _latency_in_turns({"teacher": _torch_runner(teacher), "student": _torch_runner(student)},
                                           test, repeats=1)
     teacher_params, student_params = param_count(teacher), param_count(student)
+    qa_scores = {}  # SQuAD's exact match and F1 beside `accuracy` (the F1)
+    if cfg.is_qa:
+        qa_scores = {"exact_match": scores["exact_match"], "f1": scores["f1"]}
+        if scfg.quantize:
+            qa_scores.update(int8_exact_match=int8_scores["exact_match"], int8_f1=int8_scores["f1"])
     summary = {
         "task": cfg.task,
         "arch": f"bert L{scfg.layers} H{scfg.hidden} A{scfg.heads}",
         "init": StudentFactory.of(scfg).plan(teacher.config),
         "params_total": student_params,
         "accuracy": student_accuracy,
+        **qa_scores,
         "teacher_accuracy": teacher_accuracy,
         "retention": student_accuracy / teacher_accuracy if teacher_accuracy else None,
         "params_ratio": teacher_params / student_params,
@@ -138,7 +144,7 @@ def _latency_in_turns(runners: dict, arrays: dict, repeats: int = 3) -> dict[str
     from raydistill.text.export import INPUTS
 
     times = {name: [] for name in runners}
-    n = min(LATENCY_ROWS, len(arrays["label"]))
+    n = min(LATENCY_ROWS, len(arrays["input_ids"]))
     for _ in range(repeats):
         for i in range(n):
             length = max(1, int(arrays["attention_mask"][i].sum()))

@@ -27,18 +27,19 @@ def export_onnx(model: torch.nn.Module, path: Path, max_length: int) -> Path:
 
     from onnxruntime.transformers import optimizer
 
-    from raydistill.text.models import TextClassifier
+    from raydistill.text.models import TextLogits, is_qa_model
 
-    wrapped = TextClassifier(model).eval()
+    wrapped = TextLogits(model).eval()
     example = tuple(torch.ones(2, min(16, max_length), dtype=torch.long) for _ in INPUTS)
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS}
+    axes[OUTPUT] = {0: "batch", 1: "sequence"} if is_qa_model(model) else {0: "batch"}  # QA: (B, L, 2)
     config = model.config
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
             torch.onnx.export(wrapped, example, str(raw), input_names=list(INPUTS), output_names=[OUTPUT],
-                              dynamic_axes={**axes, OUTPUT: {0: "batch"}}, opset_version=17, dynamo=False)
+                              dynamic_axes=axes, opset_version=17, dynamo=False)
         fused = optimizer.optimize_model(str(raw), model_type="bert", num_heads=config.num_attention_heads,
                                          hidden_size=config.hidden_size)
         return atomic_write(path, lambda out: fused.save_model_to_file(str(out)))
@@ -53,31 +54,41 @@ def quantize_int8(fp32: Path, int8: Path) -> Path:
         str(fp32), str(tmp), weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}))
 
 
+def _padded(logits: np.ndarray, length: int) -> np.ndarray:
+    """Per-token logits (B, l, 2) of a batch cut to its longest row, padded back to `length`
+    (as masked padding: -1e4) so that batches of different lengths stack."""
+    if logits.ndim < 3:
+        return logits
+    return np.pad(logits, ((0, 0), (0, length - logits.shape[1]), (0, 0)), constant_values=-1e4)
+
+
 def onnx_logits(session, arrays: dict, batch: int = 64) -> np.ndarray:
     out = []
-    for start in range(0, len(arrays["label"]), batch):
+    n, full = arrays["input_ids"].shape
+    for start in range(0, n, batch):
         rows = slice(start, start + batch)
         length = max(1, int(arrays["attention_mask"][rows].sum(1).max()))
         feed = {k: arrays[k][rows, :length].astype(np.int64) for k in INPUTS}
-        out.append(session.run([OUTPUT], feed)[0])
+        out.append(_padded(session.run([OUTPUT], feed)[0], full))
     return np.concatenate(out)
 
 
 def torch_logits(model: torch.nn.Module, arrays: dict, batch: int = 64) -> np.ndarray:
+    from raydistill.text.models import TextLogits
     from raydistill.text.train import logits_of
 
-    model.eval()
-    forward = lambda *x: model(input_ids=x[0], attention_mask=x[1], token_type_ids=x[2]).logits  # noqa: E731
+    forward = TextLogits(model).eval()
+    n, full = arrays["input_ids"].shape
     with torch.no_grad():
-        return np.concatenate([logits_of(forward, arrays, slice(s, s + batch)).numpy()
-                               for s in range(0, len(arrays["label"]), batch)])
+        return np.concatenate([_padded(logits_of(forward, arrays, slice(s, s + batch)).numpy(), full)
+                               for s in range(0, n, batch)])
 
 
 def check_export(expected: np.ndarray, got: np.ndarray, tolerance: float, what: str) -> dict:
     diff = float(np.abs(got - expected).max())
     if not diff <= tolerance:
         raise RuntimeError(f"{what} differs from torch: max |logit diff| {diff:.3g} > tolerance {tolerance:.3g}")
-    return {"max_abs_logit_diff": diff, "tolerance": tolerance,
+    return {"max_abs_logit_diff": diff, "tolerance": tolerance,  # QA: start and end positions agreeing
             "top1_agreement": float((got.argmax(1) == expected.argmax(1)).mean()), "rows": int(len(got))}
 
 

@@ -1,5 +1,5 @@
-"""BERT-family models for text classification: the teacher from a Hugging Face folder (or
-hub id), a smaller student configuration, DistilBERT-style initialisation from the teacher's
+"""BERT-family models for text classification and extractive question answering: the teacher
+from a Hugging Face folder (or hub id), a smaller student configuration, DistilBERT-style initialisation from the teacher's
 layers, and safetensors files that carry their own model configuration.
 
 Models run with eager attention, so that attention probabilities can be read for TinyBERT's
@@ -15,6 +15,26 @@ import torch
 from torch import nn
 
 HF_PREFIX = "hf:"
+QA = "question_answering"
+
+
+def auto_class(task: str):
+    """The transformers Auto class of a text task's models."""
+    import transformers
+
+    return (transformers.AutoModelForQuestionAnswering if task == QA
+            else transformers.AutoModelForSequenceClassification)
+
+
+def is_qa_model(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForQuestionAnswering")
+
+
+def logits_of_output(out) -> torch.Tensor:
+    """A model output's logits: (B, classes), or for QA start and end logits stacked (B, L, 2)."""
+    if getattr(out, "start_logits", None) is not None:
+        return torch.stack((out.start_logits, out.end_logits), dim=-1)
+    return out.logits
 
 
 class ModelError(ValueError):
@@ -52,20 +72,21 @@ def _eager(config, num_labels: int, vocab_size: int | None = None):
     return config
 
 
-def build_teacher(arch: str, num_labels: int, vocab_size: int, pretrained: bool, seed: int) -> nn.Module:
-    """The teacher: the folder's weights with a fresh classification head (pretrained), or its
+def build_teacher(arch: str, num_labels: int, vocab_size: int, pretrained: bool, seed: int,
+                  task: str = "text_classification") -> nn.Module:
+    """The teacher: the folder's weights with a fresh task head (pretrained), or its
     configuration randomly initialised with the tokenizer's vocabulary."""
-    from transformers import AutoModelForSequenceClassification
-
+    auto = auto_class(task)
+    num_labels = 2 if task == QA else num_labels  # a QA head scores each token as start and end
     config = teacher_config(arch)
     torch.manual_seed(seed)  # identical init on every rank before ZeRO partitions it
     if not pretrained:
-        return AutoModelForSequenceClassification.from_config(_eager(config, num_labels, vocab_size))
+        return auto.from_config(_eager(config, num_labels, vocab_size))
     if vocab_size > config.vocab_size:
         raise ModelError(f"teacher.arch {arch}: its embeddings hold {config.vocab_size} tokens but the tokenizer "
                          f"has {vocab_size}; use the model's own tokenizer (data.tokenizer)")
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        return auto.from_pretrained(
             hf_source(arch), config=_eager(config, num_labels), local_files_only=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError) as err:
         raise ModelError(f"teacher.arch {arch}: no loadable weights ({str(err).splitlines()[0][:160]}); "
@@ -116,34 +137,40 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> list[int]:
     return mapping
 
 
-class TextClassifier(nn.Module):
-    """(input_ids, attention_mask, token_type_ids) -> logits: what is exported and served."""
+class TextLogits(nn.Module):
+    """(input_ids, attention_mask, token_type_ids) -> logits (logits_of_output): what is
+    trained, exported and served."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+        return logits_of_output(self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                           token_type_ids=token_type_ids))
 
 
 def model_meta(model: nn.Module, role: str, data) -> dict[str, str]:
     """The safetensors header of a text model: its configuration and what serving needs."""
-    return {"task": "text_classification", "role": role, "hf_config": json.dumps(model.config.to_dict()),
+    meta = {"task": data.task, "role": role, "hf_config": json.dumps(model.config.to_dict()),
             "class_names": json.dumps(data.class_names), "max_length": str(data.max_length),
             "has_pair": "true" if data.has_pair else "false"}
+    if data.task == QA:
+        meta.update(doc_stride=str(data.doc_stride), max_answer_tokens=str(data.max_answer_tokens),
+                    allow_no_answer="true" if data.allow_no_answer else "false")
+    return meta
 
 
 def model_from_meta(meta: dict[str, str]) -> nn.Module:
     """An empty model of the configuration a weights file's header holds."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
-    if meta.get("task") != "text_classification" or "hf_config" not in meta:
+    if meta.get("task") not in ("text_classification", QA) or "hf_config" not in meta:
         raise ModelError("the weights file holds no text model configuration (an image model's file?)")
     config_dict = json.loads(meta["hf_config"])
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     config._attn_implementation = "eager"
-    return AutoModelForSequenceClassification.from_config(config)
+    return auto_class(meta["task"]).from_config(config)
 
 
 def load_model(path: Path, sha256: str | None = None) -> nn.Module:

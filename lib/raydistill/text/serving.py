@@ -1,6 +1,8 @@
-"""Ray Serve for a text student: Open Inference Protocol v2 with a BYTES input named `text`
-(and `text_pair` for pair tasks), as the spec and tritonclient encode strings in JSON and in
-the binary extension, and POST /predict with JSON for people.
+"""Ray Serve for a text student: Open Inference Protocol v2 with BYTES inputs (`text`, and
+`text_pair` for pair tasks; `question` and `context` for question answering), as the spec and
+tritonclient encode strings in JSON and in the binary extension, and POST /predict with JSON
+for people. A QA model answers with the span's text (BYTES), its character start and end in
+the context, and its probability.
 
 Tokenization runs in the replica; requests are batched across callers (@serve.batch), and each
 forward pass pads its rows to the longest of them. A text past deploy.max_text_bytes is a 413,
@@ -27,23 +29,29 @@ from raydistill.serving import (INFER_TYPES, LABEL_NAME, PROBS_NAME, TOP_K, BadR
                                 _check_content_type, install_error_handlers, read_api_key, softmax)
 
 TEXT, PAIR = "text", "text_pair"
+QUESTION, CONTEXT = "question", "context"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 text_api = install_error_handlers(FastAPI(
     title="raydistill (text)",
-    description="A distilled text classifier. Open Inference Protocol v2 (BYTES input 'text') under /v2; "
-                "POST /predict with {\"text\": ...} or {\"instances\": [{\"text\": ...}]}.",
+    description="A distilled text model. Open Inference Protocol v2 (BYTES inputs 'text', or 'question' and "
+                "'context') under /v2; POST /predict with {\"text\": ...} or {\"question\": ..., \"context\": ...}, "
+                "or {\"instances\": [...]} of either.",
 ))
+_STR = {"type": "string"}
 PREDICT_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "properties": {
-        "text": {"type": "string"}, "text_pair": {"type": "string"},
-        "instances": {"type": "array", "items": {"type": "object", "required": ["text"], "properties": {
-            "text": {"type": "string"}, "text_pair": {"type": "string"}}}}}}}}}}
+        TEXT: _STR, PAIR: _STR, QUESTION: _STR, CONTEXT: _STR,
+        "instances": {"type": "array", "items": {"type": "object", "properties": {
+            TEXT: _STR, PAIR: _STR, QUESTION: _STR, CONTEXT: _STR}}}}}}}}}
 
 
-class TextPredictor:
-    """Texts -> class probabilities, with the student's ONNX file (fp32 or int8) in ONNX Runtime
-    or its PyTorch weights; every file checked against its sha256 before use."""
+class _Predictor:
+    """What every text task's predictor shares: the weights checked against their sha256, the
+    tokenizer, and the student as ONNX (fp32 or int8) in ONNX Runtime or in PyTorch. A
+    subclass is the task's codec: the fields of an item, the forward and its outputs."""
+
+    fields: tuple[str, ...]
 
     def __init__(self, model: ServedModel, threads: int):
         from raydistill.artifacts import load_weights
@@ -51,43 +59,121 @@ class TextPredictor:
 
         state, meta = load_weights(Path(model.weights), model.sha256)
         self.meta = meta
-        self.class_names = json.loads(meta.get("class_names", "null"))
         self.max_length = int(meta.get("max_length", 512))
-        self.has_pair = meta.get("has_pair") == "true"
         self.tokenizer = load_tokenizer(model.tokenizer)
         if model.onnx is not None:
             from raydistill.compress import onnx_session
 
-            self.platform = "onnxruntime_onnx"
+            self.platform, self.model = "onnxruntime_onnx", None
             self.session = onnx_session(Path(model.onnx), model.onnx_sha256, threads=threads)
-            self.num_classes = int(self.session.get_outputs()[0].shape[-1])
             return
         import torch
 
-        from raydistill.text.models import model_from_meta
+        from raydistill.text.models import TextLogits, model_from_meta
 
         torch.set_num_threads(threads)
         self.platform, self.session = "pytorch_torchscript", None
-        self.model = model_from_meta(meta)
-        self.model.load_state_dict(state, strict=False)
-        self.model.eval()
-        self.num_classes = self.model.config.num_labels
+        model = model_from_meta(meta)
+        model.load_state_dict(state, strict=False)
+        self.model = TextLogits(model).eval()
 
-    def token_counts(self, texts: list[str], pairs: list[str] | None) -> list[int]:
-        enc = self.tokenizer(texts, pairs, truncation=False, add_special_tokens=True)
-        return [len(ids) for ids in enc["input_ids"]]
-
-    def __call__(self, texts: list[str], pairs: list[str] | None) -> np.ndarray:
-        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding="longest",
-                             return_token_type_ids=True, return_tensors="np")
-        feed = {k: enc[k].astype(np.int64) for k in INPUTS}
+    def logits(self, feed: dict) -> np.ndarray:
         if self.session is not None:
-            return softmax(self.session.run(["logits"], feed)[0])
+            return self.session.run(["logits"], feed)[0]
         import torch
 
         with torch.inference_mode():
-            logits = self.model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits
-            return torch.softmax(logits, dim=-1).float().numpy()
+            return self.model(*(torch.from_numpy(feed[k]) for k in INPUTS)).float().numpy()
+
+    def token_counts(self, items: list[dict]) -> list[int]:
+        firsts = [i[self.fields[0]] for i in items]
+        seconds = [i[self.fields[1]] for i in items] if len(self.fields) > 1 else None
+        enc = self.tokenizer(firsts, seconds, truncation=False, add_special_tokens=True)
+        return [len(ids) for ids in enc["input_ids"]]
+
+
+class ClassifierPredictor(_Predictor):
+    """Texts (and pairs) -> class probabilities."""
+
+    def __init__(self, model: ServedModel, threads: int):
+        super().__init__(model, threads)
+        self.class_names = json.loads(self.meta.get("class_names", "null"))
+        self.fields = (TEXT, PAIR) if self.meta.get("has_pair") == "true" else (TEXT,)
+        self.num_classes = (int(self.session.get_outputs()[0].shape[-1]) if self.session is not None
+                            else self.model.model.config.num_labels)
+
+    def __call__(self, items: list[dict]) -> list[np.ndarray]:
+        pairs = [i[PAIR] for i in items] if PAIR in self.fields else None
+        enc = self.tokenizer([i[TEXT] for i in items], pairs, truncation=True, max_length=self.max_length,
+                             padding="longest", return_token_type_ids=True, return_tensors="np")
+        return list(softmax(self.logits({k: enc[k].astype(np.int64) for k in INPUTS})))
+
+    def outputs(self) -> list[dict]:
+        return [{"name": PROBS_NAME, "datatype": "FP32", "shape": [-1, self.num_classes]},
+                {"name": LABEL_NAME, "datatype": "INT64", "shape": [-1]}]
+
+    def tensors(self, results: list) -> dict[str, np.ndarray]:
+        probs = np.stack(results).astype(np.float32)
+        return {PROBS_NAME: probs, LABEL_NAME: probs.argmax(1).astype(np.int64)}
+
+    def named(self, row: np.ndarray) -> dict:
+        names = self.class_names
+        top = [{"label": int(i), **({"class_name": names[i]} if names else {}), "probability": float(row[i])}
+               for i in np.argsort(-row)[:TOP_K]]
+        return {**top[0], "top_k": top}
+
+
+class AnswerPredictor(_Predictor):
+    """(question, context) -> the answer span: the context cut into windows as in training,
+    every window scored, the best span over them decoded to characters."""
+
+    fields = (QUESTION, CONTEXT)
+
+    def __init__(self, model: ServedModel, threads: int):
+        super().__init__(model, threads)
+        self.doc_stride = int(self.meta.get("doc_stride", 32))
+        self.max_answer_tokens = int(self.meta.get("max_answer_tokens", 30))
+        self.allow_no_answer = self.meta.get("allow_no_answer") == "true"
+
+    def __call__(self, items: list[dict]) -> list[tuple]:
+        from raydistill.text import qa
+
+        enc = self.tokenizer([i[QUESTION] for i in items], [i[CONTEXT] for i in items], truncation="only_second",
+                             max_length=self.max_length, stride=self.doc_stride, return_overflowing_tokens=True,
+                             return_offsets_mapping=True, padding="longest", return_token_type_ids=True)
+        feed = {k: np.asarray(enc[k], dtype=np.int64) for k in INPUTS}
+        logits = self.logits(feed)
+        logits = np.where(feed["attention_mask"][..., None].astype(bool), logits, -1e4)
+        owners = [str(o) for o in enc["overflow_to_sample_mapping"]]
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64)
+        in_context = np.array([[s == 1 for s in enc.sequence_ids(w)] for w in range(len(owners))])
+        spans = qa.window_spans(logits, np.where(in_context, offsets[..., 0], -1), np.where(in_context, offsets[..., 1], -1),
+                                self.max_answer_tokens)
+        answers = qa.best_answers(list(zip(owners, spans)), {str(n): i[CONTEXT] for n, i in enumerate(items)},
+                                  self.allow_no_answer)
+        return [answers[str(n)] for n in range(len(items))]
+
+    def outputs(self) -> list[dict]:
+        return [{"name": "answer", "datatype": "BYTES", "shape": [-1]},
+                {"name": "start", "datatype": "INT64", "shape": [-1]},
+                {"name": "end", "datatype": "INT64", "shape": [-1]},
+                {"name": "score", "datatype": "FP32", "shape": [-1]}]
+
+    def tensors(self, results: list) -> dict[str, np.ndarray]:
+        return {"answer": np.array([r[0] for r in results], dtype=object),
+                "start": np.array([r[1] for r in results], dtype=np.int64),
+                "end": np.array([r[2] for r in results], dtype=np.int64),
+                "score": np.array([r[3] for r in results], dtype=np.float32)}
+
+    def named(self, result: tuple) -> dict:
+        return {"answer": result[0], "start": int(result[1]), "end": int(result[2]), "score": float(result[3])}
+
+
+def predictor_of(model: ServedModel, threads: int) -> _Predictor:
+    from raydistill.artifacts import read_meta
+
+    task = read_meta(Path(model.weights)).get("task")
+    return (AnswerPredictor if task == "question_answering" else ClassifierPredictor)(model, threads)
 
 
 @serve.deployment
@@ -98,55 +184,60 @@ class TextServer(RequestPlumbing):
     def __init__(self, model: ServedModel, deploy: dict, version: str):
         self.cfg = DeployConfig.model_validate(deploy)
         self.api_key = read_api_key(self.cfg)
-        self.predictor = TextPredictor(model, max(1, int(self.cfg.replica_cpus)))
+        self.predictor = predictor_of(model, max(1, int(self.cfg.replica_cpus)))
         self.version = version
         self.decoder = ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="tokenize")
         self._forward.set_max_batch_size(self.cfg.max_batch_size)
         self._forward.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # both set from config in __init__
-    async def _forward(self, requests: list[tuple[list[str], list[str] | None]]) -> list[np.ndarray]:
-        """Many requests' texts -> forward passes of at most deploy.max_batch_items texts, each
-        padded to its longest row -> per-request probabilities."""
-        texts = [t for r in requests for t in r[0]]
-        pairs = [p for r in requests for p in r[1]] if self.predictor.has_pair else None
+    async def _forward(self, requests: list[list[dict]]) -> list[list]:
+        """Many requests' items -> forward passes of at most deploy.max_batch_items items, each
+        padded to its longest row -> per-request results."""
+        items = [i for r in requests for i in r]
         step = self.cfg.max_batch_items
-        probs = np.concatenate([
-            await self._off_loop(self.predictor, texts[i : i + step], pairs[i : i + step] if pairs else None)
-            for i in range(0, len(texts), step)])
-        return np.split(probs, np.cumsum([len(r[0]) for r in requests])[:-1])
+        results = []
+        for i in range(0, len(items), step):
+            results.extend(await self._off_loop(self.predictor, items[i : i + step]))
+        ends = np.cumsum([len(r) for r in requests])
+        return [results[e - len(r) : e] for r, e in zip(requests, ends)]
 
-    def _check_texts(self, texts: list, pairs: list | None) -> tuple[list[str], list[str] | None]:
-        """Strings within the limits, or a 4xx naming the first that is not."""
-        if not texts:
+    def _check_items(self, items: list[dict]) -> list[dict]:
+        """Items holding exactly the model's fields, each a string within the limits, or a 4xx
+        naming the first that is not."""
+        fields = self.predictor.fields
+        if not items:
             raise BadRequest("no text given: send at least one")
-        if len(texts) > self.cfg.max_request_images:
-            raise BadRequest(f"{len(texts)} texts exceed the limit of {self.cfg.max_request_images} per request "
+        if len(items) > self.cfg.max_request_images:
+            raise BadRequest(f"{len(items)} texts exceed the limit of {self.cfg.max_request_images} per request "
                              "(deploy.max_request_images)", 413)
-        if self.predictor.has_pair and (pairs is None or len(pairs) != len(texts)):
-            raise BadRequest(f"this model reads text pairs: send '{PAIR}' beside every '{TEXT}'")
-        if not self.predictor.has_pair and pairs is not None:
-            raise BadRequest(f"this model reads single texts; '{PAIR}' is not accepted")
-        for i, t in enumerate(texts + (pairs or [])):
-            if not isinstance(t, str):
-                raise BadRequest(f"text {i}: expected a string, got {type(t).__name__}")
-            if not t.strip():
-                raise BadRequest(f"text {i} is empty")
-            size = len(t.encode("utf-8", "surrogatepass"))
-            if size > self.cfg.max_text_bytes:
-                raise BadRequest(f"text {i} has {size} bytes, past the limit of {self.cfg.max_text_bytes} "
-                                 "(deploy.max_text_bytes)", 413)
-        return texts, pairs
+        for n, item in enumerate(items):
+            if set(item) != set(fields):
+                if fields == (TEXT,) and PAIR in item:
+                    raise BadRequest(f"this model reads single texts; '{PAIR}' is not accepted")
+                raise BadRequest(f"item {n}: this model reads {' and '.join(map(repr, fields))}, got "
+                                 f"{', '.join(map(repr, sorted(item))) or 'nothing'}")
+            for name in fields:
+                t = item[name]
+                if not isinstance(t, str):
+                    raise BadRequest(f"{name} {n}: expected a string, got {type(t).__name__}")
+                if not t.strip():
+                    raise BadRequest(f"{name} {n} is empty")
+                size = len(t.encode("utf-8", "surrogatepass"))
+                if size > self.cfg.max_text_bytes:
+                    raise BadRequest(f"{name} {n} has {size} bytes, past the limit of {self.cfg.max_text_bytes} "
+                                     "(deploy.max_text_bytes)", 413)
+        return items
 
-    async def _predict_probs(self, texts: list, pairs: list | None) -> np.ndarray:
-        texts, pairs = self._check_texts(texts, pairs)
-        counts = await self._off_loop(self.predictor.token_counts, texts, pairs)
+    async def _predict(self, items: list[dict]) -> list:
+        items = self._check_items(items)
+        counts = await self._off_loop(self.predictor.token_counts, items)
         over = [(i, n) for i, n in enumerate(counts) if n > self.cfg.max_text_tokens]
         if over:
             i, n = over[0]
             raise BadRequest(f"text {i} has {n} tokens, past the limit of {self.cfg.max_text_tokens} "
                              "(deploy.max_text_tokens)")
-        return await self._forward((texts, pairs))
+        return await self._forward(items)
 
     # ---- Open Inference Protocol v2 ------------------------------------------------------
 
@@ -167,14 +258,10 @@ class TextServer(RequestPlumbing):
     def model_metadata(self, name: str, request: Request) -> dict:
         self._authorize(request)
         self._check_model(name)
-        inputs = [{"name": TEXT, "datatype": "BYTES", "shape": [-1]}]
-        if self.predictor.has_pair:
-            inputs.append({"name": PAIR, "datatype": "BYTES", "shape": [-1]})
         return {
             "name": self.cfg.model_name, "versions": [self.version], "platform": self.predictor.platform,
-            "inputs": inputs,
-            "outputs": [{"name": PROBS_NAME, "datatype": "FP32", "shape": [-1, self.predictor.num_classes]},
-                        {"name": LABEL_NAME, "datatype": "INT64", "shape": [-1]}],
+            "inputs": [{"name": name, "datatype": "BYTES", "shape": [-1]} for name in self.predictor.fields],
+            "outputs": self.predictor.outputs(),
         }
 
     @text_api.get("/v2/models/{name}/versions/{version}")
@@ -208,29 +295,32 @@ class TextServer(RequestPlumbing):
         self._check_model(name, version)
         _check_content_type(request, INFER_TYPES)
         body = await self._read_body(request)
-        wanted_inputs = {TEXT, PAIR} if self.predictor.has_pair else {TEXT}
+        fields = self.predictor.fields
         try:
             payload, arrays = await self._off_loop(
                 decode_request, body, request.headers.get(HEADER_LENGTH), self.cfg.max_json_depth,
                 self.cfg.max_request_images)
             del body
-            if set(arrays) != wanted_inputs:
-                raise ProtocolError(f"expected input(s) named {sorted(wanted_inputs)}, got {sorted(arrays)}")
+            if set(arrays) != set(fields):
+                raise ProtocolError(f"expected input(s) named {sorted(fields)}, got {sorted(arrays)}")
             for tensor in payload["inputs"]:
                 if tensor["datatype"] != "BYTES":
                     raise ProtocolError(f"input '{tensor['name']}' must be BYTES (UTF-8 text), got {tensor['datatype']!r}")
-            if math.prod(arrays[TEXT].shape) != len(arrays[TEXT].reshape(-1)) or arrays[TEXT].ndim > 2:
-                raise ProtocolError(f"input '{TEXT}' must have shape [batch] or [batch, 1]")
-            wanted = requested_outputs(payload, [PROBS_NAME, LABEL_NAME])
+            columns = {}
+            for name in fields:
+                if arrays[name].ndim > 2 or (arrays[name].ndim == 2 and arrays[name].shape[1] != 1):
+                    raise ProtocolError(f"input '{name}' must have shape [batch] or [batch, 1]")
+                columns[name] = arrays[name].reshape(-1).tolist()
+            if len({len(c) for c in columns.values()}) > 1:
+                raise ProtocolError(f"inputs {sorted(fields)} must hold as many elements each")
+            wanted = requested_outputs(payload, [o["name"] for o in self.predictor.outputs()])
         except ProtocolError as err:
             raise BadRequest(str(err), err.status) from None
-        texts = arrays[TEXT].reshape(-1).tolist()
-        pairs = arrays[PAIR].reshape(-1).tolist() if PAIR in arrays else None
+        items = [dict(zip(fields, values)) for values in zip(*(columns[f] for f in fields))]
         header = {"model_name": self.cfg.model_name, "model_version": self.version}
         if "id" in payload:
             header["id"] = payload["id"]
-        probs = await self._predict_probs(texts, pairs)
-        tensors = {PROBS_NAME: probs.astype(np.float32), LABEL_NAME: probs.argmax(1).astype(np.int64)}
+        tensors = self.predictor.tensors(await self._predict(items))
         content, headers = encode_response(header, [(n, tensors[n], binary) for n, binary in wanted])
         return Response(content=content, headers=headers)
 
@@ -238,41 +328,31 @@ class TextServer(RequestPlumbing):
 
     @text_api.post("/predict", openapi_extra=PREDICT_BODY)
     async def predict(self, request: Request) -> dict:
-        """{"text": "..."} (and "text_pair" for pair models) or {"instances": [{"text": "..."}, ...]}."""
+        """{"text": "..."} ({"question": ..., "context": ...} for QA models), or {"instances": [...]} of them."""
         self._authorize(request)
         _check_content_type(request, ("application/json",))
         payload = await self._read_json(request)
+        fields = self.predictor.fields
+        example = "{" + ", ".join(f'"{f}": "..."' for f in fields) + "}"
         if "instances" in payload:
             instances = payload["instances"]
             if not isinstance(instances, list) or not all(isinstance(i, dict) for i in instances):
-                raise BadRequest("'instances' must be a list of objects, each {\"text\": \"...\"}")
-        elif TEXT in payload:
+                raise BadRequest(f"'instances' must be a list of objects, each {example}")
+        elif fields[0] in payload:
             instances = [payload]
         else:
-            raise BadRequest("JSON body needs 'text' (a string) or 'instances' (a list of {\"text\": ...})")
+            raise BadRequest(f"JSON body needs {example} or 'instances' (a list of them)")
         if len(instances) > self.cfg.max_request_images:
             raise BadRequest(f"{len(instances)} instances exceed the limit of {self.cfg.max_request_images} "
                              "(deploy.max_request_images)", 413)
-        unknown = sorted({k for i in instances for k in i} - {TEXT, PAIR})
+        unknown = sorted({k for i in instances for k in i} - {*fields, PAIR})
         if unknown:
-            raise BadRequest(f"unknown field(s) {unknown}; an instance holds '{TEXT}' (and '{PAIR}')")
-        if any(TEXT not in i for i in instances):
-            raise BadRequest(f"every instance needs '{TEXT}'")
-        texts = [i[TEXT] for i in instances]
-        pairs = [i.get(PAIR) for i in instances] if any(PAIR in i for i in instances) else None
-        probs = await self._predict_probs(texts, pairs)
-        return {"model_name": self.cfg.model_name, "model_version": self.version,
-                "predictions": self._named(probs)}
-
-    def _named(self, probs: np.ndarray) -> list[dict]:
-        names = self.predictor.class_names
-        out = []
-        for row in probs:
-            order = np.argsort(-row)[:TOP_K]
-            top = [{"label": int(i), **({"class_name": names[i]} if names else {}), "probability": float(row[i])}
-                   for i in order]
-            out.append({**top[0], "top_k": top})
-        return out
+            raise BadRequest(f"unknown field(s) {unknown}; an instance holds {example}")
+        predictions = [self.predictor.named(r) for r in await self._predict(instances)]
+        reply = {"model_name": self.cfg.model_name, "model_version": self.version, "predictions": predictions}
+        if "instances" not in payload and isinstance(self.predictor, AnswerPredictor):
+            reply.update(predictions[0])  # {"question", "context"} -> {"answer", "start", "end", "score"}
+        return reply
 
 
 def build_text_app(model: ServedModel, deploy: DeployConfig, version: str):

@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,31 +96,139 @@ def logits_of(forward, arrays: dict, rows: slice) -> torch.Tensor:
     return forward(*(batch[k] for k in INPUTS)).float().cpu()
 
 
-def split_metrics(forward, arrays: dict, rank: int, world: int) -> dict:
-    """Accuracy and mean cross-entropy on a split, each rank taking every world-th batch. Every
-    rank runs the same number of forwards (ZeRO-3 gathers parameters collectively): a rank out
-    of batches repeats its last one and does not count it."""
+def _my_batches(n: int, rank: int, world: int):
+    """(rows, counted) of the evaluation batches of a split of n rows, each rank taking every
+    world-th batch. Every rank runs the same number of forwards (ZeRO-3 gathers parameters
+    collectively): a rank out of batches repeats its last one and does not count it."""
+    starts = list(range(0, n, EVAL_BATCH))
+    for r in range(-(-len(starts) // world)):
+        i = r * world + rank
+        start = starts[min(i, len(starts) - 1)]
+        yield slice(start, start + EVAL_BATCH), i < len(starts)
+
+
+def _sum_over_ranks(values: list[float], world: int) -> torch.Tensor:
     import torch.distributed as dist
 
-    n = len(arrays["label"])
-    starts = list(range(0, n, EVAL_BATCH))
-    rounds = -(-len(starts) // world)
-    sums = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, rows
-    with torch.no_grad():
-        for r in range(rounds):
-            i = r * world + rank
-            start = starts[min(i, len(starts) - 1)]
-            rows = slice(start, start + EVAL_BATCH)
-            logits = logits_of(forward, arrays, rows)
-            labels = torch.from_numpy(arrays["label"][rows]).long()
-            if i < len(starts):
-                sums += torch.tensor([(logits.argmax(1) == labels).sum().item(),
-                                      F.cross_entropy(logits, labels, reduction="sum").item(), len(labels)],
-                                     dtype=torch.float64)
+    sums = torch.tensor(values, dtype=torch.float64)
     if world > 1 and dist.is_initialized():
         dist.all_reduce(sums)
-    rows = max(1.0, float(sums[2]))
-    return {"accuracy": float(sums[0] / rows), "loss": float(sums[1] / rows)}
+    return sums
+
+
+class Classification:
+    """Cross-entropy on class ids, KD on the class logits, accuracy."""
+
+    targets = ("label",)
+
+    def __init__(self, data):
+        self.data, self.cache = data, {}
+
+    def labels_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), batch["label"])
+
+    def kd(self, student: torch.Tensor, teacher: torch.Tensor, batch: dict, t: float, alpha: float) -> torch.Tensor:
+        from raydistill.kd import kd_loss
+
+        return kd_loss(student.float(), teacher.float(), batch["label"], t, alpha)
+
+    def arrays(self, split: str) -> dict:
+        if split not in self.cache:
+            self.cache[split] = self.data.arrays(split, self.columns)
+        return self.cache[split]
+
+    columns = (*INPUTS, "label")
+
+    def score(self, logits: np.ndarray, split: str) -> dict:
+        """The task's scores of a split's logits computed elsewhere (ONNX, int8)."""
+        return {"accuracy": float((logits.argmax(1) == self.arrays(split)["label"]).mean())}
+
+    def evaluate(self, forward, split: str, rank: int, world: int) -> dict:
+        """Accuracy and mean cross-entropy on a split, sharded over the ranks."""
+        arrays = self.arrays(split)
+        correct = loss = rows = 0.0
+        with torch.no_grad():
+            for part, counted in _my_batches(len(arrays["label"]), rank, world):
+                logits = logits_of(forward, arrays, part)
+                labels = torch.from_numpy(arrays["label"][part]).long()
+                if counted:
+                    correct += (logits.argmax(1) == labels).sum().item()
+                    loss += F.cross_entropy(logits, labels, reduction="sum").item()
+                    rows += len(labels)
+        correct, loss, rows = _sum_over_ranks([correct, loss, rows], world).tolist()
+        return {"accuracy": correct / max(1.0, rows), "loss": loss / max(1.0, rows)}
+
+
+class QuestionAnswering(Classification):
+    """Cross-entropy on the answer's start and end tokens (padding masked out), KD on the
+    start and end logits, and SQuAD's exact match and F1 of the decoded answers; `accuracy`
+    is the F1, the score the sweep and the student's retention rank by."""
+
+    targets = ("start_positions", "end_positions")
+
+    def _masked(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        from raydistill.text.qa import mask_outside
+
+        return mask_outside(logits.float(), batch["attention_mask"][:, : logits.shape[1]])
+
+    def labels_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        logits = self._masked(logits, batch)
+        return sum(F.cross_entropy(logits[..., i], batch[k]) for i, k in enumerate(self.targets)) / 2
+
+    def kd(self, student: torch.Tensor, teacher: torch.Tensor, batch: dict, t: float, alpha: float) -> torch.Tensor:
+        from raydistill.kd import kd_loss
+
+        s, te = self._masked(student, batch), self._masked(teacher, batch)
+        return sum(kd_loss(s[..., i], te[..., i], batch[k], t, alpha) for i, k in enumerate(self.targets)) / 2
+
+    columns = (*INPUTS, "start_positions", "end_positions", "offset_start", "offset_end", "example")
+
+    def _answers(self, spans: list, split: str) -> dict:
+        from raydistill.text import qa
+
+        if ("gold", split) not in self.cache:
+            self.cache["gold", split] = self.data.gold(split)
+        contexts, golds = self.cache["gold", split]
+        answers = qa.best_answers(spans, contexts, self.data.allow_no_answer)
+        scores = qa.squad_scores({k: v[0] for k, v in answers.items()}, golds)
+        return {"accuracy": scores["f1"], "exact_match": scores["exact_match"], "f1": scores["f1"]}
+
+    def _spans(self, logits: torch.Tensor, arrays: dict, rows: slice) -> list:
+        from raydistill.text import qa
+
+        masked = self._masked(logits, {"attention_mask": torch.from_numpy(arrays["attention_mask"][rows])})
+        found = qa.window_spans(masked.numpy(), arrays["offset_start"][rows], arrays["offset_end"][rows],
+                                self.data.max_answer_tokens)
+        return list(zip(arrays["example"][rows].tolist(), found))
+
+    def score(self, logits: np.ndarray, split: str) -> dict:
+        arrays = self.arrays(split)
+        return self._answers(self._spans(torch.from_numpy(logits), arrays, slice(None)), split)
+
+    def evaluate(self, forward, split: str, rank: int, world: int) -> dict:
+        """Windows sharded over the ranks, their best spans gathered, answers scored per example."""
+        import torch.distributed as dist
+
+        arrays = self.arrays(split)
+        spans, loss, rows = [], 0.0, 0.0
+        with torch.no_grad():
+            for part, counted in _my_batches(len(arrays["example"]), rank, world):
+                logits = logits_of(forward, arrays, part)
+                if counted:
+                    batch = {k: torch.from_numpy(arrays[k][part]).long() for k in ("attention_mask", *self.targets)}
+                    loss += self.labels_loss(logits, batch).item() * len(logits)
+                    rows += len(logits)
+                    spans.extend(self._spans(logits, arrays, part))
+        if world > 1 and dist.is_initialized():
+            every = [None] * world
+            dist.all_gather_object(every, spans)
+            spans = [s for part in every for s in part]
+        loss, rows = _sum_over_ranks([loss, rows], world).tolist()
+        return {**self._answers(spans, split), "loss": loss / max(1.0, rows)}
+
+
+def objective_of(data) -> Classification:
+    return QuestionAnswering(data) if data.task == "question_answering" else Classification(data)
 
 
 class _Forward:
@@ -133,10 +242,13 @@ class _Forward:
 
 
 class LabelsOnly:
-    """Cross-entropy on the labels (the teacher's loss, and the student without KD)."""
+    """The task's loss on its targets (the teacher's loss, and the student without KD)."""
+
+    def __init__(self, objective: Classification):
+        self.objective = objective
 
     def __call__(self, engine, batch: dict) -> torch.Tensor:
-        return F.cross_entropy(engine(*(batch[k] for k in INPUTS)).float(), batch["label"])
+        return self.objective.labels_loss(engine(*(batch[k] for k in INPUTS)), batch)
 
 
 class TextDistillation(nn.Module):
@@ -144,32 +256,35 @@ class TextDistillation(nn.Module):
     hidden-state loss (student layer i through a learned projection against teacher layer
     layer_map[i]) and attention loss (MSE of the attention probabilities, head-averaged)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, scfg):
+    def __init__(self, student: nn.Module, teacher: nn.Module, scfg, objective: Classification):
         super().__init__()
         from raydistill.text.models import layer_map
 
-        self.student, self.teacher = student, teacher
+        self.student, self.teacher, self.objective = student, teacher, objective
         self.t, self.alpha = scfg.temperature, scfg.alpha
         self.hidden_weight, self.attention_weight = scfg.hidden_weight, scfg.attention_weight
         self.mapping = layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
         self.project = nn.Linear(student.config.hidden_size, teacher.config.hidden_size) if self.hidden_weight else None
 
-    def forward(self, input_ids, attention_mask, token_type_ids, label=None):
-        """Logits, or with `label` the training loss (through forward, so DDP syncs gradients)."""
-        if label is None:
-            return self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
-        return self.loss({"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
-                          "label": label})
+    def forward(self, input_ids, attention_mask, token_type_ids, **targets):
+        """Logits, or with the task's targets the training loss (through forward, so DDP syncs
+        gradients)."""
+        from raydistill.text.models import logits_of_output
+
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        if not targets:
+            return logits_of_output(self.student(**inputs))
+        return self.loss({**inputs, **targets})
 
     def loss(self, batch: dict) -> torch.Tensor:
-        from raydistill.kd import kd_loss
+        from raydistill.text.models import logits_of_output
 
         inputs = {k: batch[k] for k in INPUTS}
         deep = bool(self.hidden_weight or self.attention_weight)
         with torch.no_grad():
             t_out = self.teacher(**inputs, output_hidden_states=deep, output_attentions=deep)
         s_out = self.student(**inputs, output_hidden_states=deep, output_attentions=deep)
-        loss = kd_loss(s_out.logits.float(), t_out.logits.float(), batch["label"], self.t, self.alpha)
+        loss = self.objective.kd(logits_of_output(s_out), logits_of_output(t_out), batch, self.t, self.alpha)
         keep = batch["attention_mask"].unsqueeze(-1).float()
         if self.hidden_weight:
             pairs = [(s_out.hidden_states[i + 1], t_out.hidden_states[j + 1]) for i, j in enumerate(self.mapping)]
@@ -182,8 +297,11 @@ class TextDistillation(nn.Module):
 
 
 class DistillLoss:
+    def __init__(self, objective: Classification):
+        self.targets = objective.targets
+
     def __call__(self, engine, batch: dict) -> torch.Tensor:
-        return engine(*(batch[k] for k in INPUTS), batch["label"])
+        return engine(*(batch[k] for k in INPUTS), **{k: batch[k] for k in self.targets})
 
 
 def text_worker(loop_config: dict) -> None:
@@ -208,15 +326,15 @@ def text_worker(loop_config: dict) -> None:
     plan = StepPlan(**loop_config["plan"])
     seed = cfg.seed if role == "teacher" or cfg.student.seed is None else cfg.student.seed
     tok = load_tokenizer(data.tokenizer_dir)
+    objective = objective_of(data)
     build = _teacher_engine if role == "teacher" else _student_engine
-    engine, loss, plain, forward, per_rank = build(cfg, loop_config, plan, len(tok), seed, world, device)
+    engine, loss, plain, forward, per_rank = build(cfg, loop_config, plan, len(tok), seed, world, device, objective)
     counters = {"fit_id": loop_config["fit_id"]}
     attempt = count_attempt(loop_config["attempts_file"]) if rank == 0 else 1
     log = EpochLog(role, plan, section.batch_size * getattr(section, "grad_accum_steps", 1) * world, rank,
                    tb_dir=loop_config.get("tb_dir"))
     start_step = _restore(engine, log, counters, attempt, rank, world) if role == "teacher" else 0
     log.start_step = start_step
-    val = data.arrays("val")
     wait = DataWait()
     stream = batches(ray.train.get_dataset_shard("train"), section.batch_size, plan, device, seed,
                      skip=start_step * plan.accum, augment=_token_ops(cfg, tok, seed, rank, world), wait=wait)
@@ -229,8 +347,8 @@ def text_worker(loop_config: dict) -> None:
         metrics = {"step": step, "epoch": -(-step // plan.steps_per_epoch)}
         if epoch_loss is not None:
             engine.eval()
-            on_val = split_metrics(forward, val, rank, world)
-            shown = {"loss": epoch_loss, "val_accuracy": on_val["accuracy"], "val_loss": on_val["loss"]}
+            on_val = objective.evaluate(forward, "val", rank, world)
+            shown = {"loss": epoch_loss, **{f"val_{k}": v for k, v in on_val.items()}}
             curve.append([step, epoch_loss])
             log.line(step, shown)
             metrics.update(shown)
@@ -241,7 +359,7 @@ def text_worker(loop_config: dict) -> None:
 
     fit(engine, loss, stream, plan, after_step, wait)
     engine.eval()
-    test_accuracy = split_metrics(forward, data.arrays("test"), rank, world)["accuracy"]
+    on_test = {f"test_{k}": v for k, v in objective.evaluate(forward, "test", rank, world).items() if k != "loss"}
     if role == "teacher":
         full = sharding.consolidated_state_dict(engine)
         state = {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
@@ -255,7 +373,7 @@ def text_worker(loop_config: dict) -> None:
     final = {**shown, "epoch": plan.epochs, "steps": plan.total_steps, "samples_per_s": log.samples_per_s(plan.total_steps),
              "params_per_rank": per_rank, "params_total": sum(p.numel() for p in weights_of.parameters()) if role != "teacher"
              else sharding.full_param_count(engine), "restarts": counters.get("restarts", 0),
-             "resumes": counters.get("resumes", 0), "resumed_from_step": start_step, "test_accuracy": test_accuracy,
+             "resumes": counters.get("resumes", 0), "resumed_from_step": start_step, **on_test,
              "loss_curve": curve, **wait.metrics()}
     if role == "teacher":
         _report(final, engine, plan.total_steps, counters, rank_files=export)
@@ -327,24 +445,27 @@ def _token_ops(cfg: Config, tok, seed: int, rank: int, world: int):
     return augment
 
 
-def _teacher_engine(cfg: Config, loop_config: dict, plan: StepPlan, vocab: int, seed: int, world: int, device):
+def _teacher_engine(cfg: Config, loop_config: dict, plan: StepPlan, vocab: int, seed: int, world: int, device,
+                    objective: Classification):
     """The teacher in its DeepSpeed ZeRO engine: (engine, loss, None, forward, params per rank)."""
     import functools
 
     from raydistill import sharding
     from raydistill.loop import lr_schedule
-    from raydistill.text.models import TextClassifier, build_teacher
+    from raydistill.text.models import TextLogits, build_teacher
 
     tcfg = cfg.teacher
-    net = TextClassifier(build_teacher(tcfg.arch, loop_config["data"].num_classes, vocab, tcfg.pretrained, seed))
+    net = TextLogits(build_teacher(tcfg.arch, loop_config["data"].num_classes, vocab, tcfg.pretrained, seed,
+                                   cfg.task))
     schedule = functools.partial(lr_schedule, total_steps=plan.total_steps, kind=tcfg.lr_schedule,
                                  warmup_fraction=tcfg.warmup_fraction)
     engine = sharding.wrap(net, sharding.deepspeed_config(tcfg, world), schedule)
     per_rank = sharding.gather_counts(sharding.local_param_count(engine))
-    return engine, LabelsOnly(), None, _Forward(engine, device), per_rank
+    return engine, LabelsOnly(objective), None, _Forward(engine, device), per_rank
 
 
-def _student_engine(cfg: Config, loop_config: dict, plan: StepPlan, vocab: int, seed: int, world: int, device):
+def _student_engine(cfg: Config, loop_config: dict, plan: StepPlan, vocab: int, seed: int, world: int, device,
+                    objective: Classification):
     """The student (DDP when world > 1) beside its frozen teacher: (engine, loss, the plain
     student, forward, params per rank)."""
     import ray.train.torch
@@ -356,13 +477,14 @@ def _student_engine(cfg: Config, loop_config: dict, plan: StepPlan, vocab: int, 
     teacher = load_model(Path(loop_config["teacher_path"]), loop_config["teacher_sha256"]).to(device)
     teacher.requires_grad_(False)
     torch.manual_seed(seed)
-    trainee = TextDistillation(loop_config["student_factory"](teacher), teacher, scfg).to(device)
+    trainee = TextDistillation(loop_config["student_factory"](teacher), teacher, scfg, objective).to(device)
     engine = TorchEngine(ray.train.torch.prepare_model(trainee), lr=scfg.lr, weight_decay=scfg.weight_decay,
                          total_steps=plan.total_steps, schedule=scfg.lr_schedule,
                          warmup_fraction=scfg.warmup_fraction, grad_clip=scfg.grad_clip)
     distills = scfg.alpha < 1 or scfg.hidden_weight or scfg.attention_weight
     per_rank = [sum(p.numel() for p in trainee.student.parameters())] * world
-    return engine, DistillLoss() if distills else LabelsOnly(), trainee.student, _Forward(trainee, device), per_rank
+    loss = DistillLoss(objective) if distills else LabelsOnly(objective)
+    return engine, loss, trainee.student, _Forward(trainee, device), per_rank
 
 
 def train_text(role: str, cfg: Config, data, out_dir: Path, extra: dict | None = None, copy_to: Path | None = None):
@@ -428,6 +550,7 @@ def run_teacher(cfg: Config, data, out_dir: Path) -> dict:
     return {
         "task": cfg.task,
         **teacher_summary(tcfg, metrics, data),
+        **{k: float(v) for k, v in metrics.items() if k.endswith(("_exact_match", "_f1"))},
         "pretrained": bool(tcfg.pretrained),
         "samples_per_s": float(metrics["samples_per_s"]),
         "data_wait_fraction": float(metrics["data_wait_fraction"]),
@@ -459,12 +582,10 @@ class StudentFactory:
         return "teacher_layers" if self.init == "teacher_layers" or (self.init == "auto" and fits) else "fresh"
 
     def __call__(self, teacher: nn.Module) -> nn.Module:
-        from transformers import AutoModelForSequenceClassification
-
         from raydistill.text.models import init_from_teacher, student_config
 
         config = student_config(teacher.config, self.layers, self.hidden, self.heads)
-        student = AutoModelForSequenceClassification.from_config(config)
+        student = type(teacher)(config)  # the teacher's task head (classification or QA), narrowed
         if self.plan(teacher.config) == "teacher_layers":
             init_from_teacher(student, teacher)
         return student
