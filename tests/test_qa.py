@@ -242,6 +242,18 @@ def test_tritonclient_sends_question_and_context_and_reads_the_answer(run):
     assert answers[0] == answers[1]
 
 
+def test_query_cli_prints_the_answer(run, capsys):
+    from raydistill.cli import main
+
+    _, url, _ = run
+    context = "The boat has size huge. It was seen in year 1200 by coin."
+    assert main(["query", "--url", url, "--question", "What size does the boat have?", "--context", context]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    answer = lines[0].removeprefix("answer: ")
+    start, end = map(int, lines[1].split()[2].split(".."))
+    assert lines[0].startswith("answer: ") and context[start:end] == answer
+
+
 @pytest.mark.parametrize("body, status, says", [
     ({"question": "What colour?"}, 400, "reads 'question' and 'context'"),
     ({"question": 7, "context": "The box has colour red."}, 400, "expected a string, got int"),

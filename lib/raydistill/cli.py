@@ -33,6 +33,7 @@ EPILOG = """examples:
   raydistill train --config runs/demo/sweep/best.yaml --name demo
   raydistill query --url http://127.0.0.1:8000 digit.png more_digits/
   raydistill query --text "Compute the eigenvalues of a sparse matrix."   (a text model)
+  raydistill query --question "Which parameter: axis to sort along?" --context "$(cat params.txt)"   (a QA model)
   raydistill status demo
   raydistill status --json demo | jq .stages.teacher.summary.accuracy
   raydistill data preview --config configs/demo.yaml --out grid.png
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("paths", nargs="*", metavar="IMAGE_OR_DIR", help="PNG/JPEG files or folders of them")
     q.add_argument("--text", dest="texts", action="append", metavar="TEXT",
                    help="a text to classify, for a text model (repeatable; instead of images)")
+    q.add_argument("--question", help="a question, for a question answering model (with --context)")
+    q.add_argument("--context", help="the text that holds the answer to --question")
     d = sub.add_parser("data", help="look at the data stage: `data preview` saves augmented samples as a PNG grid")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     pv = dsub.add_parser("preview", help="save a PNG grid of augmented training samples with their labels")
@@ -129,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "query":
             from raydistill.client import query
 
+            if args.question is not None or args.context is not None:
+                if not (args.question and args.context) or args.paths or args.texts:
+                    parser.error("query: --question and --context go together, without images or --text")
+                from raydistill.client import ask
+
+                return ask(args.url, args.question, args.context, args.api_key_file)
             if bool(args.paths) == bool(args.texts):
                 parser.error("query: give image files or folders, or --text TEXT, but not both")
             return query(args.url, args.paths, args.api_key_file, args.texts)

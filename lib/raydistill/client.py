@@ -1,4 +1,5 @@
-"""`raydistill query`: send images or texts to a deployment, print predictions as a table."""
+"""`raydistill query`: send images or texts to a deployment, print predictions as a table, or
+a question and its context to a question answering deployment, print the answer."""
 
 from __future__ import annotations
 
@@ -55,6 +56,14 @@ def _predict(url: str, key: str | None, **body) -> list[dict]:
         hint = f" (send the key with --api-key-file or ${KEY_ENV})" if resp.status_code == 401 and not key else ""
         raise RuntimeError(f"{url}/predict answered {resp.status_code}: {message}{hint}")
     return resp.json()["predictions"]
+
+
+def ask(url: str, question: str, context: str, key_file: str | None = None) -> int:
+    """POST one question and its context to /predict; print the answer span and its score."""
+    (pred,) = _predict(url, api_key(key_file), json={"instances": [{"question": question, "context": context}]})
+    answer = pred["answer"] or "(no answer)"
+    print(f"answer: {answer}\nspan:   characters {pred['start']}..{pred['end']} of the context\nscore:  {pred['score']:.3f}")
+    return 0
 
 
 def query(url: str, paths: list[str], key_file: str | None = None, texts: list[str] | None = None) -> int:

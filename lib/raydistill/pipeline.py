@@ -121,7 +121,7 @@ def stage_teacher(cfg: Config, data, run: Run) -> dict:
         inputs=[run.root / DATA_SUMMARY],
     )
     log(f"teacher: {summary['arch']} {summary['params_total']:,} params, ZeRO-{summary['zero_stage']} "
-        f"per-rank {summary['params_per_rank']}, test accuracy {summary['accuracy']:.4f}")
+        f"per-rank {summary['params_per_rank']}, {_test_score(summary, 'test_exact_match')}")
     return summary
 
 
@@ -141,10 +141,18 @@ def stage_student(cfg: Config, data, run: Run) -> dict:
     int8 = (f", int8 ONNX {summary['int8_accuracy']:.4f} at {summary['latency_ms_p50_exported']['student_int8']:.2f} ms"
             if summary.get("int8_accuracy") is not None else "")
     log(f"student: {summary['arch']} {summary['params_total']:,} params ({summary['params_ratio']:.1f}x fewer; "
-        f"pruning {summary['pruning']['status']}), test accuracy {summary['accuracy']:.4f}, "
+        f"pruning {summary['pruning']['status']}), {_test_score(summary, 'exact_match')}, "
         f"retention {summary['retention']:.3f}, batch-1 p50 {lat['student']:.2f} ms vs teacher "
         f"{lat['teacher']:.2f} ms{int8}; report in {run.root / 'student' / 'report.md'}")
     return summary
+
+
+def _test_score(summary: dict, exact_match_key: str) -> str:
+    """'test accuracy A', or for question answering (where `accuracy` holds the F1) 'test F1 F
+    (exact match E)'."""
+    if exact_match_key in summary:
+        return f"test F1 {summary['accuracy']:.4f} (exact match {summary[exact_match_key]:.4f})"
+    return f"test accuracy {summary['accuracy']:.4f}"
 
 
 def _verify(run: Run, stage: str, path: Path) -> str:
