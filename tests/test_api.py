@@ -16,7 +16,7 @@ import pytest
 
 from conftest import BIN, REPO
 
-QUICK = ["sweep.num_trials=2", "sweep.epochs=1", "teacher.epochs=1", "student.epochs=1",
+QUICK = ["sweep.num_trials=1", "sweep.epochs=1", "teacher.epochs=1", "student.epochs=1",
          "student.prune_finetune_epochs=1"]
 
 NOTEBOOK = textwrap.dedent("""
