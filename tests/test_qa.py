@@ -135,11 +135,28 @@ def test_windows_overlap_and_map_every_answer_back_to_its_characters(tokenizer_d
     assert found == set(by_id)  # every answer sits whole in some window
 
 
+def test_a_question_past_half_the_window_is_cut_after_its_last_fitting_token(tokenizer_dir):
+    from raydistill.text.data import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    long, short = "what colour does the box have " * 5, "what colour does the box have?"
+    cut, same = qa.cut_questions(tok, [long, short], max_length=32)
+    assert same == short and long.startswith(cut) and qa.question_lengths(tok, [cut]) == [qa.question_budget(32)]
+
+
+def test_squad_scores_treat_a_gold_answer_of_only_articles_as_no_answer():
+    assert qa.squad_scores({"a": ""}, {"a": ["the"]})["exact_match"] == 1.0
+
+
 def test_qa_config_refuses_a_text_pair_and_an_unknown_task():
     with pytest.raises(ConfigError, match="question answering pairs data.question_column"):
         load_config(None, ["task=question_answering", "teacher.arch=hf:x", "data.text_pair_column=b"])
     with pytest.raises(ConfigError, match="question_answering"):
         load_config(None, ["task=summarization"])
+    with pytest.raises(ConfigError, match="token_delete would move the answer span's tokens"):
+        load_config(None, ["task=question_answering", "teacher.arch=hf:x", "data.augment=[{op: token_delete}]"])
+    with pytest.raises(ConfigError, match="data.doc_stride 40 must be under half"):
+        load_config(None, ["task=question_answering", "teacher.arch=hf:x", "data.max_length=64", "data.doc_stride=40"])
 
 
 def test_bytes_outputs_read_back_through_tritonclient():
@@ -260,6 +277,7 @@ def test_query_cli_prints_the_answer(run, capsys):
     ({"question": "What colour?", "context": "  "}, 400, "context 0 is empty"),
     ({"question": "What colour?", "context": "word " * 900}, 400, "max_text_tokens"),
     ({"text": "What colour?"}, 400, "needs {\"question\""),
+    ({"question": "colour " * 30, "context": "The box has colour red."}, 400, "reads questions of at most 22"),
 ])
 def test_bad_questions_get_a_4xx_that_names_the_problem(run, body, status, says):
     _, url, _ = run
@@ -274,14 +292,15 @@ def test_answers_not_in_their_context_are_named_and_skipped_rows_counted(run, tm
     examples[0]["answers"] = [{"text": "purple", "answer_start": 5}]                       # not in the context
     examples[1]["answers"][0]["answer_start"] += 2                                         # points elsewhere
     examples[2]["answers"][0]["answer_start"] = str(examples[2]["answers"][0]["answer_start"])  # a string
+    examples[3]["answers"][0]["answer_start"] = -1
     source = write_squad(tmp_path / "bad.json", examples)
-    with pytest.raises(DataError, match="3 bad rows of 60.*answer not found in its context"):
+    with pytest.raises(DataError, match="4 bad rows of 60.*answer not found in its context"):
         qa_data.prepare(qa_cfg(source), source, tmp_path / "out")
     data = qa_data.prepare(qa_cfg(source, "data.on_bad_rows=skip"), source, tmp_path / "out")
     assert data.rows_skipped == {"answer not found in its context": 1,
                                  "answer_start does not match the answer text": 1,
-                                 "an answer_start is not an integer": 1}
-    assert sum(data.examples(s) for s in ("train", "val", "test")) == 57
+                                 "an answer_start is not an integer": 1, "an answer_start is negative": 1}
+    assert sum(data.examples(s) for s in ("train", "val", "test")) == 56
 
 
 def test_a_parquet_source_without_the_context_column_is_named(run, tmp_path):

@@ -679,6 +679,13 @@ class Config(_Section):
             raise ValueError("student.teacher_mode: a text student runs its teacher online")
         if self.is_text and self.student.hint_weight:
             raise ValueError("student.hint_weight: a text student transfers hidden states with student.hidden_weight")
+        if self.is_qa and 2 * self.data.doc_stride >= self.data.max_length - 3:
+            raise ValueError(f"data.doc_stride {self.data.doc_stride} must be under half of what a window leaves "
+                             f"beside its question (data.max_length {self.data.max_length} - 3 special tokens)")
+        moving = [op.op for op in self.data.augment if op.op in ("token_delete", "token_swap")]
+        if self.is_qa and moving:
+            raise ValueError(f"data.augment: {', '.join(moving)} would move the answer span's tokens; question "
+                             "answering takes token_mask")
         if self.is_qa and self.data.text_pair_column:
             raise ValueError("data.text_pair_column: question answering pairs data.question_column with "
                              "data.context_column")

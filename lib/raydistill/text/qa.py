@@ -101,6 +101,8 @@ def _answer_problem(context: str, answers: list[tuple]) -> str:
             return "an answer text is empty or not a string"
         if isinstance(start, (bool, np.bool_)) or not isinstance(start, (int, np.integer)):
             return "an answer_start is not an integer"
+        if start < 0:
+            return "an answer_start is negative"
         if context[start : start + len(text)] != text:
             return ("answer not found in its context" if text not in context
                     else "answer_start does not match the answer text")
@@ -136,21 +138,37 @@ def check_qa_rows(batch: dict, *, question: str, context: str, answers: str, see
 
 # ---- windows -----------------------------------------------------------------------------
 
+def question_budget(max_length: int) -> int:
+    """The most question tokens a window takes: half of what [CLS], [SEP], [SEP] leave, so the
+    context always has at least as much room, more than data.doc_stride (a config check), and
+    each window moves on by at least room - doc_stride tokens."""
+    return (max_length - 3) // 2
+
+
+def question_lengths(tok, questions: list[str]) -> list[int]:
+    return [len(ids) for ids in tok(questions, add_special_tokens=False)["input_ids"]]
+
+
+def cut_questions(tok, questions: list[str], max_length: int) -> list[str]:
+    """Questions longer than question_budget tokens, cut after their last token that fits."""
+    budget = question_budget(max_length)
+    enc = tok(questions, add_special_tokens=False, truncation=True, max_length=budget, return_offsets_mapping=True)
+    return [q[: offsets[-1][1]] if len(ids) >= budget and offsets else q
+            for q, ids, offsets in zip(questions, enc["input_ids"], enc["offset_mapping"])]
+
+
 def tokenize_windows(batch: dict, *, folder: str, max_length: int, doc_stride: int) -> dict:
     """Each (question, context) as one or more windows of max_length tokens, overlapping by
     doc_stride tokens, with the first answer's token span where a window holds it whole and
-    (0, 0), the [CLS] token, where it does not (a Ray Data map_batches function)."""
+    (0, 0), the [CLS] token, where it does not (a Ray Data map_batches function). A question
+    past question_budget tokens is cut to it."""
     from raydistill.text.data import load_tokenizer
 
     tok = load_tokenizer(folder)
-    questions, contexts = batch["question"].tolist(), batch["context"].tolist()
-    try:
-        enc = tok(questions, contexts, truncation="only_second", max_length=max_length, stride=doc_stride,
-                  return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length",
-                  return_token_type_ids=True)
-    except Exception as err:  # the tokenizer refuses a question that leaves no room for the context
-        raise DataError(f"data.max_length {max_length} / data.doc_stride {doc_stride}: a window cannot hold a "
-                        f"question and some of its context ({str(err).splitlines()[0][:160]})") from None
+    questions, contexts = cut_questions(tok, batch["question"].tolist(), max_length), batch["context"].tolist()
+    enc = tok(questions, contexts, truncation="only_second", max_length=max_length, stride=doc_stride,
+              return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length",
+              return_token_type_ids=True)
     out = {k: [] for k in (*TOKEN_COLUMNS, *TARGETS, *SPAN_COLUMNS)}
     for w, owner in enumerate(enc["overflow_to_sample_mapping"]):
         in_context = np.array([s == 1 for s in enc.sequence_ids(w)])
@@ -266,7 +284,7 @@ def squad_scores(predictions: dict[str, str], golds: dict[str, list[str]]) -> di
     An unanswerable example's gold answer is the empty string."""
     em = f1 = 0.0
     for example, answers in golds.items():
-        answers = answers or [""]
+        answers = [a for a in answers if normalize_answer(a)] or [""]  # as the script: "the" counts as no answer
         pred = predictions.get(example)
         if pred is None:
             continue

@@ -58,8 +58,12 @@ class QAData(TextData):
         return dict(zip(ids, contexts)), {i: [t for t, _ in json.loads(a)] for i, a in zip(ids, answers)}
 
     def summary(self, augment: list) -> dict:
-        return {**super().summary(augment), "examples": {s: self.examples(s) for s in SPLITS},
-                "windows": dict(self.windows), "doc_stride": self.doc_stride,
+        """The data summary's keys, for QA: `splits` counts examples, `windows` what they were
+        cut into; `num_classes` is 0 (spans, not classes); the majority baseline is the score
+        of answering nothing."""
+        examples = {s: self.examples(s) for s in SPLITS}
+        return {**super().summary(augment), "splits": examples, "examples": examples, "windows": dict(self.windows),
+                "doc_stride": self.doc_stride, "max_answer_tokens": self.max_answer_tokens,
                 "unanswerable": {s: self.class_counts.get(s, {}).get("0", 0) for s in SPLITS}}
 
 
@@ -105,8 +109,6 @@ def prepare(cfg: Config, source: str, out: Path, teacher_tokenizer: str | None =
     if empty:
         raise DataError(f"data.source {source}: split {', '.join(empty)} would be empty "
                         f"({rows_read - sum(skipped.values())} good rows)")
-    if dcfg.doc_stride >= dcfg.max_length // 2:
-        raise DataError(f"data.doc_stride {dcfg.doc_stride} must be under half of data.max_length {dcfg.max_length}")
     good = checked.filter(expr=col("reason") == "")
     tok_dir = fresh_output(out, dcfg.tokenizer or teacher_tokenizer, good.filter(expr=col("split") == "train"),
                            dcfg.vocab_size, ("question", "context"))
@@ -119,7 +121,7 @@ def prepare(cfg: Config, source: str, out: Path, teacher_tokenizer: str | None =
                                     "doc_stride": dcfg.doc_stride}
                          ).write_parquet(str(out / split), min_rows_per_file=dcfg.batch_size)
         windows[split] = _stored_rows(out / split)
-    data = QAData(root=str(out), source=source, num_classes=2, max_length=dcfg.max_length, rows_read=rows_read,
+    data = QAData(root=str(out), source=source, num_classes=0, max_length=dcfg.max_length, rows_read=rows_read,
                   has_pair=True, rows_skipped=dict(skipped), class_counts=counts, windows=windows,
                   doc_stride=dcfg.doc_stride, max_answer_tokens=dcfg.max_answer_tokens,
                   allow_no_answer=any(c.get("0") for c in counts.values()))

@@ -31,6 +31,7 @@ from raydistill.serving import (INFER_TYPES, LABEL_NAME, PROBS_NAME, TOP_K, BadR
 TEXT, PAIR = "text", "text_pair"
 QUESTION, CONTEXT = "question", "context"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+WINDOWS_PER_FORWARD = 64
 
 text_api = install_error_handlers(FastAPI(
     title="raydistill (text)",
@@ -91,6 +92,10 @@ class _Predictor:
         enc = self.tokenizer(firsts, seconds, truncation=False, add_special_tokens=True)
         return [len(ids) for ids in enc["input_ids"]]
 
+    def refusal(self, items: list[dict]) -> str | None:
+        """Why the model cannot take one of the items (beyond the server's limits), or None."""
+        return None
+
 
 class ClassifierPredictor(_Predictor):
     """Texts (and pairs) -> class probabilities."""
@@ -135,6 +140,18 @@ class AnswerPredictor(_Predictor):
         self.max_answer_tokens = int(self.meta.get("max_answer_tokens", 30))
         self.allow_no_answer = self.meta.get("allow_no_answer") == "true"
 
+    def refusal(self, items: list[dict]) -> str | None:
+        from raydistill.text import qa
+
+        budget = qa.question_budget(self.max_length)
+        lengths = qa.question_lengths(self.tokenizer, [i[QUESTION] for i in items])
+        over = [(n, length) for n, length in enumerate(lengths) if length > budget]
+        if over:
+            n, length = over[0]
+            return (f"question {n} has {length} tokens; this model reads questions of at most {budget} "
+                    f"(half of its {self.max_length}-token window)")
+        return None
+
     def __call__(self, items: list[dict]) -> list[tuple]:
         from raydistill.text import qa
 
@@ -142,7 +159,9 @@ class AnswerPredictor(_Predictor):
                              max_length=self.max_length, stride=self.doc_stride, return_overflowing_tokens=True,
                              return_offsets_mapping=True, padding="longest", return_token_type_ids=True)
         feed = {k: np.asarray(enc[k], dtype=np.int64) for k in INPUTS}
-        logits = self.logits(feed)
+        step = WINDOWS_PER_FORWARD  # a long context makes many windows: bounded memory per forward
+        logits = np.concatenate([self.logits({k: v[i : i + step] for k, v in feed.items()})
+                                 for i in range(0, len(feed["input_ids"]), step)])
         logits = np.where(feed["attention_mask"][..., None].astype(bool), logits, -1e4)
         owners = [str(o) for o in enc["overflow_to_sample_mapping"]]
         offsets = np.asarray(enc["offset_mapping"], dtype=np.int64)
@@ -231,6 +250,9 @@ class TextServer(RequestPlumbing):
 
     async def _predict(self, items: list[dict]) -> list:
         items = self._check_items(items)
+        refusal = await self._off_loop(self.predictor.refusal, items)
+        if refusal:
+            raise BadRequest(refusal)
         counts = await self._off_loop(self.predictor.token_counts, items)
         over = [(i, n) for i, n in enumerate(counts) if n > self.cfg.max_text_tokens]
         if over:
