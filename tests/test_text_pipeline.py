@@ -35,8 +35,8 @@ def run(tmp_path_factory):
         f"data.source={source}", "data.vocab_size=300", "data.max_length=24",
         f"teacher.arch=hf:{os.path.relpath(teacher)}",  # relative, as in the presets: resolved before trials start
         "sweep.num_trials=2", "sweep.trial_workers=1", "sweep.epochs=1", "sweep.max_concurrent_trials=2",
-        "teacher.epochs=4", "teacher.batch_size=8", "teacher.lr=2e-3", "student.layers=1", "student.hidden=32", "student.heads=2",
-        "student.epochs=4", "student.batch_size=8", "student.lr=3e-3", "student.cpus_per_worker=0.5", "deploy.min_gain_over_majority=0.0",
+        "teacher.epochs=3", "teacher.batch_size=8", "teacher.lr=2e-3", "student.layers=1", "student.hidden=32", "student.heads=2",
+        "student.epochs=3", "student.batch_size=8", "student.lr=3e-3", "student.cpus_per_worker=0.5", "deploy.min_gain_over_majority=0.0",
         f"deploy.port={port}", "deploy.model_name=words", "deploy.foreground=never", "deploy.max_request_images=8"])
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:

@@ -325,6 +325,23 @@ def first_bad(checked, limit: int = 3) -> str:
     return "; ".join(r["reason"] for r in rows)
 
 
+def good_rows(checked, source: str, on_bad_rows: str, by: str = "label"):
+    """(the good rows, rows read, {reason: bad rows}, {split: {value of `by`: rows}}) of checked
+    rows; refuses bad rows (on_bad_rows=fail) and an empty split, naming them."""
+    from ray.data.expressions import col
+
+    rows_read = checked.count()
+    skipped, counts = count_rows(checked, by)
+    if skipped and on_bad_rows == "fail":
+        raise DataError(f"data.source {source}: {sum(skipped.values())} bad rows of {rows_read} "
+                        f"({first_bad(checked)}); fix them or set data.on_bad_rows=skip")
+    empty = [s for s in SPLITS if not counts[s]]
+    if empty:
+        raise DataError(f"data.source {source}: split {', '.join(empty)} would be empty "
+                        f"({rows_read - sum(skipped.values())} good rows)")
+    return checked.filter(expr=col("reason") == ""), rows_read, skipped, counts
+
+
 def fresh_output(out: Path, tokenizer: str | None, train_rows, vocab_size: int, columns: tuple) -> Path:
     """`out` emptied, with the tokenizer in out/tokenizer: the given folder's, or WordPiece
     trained on the training rows' text columns. Returns the tokenizer folder."""
@@ -370,16 +387,7 @@ def prepare(cfg: Config, source: str, out: Path, teacher_tokenizer: str | None =
         fn_kwargs={"text": dcfg.text_column, "pair": dcfg.text_pair_column, "label": dcfg.label_column,
                    "num_classes": num_classes, "seed": cfg.seed, "val_fraction": dcfg.val_fraction,
                    "test_fraction": dcfg.test_fraction}).materialize()
-    rows_read = checked.count()
-    skipped, counts = count_rows(checked)
-    if skipped and dcfg.on_bad_rows == "fail":
-        raise DataError(f"data.source {source}: {sum(skipped.values())} bad rows of {rows_read} "
-                        f"({first_bad(checked)}); fix them or set data.on_bad_rows=skip")
-    empty = [s for s in SPLITS if not counts[s]]
-    if empty:
-        raise DataError(f"data.source {source}: split {', '.join(empty)} would be empty "
-                        f"({rows_read - sum(skipped.values())} good rows)")
-    good = checked.filter(expr=col("reason") == "")
+    good, rows_read, skipped, counts = good_rows(checked, source, dcfg.on_bad_rows)
     tok_dir = fresh_output(out, dcfg.tokenizer or teacher_tokenizer, good.filter(expr=col("split") == "train"),
                            dcfg.vocab_size, ("text", "text_pair"))
     for split in SPLITS:

@@ -14,7 +14,7 @@ from pathlib import Path
 from raydistill.config import Config
 from raydistill.data import DataError
 from raydistill.text import qa
-from raydistill.text.data import SPLITS, TextData, count_rows, first_bad, fresh_output, listing
+from raydistill.text.data import SPLITS, TextData, fresh_output, good_rows, listing
 
 QA_COLUMNS = ("question", "context", "answers")
 
@@ -100,16 +100,7 @@ def prepare(cfg: Config, source: str, out: Path, teacher_tokenizer: str | None =
         qa.check_qa_rows, batch_format="numpy", zero_copy_batch=False,
         fn_kwargs={**names, "seed": cfg.seed, "val_fraction": dcfg.val_fraction,
                    "test_fraction": dcfg.test_fraction}).materialize()
-    rows_read = checked.count()
-    skipped, counts = count_rows(checked, by="answerable")
-    if skipped and dcfg.on_bad_rows == "fail":
-        raise DataError(f"data.source {source}: {sum(skipped.values())} bad rows of {rows_read} "
-                        f"({first_bad(checked)}); fix them or set data.on_bad_rows=skip")
-    empty = [s for s in SPLITS if not counts[s]]
-    if empty:
-        raise DataError(f"data.source {source}: split {', '.join(empty)} would be empty "
-                        f"({rows_read - sum(skipped.values())} good rows)")
-    good = checked.filter(expr=col("reason") == "")
+    good, rows_read, skipped, counts = good_rows(checked, source, dcfg.on_bad_rows, by="answerable")
     tok_dir = fresh_output(out, dcfg.tokenizer or teacher_tokenizer, good.filter(expr=col("split") == "train"),
                            dcfg.vocab_size, ("question", "context"))
     windows = {}

@@ -13,7 +13,6 @@ cut to max_length, as in training.
 # No `from __future__ import annotations`: FastAPI must see real types in the replica.
 
 import json
-import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
