@@ -143,7 +143,8 @@ def stage_student(cfg: Config, data, run: Run) -> dict:
     log(f"student: {summary['arch']} {summary['params_total']:,} params ({summary['params_ratio']:.1f}x fewer; "
         f"pruning {summary['pruning']['status']}), {_test_score(summary, 'exact_match')}, "
         f"retention {summary['retention']:.3f}, batch-1 p50 {lat['student']:.2f} ms vs teacher "
-        f"{lat['teacher']:.2f} ms{int8}; report in {run.root / 'student' / 'report.md'}")
+        f"{lat['teacher']:.2f} ms{int8}" + (f"; report in {report}" if (report := run.root / "student" / "report.md").exists()
+                                             else ""))
     return summary
 
 
