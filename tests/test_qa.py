@@ -148,6 +148,19 @@ def test_squad_scores_treat_a_gold_answer_of_only_articles_as_no_answer():
     assert qa.squad_scores({"a": ""}, {"a": ["the"]})["exact_match"] == 1.0
 
 
+def test_the_bundled_question_set_asks_both_kinds_and_its_answers_sit_where_they_say():
+    from raydistill.text.corpus import parameter_questions
+
+    rows = parameter_questions(limit=200)
+    assert len(rows) == 200 and len({r["id"] for r in rows}) == 200
+    kinds = {r["id"].rsplit("-", 1)[1] for r in rows}
+    assert kinds == {"name", "type"}
+    for r in rows:
+        (answer,) = r["answers"]
+        start = answer["answer_start"]
+        assert r["context"][start : start + len(answer["text"])] == answer["text"], r
+
+
 def test_qa_config_refuses_a_text_pair_and_an_unknown_task():
     with pytest.raises(ConfigError, match="question answering pairs data.question_column"):
         load_config(None, ["task=question_answering", "teacher.arch=hf:x", "data.text_pair_column=b"])
