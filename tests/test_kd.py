@@ -33,6 +33,19 @@ def test_kd_loss_matches_a_hand_computation():
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_rows_without_a_label_learn_from_the_soft_term_alone():
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)
+    labels = torch.tensor([2, -1, 0, -1])  # -1: an unlabelled text
+    soft = kd_loss(s, t, labels.clamp(min=0), 2.0, 0.0)  # T^2 * KL over every row
+    hard = F.cross_entropy(s[[0, 2]], labels[[0, 2]])  # the labelled rows only
+    assert kd_loss(s, t, labels, 2.0, 0.3).item() == pytest.approx((0.7 * soft + 0.3 * hard).item(), rel=1e-6)
+    unlabelled = kd_loss(s, t, torch.full((4,), -1), 2.0, 0.3)
+    assert unlabelled.item() == pytest.approx(0.7 * soft.item(), rel=1e-6)
+    unlabelled.backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
 def test_kd_loss_limits():
     torch.manual_seed(0)
     s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))

@@ -111,6 +111,50 @@ def test_a_missing_column_and_a_string_label_column_are_named(local_ray, tmp_pat
         prepare(text_cfg(str(csv)), str(csv), tmp_path / "b")
 
 
+def test_unlabelled_texts_are_checked_and_stored_without_the_val_and_test_texts(local_ray, tmp_path):
+    from raydistill.text.data import HELD_OUT, UNLABELLED, TextData, prepare
+
+    labelled = text_rows(90)
+    source = write_jsonl(tmp_path / "rows.jsonl", labelled)
+    fresh = [{"text": r["text"] + " unlabelled"} for r in text_rows(60, seed=1)]
+    # the labelled texts again, unlabelled: those of the val and test splits must not reach the student
+    unlabelled = write_jsonl(tmp_path / "more.jsonl", fresh + [{"text": r["text"]} for r in labelled] + [{"text": ""}])
+    cfg = text_cfg(source, "data.num_classes=3", f"data.unlabelled_source={unlabelled}")
+    with pytest.raises(DataError, match=r"data.unlabelled_source .*more.jsonl: 1 bad rows of 151 \(empty text\)"):
+        prepare(cfg, source, tmp_path / "fail")
+
+    cfg = text_cfg(source, "data.num_classes=3", f"data.unlabelled_source={unlabelled}", "data.on_bad_rows=skip")
+    data = prepare(cfg, source, tmp_path / "ok")
+    held_out = data.rows("val") + data.rows("test")
+    assert held_out > 0
+    assert data.unlabelled == {"source": unlabelled, "rows": 60 + data.rows("train"),
+                               "skipped": {HELD_OUT: held_out, "empty text": 1}}
+    assert data.rows(UNLABELLED) == 60 + data.rows("train")
+    stored = data.arrays(UNLABELLED)
+    assert (stored["label"] == -1).all() and stored["input_ids"].shape == (data.rows(UNLABELLED), 16)
+    test_ids = {tuple(r) for r in data.arrays("test")["input_ids"]}
+    assert not test_ids & {tuple(r) for r in stored["input_ids"]}
+    assert TextData.load(tmp_path / "ok").unlabelled == data.unlabelled
+    mixed = data.dataset(("train", UNLABELLED)).take_all()
+    assert len(mixed) == data.rows("train") + data.rows(UNLABELLED)
+
+
+def test_a_missing_unlabelled_source_or_column_is_named(local_ray, tmp_path):
+    from raydistill.text.data import prepare
+
+    source = write_jsonl(tmp_path / "rows.jsonl", text_rows(30))
+    missing = tmp_path / "nowhere.jsonl"
+    with pytest.raises(DataError, match=r"data.unlabelled_source .*nowhere.jsonl: not found"):
+        prepare(text_cfg(source, f"data.unlabelled_source={missing}"), source, tmp_path / "a")
+    wrong = write_jsonl(tmp_path / "body.jsonl", [{"body": "some words"}])
+    with pytest.raises(DataError, match=r"data.unlabelled_source .*body.jsonl: no column 'text' \(the file has body\)"):
+        prepare(text_cfg(source, f"data.unlabelled_source={wrong}"), source, tmp_path / "b")
+    with pytest.raises(ConfigError, match="unlabelled texts serve text_classification students, not question_answering"):
+        load_config(None, ["task=question_answering", "teacher.arch=hf:x", f"data.unlabelled_source={wrong}"])
+    with pytest.raises(ConfigError, match="not image_classification"):
+        load_config(None, [f"data.unlabelled_source={wrong}"])
+
+
 # ---- models ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

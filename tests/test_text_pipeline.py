@@ -29,10 +29,14 @@ def run(tmp_path_factory):
     teacher = tmp / "teacher"
     BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                max_position_embeddings=64).save_pretrained(teacher)
-    source = write_jsonl(tmp / "rows.jsonl", text_rows(360))
+    rows = text_rows(360)
+    source = write_jsonl(tmp / "rows.jsonl", rows)
+    # texts without labels for the student, some of them labelled texts again (those of val and test are dropped)
+    unlabelled = write_jsonl(tmp / "unlabelled.jsonl", [{"text": r["text"] + " more"} for r in text_rows(90, seed=1)]
+                             + [{"text": r["text"]} for r in rows[:30]])
     port = free_port()
     cfg = load_config(REPO_CONFIG, [
-        f"data.source={source}", "data.vocab_size=300", "data.max_length=24",
+        f"data.source={source}", f"data.unlabelled_source={unlabelled}", "data.vocab_size=300", "data.max_length=24",
         f"teacher.arch=hf:{os.path.relpath(teacher)}",  # relative, as in the presets: resolved before trials start
         "sweep.num_trials=2", "sweep.trial_workers=1", "sweep.epochs=1", "sweep.max_concurrent_trials=2",
         "teacher.epochs=3", "teacher.batch_size=8", "teacher.lr=2e-3", "student.layers=1", "student.hidden=32", "student.heads=2",
@@ -70,6 +74,9 @@ def test_the_teacher_is_sharded_and_the_student_is_smaller_and_exported(run):
         assert (root / name).is_file(), name
     data = json.loads((root / "data" / "summary.json").read_text())
     assert data["task"] == "text_classification" and data["rows_read"] == 360
+    # the student distilled on the unlabelled texts too, less those of the val and test splits
+    dropped = data["unlabelled"]["skipped"]["in the val or test split"]
+    assert 0 < dropped < 30 and student["unlabelled_rows"] == data["unlabelled"]["rows"] == 120 - dropped
 
 
 def test_predict_takes_one_text_or_instances(run):

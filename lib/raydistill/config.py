@@ -201,6 +201,11 @@ class DataConfig(_Section):
         None, description="text tasks: a Hugging Face tokenizer folder. Unset: the teacher's folder "
         "(teacher.arch hf:<dir>) when it holds one, else a WordPiece tokenizer trained on the training split")
     vocab_size: int = Field(8000, ge=100, le=250000, description="text tasks: size of a tokenizer trained here")
+    unlabelled_source: str | None = Field(
+        None, description="text_classification: texts without labels (Parquet, JSONL or CSV with "
+        "data.text_column, local or a URI; `docstrings`: the bundled set's other first paragraphs). The "
+        "student distils on them too, from the teacher's soft labels alone; a text that sits in the val or "
+        "test split is dropped")
     on_bad_rows: Literal["fail", "skip"] = "fail"
     fingerprint: Literal["sample", "full"] = Field(
         "sample", description="how the data stage tells changed data at the same source: sample (every "
@@ -689,6 +694,9 @@ class Config(_Section):
         if self.is_qa and self.data.text_pair_column:
             raise ValueError("data.text_pair_column: question answering pairs data.question_column with "
                              "data.context_column")
+        if self.data.unlabelled_source and self.task != "text_classification":
+            raise ValueError(f"data.unlabelled_source: unlabelled texts serve text_classification students, not "
+                             f"{self.task}")
         if self.is_text and not self.teacher.arch.startswith("hf:"):
             raise ValueError(f"teacher.arch: a text task's teacher is a Hugging Face model, 'hf:<hub id or "
                              f"folder>', got {self.teacher.arch!r}")

@@ -20,14 +20,21 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     hard-label ones as T grows (their magnitude falls as 1/T^2; Hinton et al. 2015).
     alpha = 1 is plain cross-entropy; alpha = 0 learns from the teacher alone.
     labels: class ids (B,), or soft labels (B, classes) when mixup / cutmix mixed the views (the
-    hard-label term is then cross-entropy against the mixed labels).
+    hard-label term is then cross-entropy against the mixed labels). A class id of -1 marks a
+    row without a label (a text student's unlabelled texts): the soft term alone covers it, and
+    the hard term averages over the labelled rows.
     """
     t = temperature
     soft = F.kl_div(
         F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
         reduction="batchmean", log_target=True,
     )
-    hard = F.cross_entropy(student_logits, labels)
+    if labels.dim() == 1 and bool((labels < 0).any()):
+        labelled = labels >= 0
+        hard = (F.cross_entropy(student_logits[labelled], labels[labelled]) if labelled.any()
+                else student_logits.sum() * 0.0)
+    else:
+        hard = F.cross_entropy(student_logits, labels)
     return (1.0 - alpha) * (t * t) * soft + alpha * hard
 
 

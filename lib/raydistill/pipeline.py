@@ -63,6 +63,10 @@ def load_data(cfg: Config, run: Run):
     source = task.resolve_source(cfg, data_dir)
     seen = fingerprint(source, full=cfg.data.fingerprint == "full")
     digest = f"{cfg.stage_digest('data')}-{seen['sha256'][:16]}"
+    unlabelled = task.resolve_unlabelled(cfg, data_dir)
+    if unlabelled:  # its texts change what the student learns, as the source's do
+        seen = {**seen, "unlabelled": fingerprint(unlabelled, full=cfg.data.fingerprint == "full")}
+        digest += f"-{seen['unlabelled']['sha256'][:16]}"
     data = None
     if run.is_done("data", digest):
         with contextlib.suppress(DataError, FileNotFoundError):

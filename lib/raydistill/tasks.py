@@ -24,6 +24,7 @@ class Task:
     run_teacher: Callable  # (cfg, data, out_dir) -> summary
     run_student: Callable  # (cfg, data, teacher_path, teacher_accuracy, out_dir, teacher_sha256) -> (summary, files)
     check_teacher: Callable  # (cfg, data | None) -> None: refusals before training
+    resolve_unlabelled: Callable = lambda cfg, data_dir: None  # -> data.unlabelled_source, resolved
 
 
 def _image() -> Task:
@@ -62,10 +63,12 @@ def _text(name: str) -> Task:
             what = f"examples train/val/test = {examples} in windows {rows}, doc_stride {d.doc_stride}"
         else:
             what = f"splits train/val/test = {rows}, {d.num_classes} classes"
+            if d.unlabelled:
+                what += f", {d.unlabelled['rows']} unlabelled texts (dropped {d.unlabelled['skipped'] or 'none'})"
         return f"data: {d.rows_read} rows read, {what}, max_length {d.max_length}, skipped {d.rows_skipped or 'none'}"
 
     return Task(name, "text", data.INDEX, data.resolve_source, prepare, data.TextData.load,
-                describe, train.run_teacher, distill.run_student, train.check_teacher)
+                describe, train.run_teacher, distill.run_student, train.check_teacher, data.resolve_unlabelled)
 
 
 def task_of(cfg: Config) -> Task:

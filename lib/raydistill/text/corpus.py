@@ -18,6 +18,7 @@ hash of the text so that a file cut anywhere still holds every class.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.util
 import re
@@ -28,6 +29,7 @@ LIBRARIES = (("numpy", "numpy"), ("scipy", "scipy"), ("scikit-learn", "sklearn")
              ("pyarrow", "pyarrow"), ("pydantic", "pydantic"), ("pillow", "PIL"), ("ray", "ray"))
 PER_CLASS = 300
 SCAN_LIMIT = 8 * PER_CLASS  # texts read per library, in path order
+UNLABELLED_PER_LIBRARY = 1500
 MIN_WORDS, MAX_CHARS = 8, 600
 # Words that give the label away: names of the libraries and their import aliases.
 GIVEAWAYS = re.compile(
@@ -59,18 +61,28 @@ def _docstrings(path: Path):
                 yield doc
 
 
-def _library_texts(module: str) -> list[str]:
+@functools.lru_cache(maxsize=None)
+def _library_files(module: str) -> tuple[tuple[str, ...], ...]:
+    """The first paragraphs of each of a library's source files, in path order (read once per
+    process: the labelled and the unlabelled set both come from them)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"the bundled text set needs {module}, which is not installed")
     root = Path(next(iter(spec.submodule_search_locations)))
-    texts = []  # private modules too: scipy and numpy define their public API in _-prefixed files
+    files = []  # private modules too: scipy and numpy define their public API in _-prefixed files
     for path in sorted(root.rglob("*.py")):
         parts = path.relative_to(root).parts
-        if any(p in ("tests", "test", "testing", "_vendor", "vendored", "thirdparty") for p in parts):
-            continue
-        texts.extend(t for doc in _docstrings(path) if (t := _first_paragraph(doc)))
-        if len(texts) >= SCAN_LIMIT:  # plenty to pick PER_CLASS from; ray and torch hold 100K+ lines
+        if not any(p in ("tests", "test", "testing", "_vendor", "vendored", "thirdparty") for p in parts):
+            files.append(tuple(t for doc in _docstrings(path) if (t := _first_paragraph(doc))))
+    return tuple(files)
+
+
+def _library_texts(module: str, limit: int | None = SCAN_LIMIT) -> list[str]:
+    """A library's first paragraphs, file by file until `limit` (None: all of them)."""
+    texts = []
+    for file_texts in _library_files(module):
+        texts.extend(file_texts)
+        if limit is not None and len(texts) >= limit:  # plenty to pick PER_CLASS from
             break
     return texts
 
@@ -92,6 +104,26 @@ def docstring_rows(per_class: int = PER_CLASS) -> tuple[list[str], list[int], li
         rows.extend((t, label) for t in unique)
     rows.sort(key=lambda row: _key(row[0]))
     return [t for t, _ in rows], [label for _, label in rows], [name for name, _ in LIBRARIES]
+
+
+def unlabelled_docstrings(per_library: int = UNLABELLED_PER_LIBRARY) -> list[str]:
+    """First paragraphs of the same libraries that the labelled set does not hold, up to
+    `per_library` of each (ordered by a hash): texts without labels for the student to distil on."""
+    labelled = set(docstring_rows()[0])
+    texts = []
+    for _, module in LIBRARIES:
+        rest = sorted(set(_library_texts(module, limit=None)) - labelled, key=_key)
+        texts.extend(rest[:per_library])
+    return sorted(set(texts), key=_key)
+
+
+def write_unlabelled_parquet(path: Path, per_library: int = UNLABELLED_PER_LIBRARY) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": unlabelled_docstrings(per_library)}), path, row_group_size=1024)
+    return path
 
 
 def write_docstrings_parquet(path: Path, per_class: int = PER_CLASS) -> Path:

@@ -25,6 +25,7 @@ from raydistill.config import Config
 from raydistill.data import DataError, split_of
 
 SPLITS = ("train", "val", "test")
+UNLABELLED = "unlabelled"  # the split of texts without labels (label -1), for the student to distil on
 INDEX = "index.json"
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -45,35 +46,50 @@ def resolve_source(cfg: Config, data_dir: Path) -> str:
     return str(path)
 
 
-def _format(source: str) -> str:
+def resolve_unlabelled(cfg: Config, data_dir: Path) -> str | None:
+    """data.unlabelled_source, `docstrings` written once into the run's data folder."""
+    source = cfg.data.unlabelled_source
+    if source != BUNDLED:
+        if source:
+            listing(source, "data.unlabelled_source")  # a missing or unreadable source is named first
+        return source
+    from raydistill.text.corpus import write_unlabelled_parquet
+
+    path = data_dir / "docstrings_unlabelled.parquet"
+    if not path.exists():
+        write_unlabelled_parquet(path)
+    return str(path)
+
+
+def _format(source: str, key: str = "data.source") -> str:
     """parquet, json or csv, from the file's (or a folder's files') extension."""
-    return listing(source)[0]
+    return listing(source, key)[0]
 
 
-def listing(source: str) -> tuple[str, list[str]]:
+def listing(source: str, key: str = "data.source") -> tuple[str, list[str]]:
     """(parquet, json or csv, the files), from the file's (or a folder's files') extension."""
     import pyarrow.fs as pafs
 
     fs, path = pafs.FileSystem.from_uri(source) if "://" in source else (pafs.LocalFileSystem(), str(Path(source).resolve()))
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        raise DataError(f"data.source {source}: not found")
+        raise DataError(f"{key} {source}: not found")
     names = [path] if info.type == pafs.FileType.File else [
         i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
     kinds = {READERS.get(Path(n).suffix.lower()) for n in names} - {None}
     if len(kinds) != 1:
-        raise DataError(f"data.source {source}: text tasks read .parquet, .jsonl or .csv files; "
+        raise DataError(f"{key} {source}: text tasks read .parquet, .jsonl or .csv files; "
                         f"found {sorted(kinds) or 'none of them'}")
     files = [n if "://" not in source else f"{source.split('://', 1)[0]}://{n}" for n in names
              if READERS.get(Path(n).suffix.lower())]
     return kinds.pop(), files
 
 
-def read_source(source: str):
+def read_source(source: str, key: str = "data.source"):
     """The source as a Ray Data dataset, read on the workers."""
     import ray.data
 
-    kind = _format(source)
+    kind = _format(source, key)
     if kind == "parquet":
         return ray.data.read_parquet(source)
     if kind == "json":
@@ -133,6 +149,40 @@ def check_rows(batch: dict, *, text: str, pair: str | None, label: str, num_clas
     return {"text": np.array(texts, dtype=object), "text_pair": np.array(pairs, dtype=object),
             "label": np.array(labels, dtype=np.int64), "reason": np.array(reasons, dtype=object),
             "split": np.array(splits, dtype=object)}
+
+
+HELD_OUT = "in the val or test split"
+
+
+def pair_key(text: str, pair: str | None) -> str:
+    """What identifies a row's text(s) across the labelled and unlabelled sources."""
+    import hashlib
+
+    return hashlib.sha256(f"{text}\0{pair or ''}".encode()).hexdigest()[:20]
+
+
+def check_unlabelled(batch: dict, *, text: str, pair: str | None, held_out: frozenset) -> dict:
+    """Each unlabelled row's text(s) (label -1), and why it is bad or dropped ('' keeps it): a
+    text of the val or test split is dropped, or the student would learn the teacher's answers
+    on the very texts it is scored on."""
+    texts, pairs, reasons = [], [], []
+    pair_values = batch[pair] if pair else [None] * len(batch[text])
+    for t, p in zip(batch[text], pair_values):
+        if not isinstance(t, str):
+            reason = f"{text} is not a string"
+        elif not t.strip():
+            reason = f"empty {text}"
+        elif pair and not (isinstance(p, str) and p.strip()):
+            reason = f"empty or non-string {pair}"
+        elif pair_key(t, p) in held_out:
+            reason = HELD_OUT
+        else:
+            reason = ""
+        texts.append("" if reason else t)
+        pairs.append("" if reason or not pair else p)
+        reasons.append(reason)
+    return {"text": np.array(texts, dtype=object), "text_pair": np.array(pairs, dtype=object),
+            "label": np.full(len(texts), -1, dtype=np.int64), "reason": np.array(reasons, dtype=object)}
 
 
 # ---- tokenizer ---------------------------------------------------------------------------
@@ -227,6 +277,7 @@ class TextData:
     class_names: list[str] | None = None
     class_counts: dict = field(default_factory=dict)  # split -> {class id (str): rows}
     task: str = "text_classification"
+    unlabelled: dict = field(default_factory=dict)  # {source, rows, skipped} of data.unlabelled_source
 
     @property
     def train_columns(self) -> tuple[str, ...]:
@@ -241,6 +292,8 @@ class TextData:
         return str(Path(self.root) / name)
 
     def rows(self, split: str) -> int:
+        if split == UNLABELLED:
+            return self.unlabelled.get("rows", 0)
         return sum(self.class_counts.get(split, {}).values())
 
     def majority(self, split: str) -> float:
@@ -248,13 +301,19 @@ class TextData:
         total = sum(counts.values())
         return max(counts.values()) / total if total else 0.0
 
-    def dataset(self, split: str, cpus_per_task: float = 0.25):
-        """The stored split as a Ray Data dataset: its files read by tasks of `cpus_per_task`
+    def dataset(self, splits: str | tuple[str, ...], cpus_per_task: float = 0.25):
+        """The stored split(s) as a Ray Data dataset: their files read by tasks of `cpus_per_task`
         CPUs (a fraction: they run beside the trainers; read_parquet's file listing would
-        claim a whole CPU, which the trainers hold)."""
+        claim a whole CPU, which the trainers hold). The files of several splits are
+        interleaved (ordered by a hash of their names), so batches mix them."""
+        import hashlib
+
         import ray.data
 
-        files = sorted(str(p) for p in Path(self.split_dir(split)).glob("*.parquet"))
+        splits = (splits,) if isinstance(splits, str) else splits
+        files = sorted(str(p) for split in splits for p in Path(self.split_dir(split)).glob("*.parquet"))
+        if len(splits) > 1:
+            files.sort(key=lambda f: hashlib.sha256(Path(f).name.encode() + f.encode()).hexdigest())
         return ray.data.from_items([{"file": f} for f in files]).map_batches(
             _read_token_files, batch_size=1, num_cpus=cpus_per_task, batch_format="pyarrow",
             fn_kwargs={"columns": list(self.train_columns)})
@@ -303,6 +362,7 @@ class TextData:
             "augmentations": [op.model_dump(mode="json") for op in augment],
             "tokenizer": self.tokenizer_dir,
             **({"class_names": self.class_names} if self.class_names else {}),
+            **({"unlabelled": self.unlabelled} if self.unlabelled else {}),
         }
 
 
@@ -364,6 +424,7 @@ def prepare(cfg: Config, source: str, out: Path, teacher_tokenizer: str | None =
 
     dcfg = cfg.data
     kind = _format(source)
+    unlabelled_source = resolve_unlabelled(cfg, out.parent)  # named before any row is read
     ds = read_source(source)
     columns = ds.columns() or []
     wanted = [c for c in (dcfg.text_column, dcfg.text_pair_column, dcfg.label_column) if c]
@@ -388,16 +449,49 @@ def prepare(cfg: Config, source: str, out: Path, teacher_tokenizer: str | None =
                    "num_classes": num_classes, "seed": cfg.seed, "val_fraction": dcfg.val_fraction,
                    "test_fraction": dcfg.test_fraction}).materialize()
     good, rows_read, skipped, counts = good_rows(checked, source, dcfg.on_bad_rows)
-    tok_dir = fresh_output(out, dcfg.tokenizer or teacher_tokenizer, good.filter(expr=col("split") == "train"),
+    parts = {split: good.filter(expr=col("split") == split) for split in SPLITS}
+    unlabelled = {}
+    if unlabelled_source:
+        parts[UNLABELLED], unlabelled = _unlabelled_rows(cfg, unlabelled_source, good)
+    texts = [parts[s].select_columns(["text", "text_pair"]) for s in ("train", UNLABELLED) if s in parts]
+    tok_dir = fresh_output(out, dcfg.tokenizer or teacher_tokenizer, texts[0].union(*texts[1:]) if len(texts) > 1 else texts[0],
                            dcfg.vocab_size, ("text", "text_pair"))
-    for split in SPLITS:
-        part = good.filter(expr=col("split") == split)
+    for split, part in parts.items():
         part.map_batches(tokenize_rows, batch_format="numpy", zero_copy_batch=False, num_cpus=dcfg.cpus_per_task,
                          fn_kwargs={"folder": str(tok_dir), "max_length": dcfg.max_length,
                                     "has_pair": bool(dcfg.text_pair_column)}
                          ).write_parquet(str(out / split), min_rows_per_file=dcfg.batch_size)
     data = TextData(root=str(out), source=source, num_classes=num_classes, max_length=dcfg.max_length,
                     rows_read=rows_read, has_pair=bool(dcfg.text_pair_column), rows_skipped=dict(skipped),
-                    class_names=names, class_counts=counts)
+                    class_names=names, class_counts=counts, unlabelled=unlabelled)
     data.write_index()
     return data
+
+
+def _unlabelled_rows(cfg: Config, source: str, good) -> tuple:
+    """(the usable rows of data.unlabelled_source, {source, rows, skipped}): bad rows fail the
+    stage (or are skipped, data.on_bad_rows=skip); texts of the val or test split are dropped."""
+    from ray.data.expressions import col
+
+    dcfg, key = cfg.data, "data.unlabelled_source"
+    ds = read_source(source, key)
+    wanted = [c for c in (dcfg.text_column, dcfg.text_pair_column) if c]
+    absent = [c for c in wanted if c not in (ds.columns() or [])]
+    if absent:
+        raise DataError(f"{key} {source}: no column {', '.join(map(repr, absent))} (the file has "
+                        f"{', '.join(ds.columns() or []) or 'no columns'}); it takes data.text_column")
+    held_out = frozenset(pair_key(r["text"], r["text_pair"]) for r in
+                         good.filter(expr=col("split") != "train").select_columns(["text", "text_pair"]).iter_rows())
+    checked = ds.select_columns(wanted).map_batches(
+        check_unlabelled, batch_format="numpy", zero_copy_batch=False,
+        fn_kwargs={"text": dcfg.text_column, "pair": dcfg.text_pair_column, "held_out": held_out}).materialize()
+    reasons = {r["reason"]: int(r["count()"]) for r in checked.groupby("reason").count().take_all()}
+    usable = reasons.pop("", 0)
+    bad = sum(n for reason, n in reasons.items() if reason != HELD_OUT)
+    if bad and dcfg.on_bad_rows == "fail":
+        raise DataError(f"{key} {source}: {bad} bad rows of {usable + sum(reasons.values())} ("
+                        f"{'; '.join(r for r in reasons if r != HELD_OUT)}); fix them or set data.on_bad_rows=skip")
+    if not usable:
+        raise DataError(f"{key} {source}: no usable rows ({reasons or 'the source is empty'})")
+    rows = checked.filter(expr=col("reason") == "").select_columns(["text", "text_pair", "label"])
+    return rows, {"source": source, "rows": usable, "skipped": reasons}

@@ -27,7 +27,8 @@ def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, 
     import ray
 
     from raydistill.artifacts import publish
-    from raydistill.text.train import StudentFactory, train_text
+    from raydistill.text.data import UNLABELLED
+    from raydistill.text.train import StudentFactory, train_text, training_splits
 
     scfg = cfg.student
     factory = StudentFactory.of(scfg)
@@ -47,7 +48,8 @@ def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, 
     # The student in torch as trained, and the same student without KD, on the test split.
     summary.update(trained_test_accuracy=float(metrics["test_accuracy"]), test_accuracy_without_kd=control_test)
     summary.update(steps=int(metrics["steps"]), epochs=scfg.epochs, samples_per_s=float(metrics["samples_per_s"]),
-                   train_time_s=round(elapsed, 2))
+                   train_time_s=round(elapsed, 2),
+                   unlabelled_rows=data.rows(UNLABELLED) if UNLABELLED in training_splits(cfg, data, "student") else 0)
     published = publish(staging, out_dir, written)
     shutil.rmtree(staging, ignore_errors=True)
     return summary, published

@@ -27,9 +27,25 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 EVAL_BATCH = 64
 
 
+def distills(scfg) -> bool:
+    """Whether the student learns from its teacher at all (alpha=1 alone is plain fine-tuning)."""
+    return bool(scfg.alpha < 1 or scfg.hidden_weight or scfg.attention_weight)
+
+
+def training_splits(cfg: Config, data, role: str) -> tuple[str, ...]:
+    """The stored splits a role trains on. A distilling student also reads the unlabelled texts
+    (data.unlabelled_source), where the teacher's soft labels are all it learns from."""
+    from raydistill.text.data import UNLABELLED
+
+    if role == "student" and distills(cfg.student) and getattr(data, "unlabelled", None):
+        return ("train", UNLABELLED)
+    return ("train",)
+
+
 def plan_of(cfg: Config, data, role: str) -> StepPlan:
     section = getattr(cfg, role)
-    return StepPlan.of(data.rows("train"), section.num_workers, section.batch_size, section.epochs,
+    rows = sum(data.rows(split) for split in training_splits(cfg, data, role))
+    return StepPlan.of(rows, section.num_workers, section.batch_size, section.epochs,
                        getattr(section, "grad_accum_steps", 1))
 
 
@@ -481,9 +497,8 @@ def _student_engine(cfg: Config, loop_config: dict, plan: StepPlan, vocab: int, 
     engine = TorchEngine(ray.train.torch.prepare_model(trainee), lr=scfg.lr, weight_decay=scfg.weight_decay,
                          total_steps=plan.total_steps, schedule=scfg.lr_schedule,
                          warmup_fraction=scfg.warmup_fraction, grad_clip=scfg.grad_clip)
-    distills = scfg.alpha < 1 or scfg.hidden_weight or scfg.attention_weight
     per_rank = [sum(p.numel() for p in trainee.student.parameters())] * world
-    loss = DistillLoss(objective) if distills else LabelsOnly(objective)
+    loss = DistillLoss(objective) if distills(scfg) else LabelsOnly(objective)
     return engine, loss, trainee.student, _Forward(trainee, device), per_rank
 
 
@@ -508,7 +523,8 @@ def train_text(role: str, cfg: Config, data, out_dir: Path, extra: dict | None =
         failure_config=FailureConfig(max_failures=getattr(section, "max_failures", 0)),
         checkpoint_config=CheckpointConfig(num_to_keep=getattr(section, "keep_checkpoints", 1)),
     )
-    trainer = torch_trainer(text_worker, loop_config, section, {"train": data.dataset("train", cfg.data.cpus_per_task)}, run_config)
+    rows = data.dataset(training_splits(cfg, data, role), cfg.data.cpus_per_task)
+    trainer = torch_trainer(text_worker, loop_config, section, {"train": rows}, run_config)
     start = time.perf_counter()
     result = fit_trainer(trainer, role)
     elapsed = time.perf_counter() - start
