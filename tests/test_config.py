@@ -16,6 +16,15 @@ def test_presets_load_and_demo_sizes_fit_two_cores():
     assert cfg.teacher.num_workers * cfg.teacher.cpus_per_worker + cfg.data.cpus_per_task <= 2
 
 
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_preset_is_a_valid_config(preset):
+    cfg = load_config(REPO / "configs" / preset)
+    if "gpu" in preset:  # the GPU presets train and distil on GPUs, in bf16 where they shard
+        assert cfg.teacher.use_gpu and cfg.student.use_gpu
+    if cfg.teacher.use_gpu and cfg.teacher.zero_stage:
+        assert cfg.teacher.precision == "bf16"
+
+
 def test_set_overrides_typed_values():
     cfg = load_config(None, ["teacher.epochs=7", "sweep.searcher=gp", "data.augment.gaussian_noise.std=0.1", "seed=3"])
     assert (cfg.teacher.epochs, cfg.sweep.searcher, cfg.data.augment[2].std, cfg.seed) == (7, "gp", 0.1, 3)
