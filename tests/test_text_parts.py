@@ -139,6 +139,27 @@ def test_unlabelled_texts_are_checked_and_stored_without_the_val_and_test_texts(
     assert len(mixed) == data.rows("train") + data.rows(UNLABELLED)
 
 
+def test_the_student_reads_unlabelled_texts_only_with_kd_and_the_control_gets_as_many_steps():
+    from raydistill.text.data import UNLABELLED, TextData
+    from raydistill.text.distill import labels_only
+    from raydistill.text.train import plan_of, training_splits
+
+    data = TextData(root="x", source="x", num_classes=3, max_length=16, rows_read=140,
+                    class_counts={"train": {"0": 50, "1": 50}}, unlabelled={"source": "u", "rows": 300, "skipped": {}})
+    cfg = text_cfg("x", "student.epochs=3", "student.batch_size=10", "student.alpha=0.5")
+    assert training_splits(cfg, data, "student") == ("train", UNLABELLED)
+    assert training_splits(cfg, data, "teacher") == ("train",)
+    assert plan_of(cfg, data, "student").total_steps == 3 * 40
+    control = labels_only(cfg, data)
+    assert (control.student.alpha, control.student.hidden_weight, control.student.attention_weight) == (1.0, 0, 0)
+    assert training_splits(control, data, "student") == ("train",)
+    assert plan_of(control, data, "student").total_steps == 3 * 40 == control.student.epochs * 10
+    # without unlabelled texts the control is the student's own recipe at alpha=1
+    plain = TextData(root="x", source="x", num_classes=3, max_length=16, rows_read=100,
+                     class_counts={"train": {"0": 50, "1": 50}})
+    assert labels_only(cfg, plain).student.epochs == 3
+
+
 def test_a_missing_unlabelled_source_or_column_is_named(local_ray, tmp_path):
     from raydistill.text.data import prepare
 

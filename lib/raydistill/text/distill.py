@@ -38,21 +38,32 @@ def run_student(cfg: Config, data, teacher_path: Path, teacher_accuracy: float, 
     metrics, elapsed = train_text("student", cfg, data, out_dir, extra, copy_to=staging)
     control = control_test = None
     if scfg.kd_control:
-        labels_only = cfg.with_values({"student.alpha": 1.0, "student.hidden_weight": 0.0,
-                                       "student.attention_weight": 0.0})
-        without, _ = train_text("student", labels_only, data, out_dir, extra, copy_to=staging / "without_kd")
+        without, _ = train_text("student", labels_only(cfg, data), data, out_dir, extra,
+                                copy_to=staging / "without_kd")
         control, control_test = float(without["val_accuracy"]), float(without["test_accuracy"])
     task = ray.remote(compress_in_task).options(num_cpus=scfg.cpus_per_worker, max_retries=0)
     summary, written = ray.get(task.remote(cfg, data, teacher_path, teacher_sha256, teacher_accuracy, staging,
                                            float(metrics["val_accuracy"]), control))
     # The student in torch as trained, and the same student without KD, on the test split.
-    summary.update(trained_test_accuracy=float(metrics["test_accuracy"]), test_accuracy_without_kd=control_test)
+    summary.update(trained_test_accuracy=float(metrics["test_accuracy"]), test_accuracy_without_kd=control_test,
+                   epochs_without_kd=labels_only(cfg, data).student.epochs if scfg.kd_control else None)
     summary.update(steps=int(metrics["steps"]), epochs=scfg.epochs, samples_per_s=float(metrics["samples_per_s"]),
                    train_time_s=round(elapsed, 2),
                    unlabelled_rows=data.rows(UNLABELLED) if UNLABELLED in training_splits(cfg, data, "student") else 0)
     published = publish(staging, out_dir, written)
     shutil.rmtree(staging, ignore_errors=True)
     return summary, published
+
+
+def labels_only(cfg: Config, data) -> Config:
+    """The KD control: the same student on the labels alone (alpha=1, no TinyBERT losses). It
+    cannot read the unlabelled texts, so it takes more epochs over the labelled ones, as many as
+    give it the distilled student's steps: KD must not win by training longer."""
+    from raydistill.text.train import plan_of
+
+    control = cfg.with_values({"student.alpha": 1.0, "student.hidden_weight": 0.0, "student.attention_weight": 0.0})
+    steps, per_epoch = plan_of(cfg, data, "student").total_steps, plan_of(control, data, "student").steps_per_epoch
+    return control.with_values({"student.epochs": max(cfg.student.epochs, round(steps / per_epoch))})
 
 
 def compress_in_task(cfg: Config, data, teacher_path: Path, teacher_sha256: str | None, teacher_accuracy: float,
