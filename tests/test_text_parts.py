@@ -210,6 +210,22 @@ def test_a_local_teacher_folder_loads_with_its_weights_and_mismatches_are_named(
         build_teacher(f"hf:{tmp_path / 'empty'}", 3, 120, pretrained=True, seed=0)
 
 
+def test_the_teacher_gives_the_same_soft_labels_while_the_student_trains(bert_folder):
+    from types import SimpleNamespace
+
+    from raydistill.text.models import build_teacher
+    from raydistill.text.train import Classification, StudentFactory, TextDistillation
+
+    teacher = build_teacher(f"hf:{bert_folder}", 3, 120, pretrained=True, seed=0)
+    student = StudentFactory(1, 32, 2, "fresh")(teacher)
+    scfg = SimpleNamespace(temperature=2.0, alpha=0.5, hidden_weight=0.0, attention_weight=0.0)
+    trainee = TextDistillation(student, teacher, scfg, Classification(None)).train()
+    assert trainee.student.training and not trainee.teacher.training  # no dropout in the soft labels
+    ids = torch.randint(5, 120, (4, 10))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    assert torch.equal(teacher(**inputs).logits, teacher(**inputs).logits)
+
+
 def test_student_layers_come_from_every_kth_teacher_layer(bert_folder):
     from raydistill.text.models import build_teacher
     from raydistill.text.train import StudentFactory

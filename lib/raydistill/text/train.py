@@ -282,6 +282,13 @@ class TextDistillation(nn.Module):
         self.mapping = layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
         self.project = nn.Linear(student.config.hidden_size, teacher.config.hidden_size) if self.hidden_weight else None
 
+    def train(self, mode: bool = True) -> "TextDistillation":
+        """The student trains; the frozen teacher stays in eval mode (no dropout), so its soft
+        labels are its answers, not a noisy draw of them."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
     def forward(self, input_ids, attention_mask, token_type_ids, **targets):
         """Logits, or with the task's targets the training loss (through forward, so DDP syncs
         gradients)."""
