@@ -4,6 +4,7 @@ DistilBERT initialisation, ONNX export and int8, and the OIP BYTES codec."""
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,7 +124,8 @@ def test_unlabelled_texts_are_checked_and_stored_without_the_val_and_test_texts(
     with pytest.raises(DataError, match=r"data.unlabelled_source .*more.jsonl: 1 bad rows of 151 \(empty text\)"):
         prepare(cfg, source, tmp_path / "fail")
 
-    cfg = text_cfg(source, "data.num_classes=3", f"data.unlabelled_source={unlabelled}", "data.on_bad_rows=skip")
+    cfg = text_cfg(source, "data.num_classes=3", f"data.unlabelled_source={unlabelled}", "data.on_bad_rows=skip",
+                   "data.batch_size=16")
     data = prepare(cfg, source, tmp_path / "ok")
     held_out = data.rows("val") + data.rows("test")
     assert held_out > 0
@@ -137,6 +139,12 @@ def test_unlabelled_texts_are_checked_and_stored_without_the_val_and_test_texts(
     assert TextData.load(tmp_path / "ok").unlabelled == data.unlabelled
     mixed = data.dataset(("train", UNLABELLED)).take_all()
     assert len(mixed) == data.rows("train") + data.rows(UNLABELLED)
+    # stored in files of data.batch_size rows, interleaved: each half of the list (a trainer's
+    # shard of two) holds about half of each split's files
+    order = [Path(f).parent.name for f in data.files(("train", UNLABELLED))]
+    labelled, total = order.count("train"), len(order)
+    assert labelled >= 3 and total - labelled >= 6
+    assert abs(order[: total // 2].count("train") - labelled / 2) <= 1
 
 
 def test_the_student_reads_unlabelled_texts_only_with_kd_and_the_control_gets_as_many_steps():

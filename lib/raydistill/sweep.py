@@ -32,6 +32,7 @@ from ray.tune.stopper import Stopper
 from raydistill.artifacts import atomic_write, write_text
 from raydistill.config import Config, ConfigError, SweepConfig
 from raydistill.console import log
+from raydistill.training import releasing_placement_groups
 
 EXPERIMENT = "tune"  # out_dir/ray/tune: the Tune experiment (what --resume restores)
 TIME_ATTR = "epoch"  # every trial report carries its epoch: the schedulers' clock
@@ -178,7 +179,8 @@ def trial_on_ray_train(params: dict, base: dict, data, storage: str) -> None:
         name=f"trial-{tune.get_context().get_trial_id()}", storage_path=storage,
         failure_config=FailureConfig(max_failures=0), callbacks=[_timed_report_callback()],
     )
-    fit_trainer(torch_trainer(teacher_worker, loop_config, tcfg, {"train": stream}, run_config), "sweep trial")
+    fit_trainer(torch_trainer(teacher_worker, loop_config, tcfg, {"train": stream}, run_config), "sweep trial",
+                release=False)  # beside other trials of this job: the sweep releases once Tune returns
 
 
 # ---- search -------------------------------------------------------------------------------
@@ -489,39 +491,13 @@ def summarize(grid, cfg: Config, resumed: bool) -> dict:
     }
 
 
-def _placement_groups_of_this_job() -> set[str]:
-    """Ids of this job's live placement groups (a placement group id ends with its job's id)."""
-    import ray
-    from ray.util.placement_group import placement_group_table
-
-    job = ray.get_runtime_context().get_job_id()
-    return {pg for pg, info in placement_group_table().items() if pg.endswith(job) and info["state"] != "REMOVED"}
-
-
-def _remove_left_behind(before: set[str]) -> None:
-    """Remove the placement groups the sweep's trials left. When Tune stops a trial that is a
-    Ray Train run (ASHA, or its last epoch), Train's cleaner is meant to remove the run's
-    worker group placement group, but it finds the cluster through the state API, which can
-    resolve a stale address (an old /tmp/ray/ray_current_cluster) and give up: the workers'
-    CPUs then stay reserved and the teacher stage waits forever. Once Tune has returned,
-    nothing of this job's sweep holds a placement group any more."""
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-    from ray._raylet import PlacementGroupID
-
-    for pg in _placement_groups_of_this_job() - before:
-        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))
-
-
 def run_sweep(cfg: Config, data, out_dir: Path, resume: bool = False, run_name: str = "sweep") -> tuple[dict, Config]:
     """Run (or with `resume`, continue) the search; return (summary, the config with the best
     values applied). Writes progress.png beside the summary."""
     check_sweep(cfg, data)
     tuner, resumed = _tuner(cfg, data, out_dir, resume, run_name)
-    before = _placement_groups_of_this_job()
-    try:
+    with releasing_placement_groups():
         grid = tuner.fit()
-    finally:
-        _remove_left_behind(before)
     summary = summarize(grid, cfg, resumed)
     summary["mlflow_tracking_uri"] = mlflow_uri(cfg, out_dir)
     summary["majority_val_accuracy"] = data.majority("val")  # the bar val_accuracy must clear

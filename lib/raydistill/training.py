@@ -7,6 +7,8 @@ trainer factory) live here too.
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import sys
 import tempfile
@@ -258,12 +260,42 @@ def torch_trainer(loop, loop_config: dict, stage_cfg, datasets: dict, run_config
     )
 
 
-def fit_trainer(trainer, stage: str):
-    """trainer.fit() with a clear error naming the stage when a worker fails."""
+def _placement_groups_of_this_job() -> set[str]:
+    """Ids of this job's live placement groups (a placement group id ends with its job's id)."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    job = ray.get_runtime_context().get_job_id()
+    return {pg for pg, info in placement_group_table().items() if pg.endswith(job) and info["state"] != "REMOVED"}
+
+
+@contextlib.contextmanager
+def releasing_placement_groups():
+    """Removes, on the way out, the placement groups this job created inside the block that are
+    still there. Ray Train's cleaner is meant to remove a finished run's worker-group placement
+    group, but it finds the cluster through the state API, which can resolve a stale address
+    (an old /tmp/ray/ray_current_cluster) and give up: the workers' CPUs then stay reserved and
+    the next stage waits forever. Only for a block after which nothing it started still runs."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    before = _placement_groups_of_this_job()
+    try:
+        yield
+    finally:
+        for pg in _placement_groups_of_this_job() - before:
+            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))
+
+
+def fit_trainer(trainer, stage: str, release: bool = True):
+    """trainer.fit() with a clear error naming the stage when a worker fails. `release`: its
+    placement groups are removed afterwards (releasing_placement_groups); a sweep trial, which
+    runs beside others of the same job, leaves that to the sweep."""
     from ray.train import TrainingFailedError
 
     try:
-        result = trainer.fit()
+        with releasing_placement_groups() if release else contextlib.nullcontext():
+            result = trainer.fit()
     except TrainingFailedError as err:
         raise RuntimeError(f"{stage} training failed: {err}") from None
     if result.error is not None:

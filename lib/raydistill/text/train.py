@@ -91,7 +91,9 @@ def batches(shard, batch_size: int, plan: StepPlan, device, seed: int, skip: int
         if micro + per_epoch <= skip:  # a resumed run does not re-read finished epochs
             micro += per_epoch
             continue
-        stream = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=4 * batch_size,
+        # A buffer of several stored files (data.batch_size rows each), so that a batch mixes
+        # them: the labelled and unlabelled texts above all.
+        stream = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=16 * batch_size,
                                           local_shuffle_seed=seed + epoch)
         if wait is not None:
             stream = wait.wrap(stream)
@@ -450,7 +452,7 @@ def trial_on_ray_train(params: dict, base: dict, data, storage: str) -> None:
                            failure_config=FailureConfig(max_failures=0), callbacks=[_timed_report_callback()])
     trainer = torch_trainer(text_worker, loop_config, cfg.teacher,
                             {"train": data.dataset("train", cfg.data.cpus_per_task)}, run_config)
-    fit_trainer(trainer, "sweep trial")
+    fit_trainer(trainer, "sweep trial", release=False)  # beside other trials: the sweep releases
 
 
 def _token_ops(cfg: Config, tok, seed: int, rank: int, world: int):
