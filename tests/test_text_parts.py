@@ -184,6 +184,23 @@ def test_a_missing_unlabelled_source_or_column_is_named(local_ray, tmp_path):
         load_config(None, [f"data.unlabelled_source={wrong}"])
 
 
+def test_placement_groups_a_fit_leaves_are_removed_and_older_ones_kept(local_ray):
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from raydistill.training import releasing_placement_groups
+
+    older = placement_group([{"CPU": 0.1}])
+    ray.get(older.ready())
+    with releasing_placement_groups():  # as a Train run whose cleaner gave up leaves its worker group's
+        left = placement_group([{"CPU": 0.5}])
+        ray.get(left.ready())
+    table = placement_group_table()
+    assert table[left.id.hex()]["state"] == "REMOVED"
+    assert table[older.id.hex()]["state"] == "CREATED"
+    remove_placement_group(older)
+
+
 # ---- models ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
