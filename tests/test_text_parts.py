@@ -137,14 +137,7 @@ def test_unlabelled_texts_are_checked_and_stored_without_the_val_and_test_texts(
     test_ids = {tuple(r) for r in data.arrays("test")["input_ids"]}
     assert not test_ids & {tuple(r) for r in stored["input_ids"]}
     assert TextData.load(tmp_path / "ok").unlabelled == data.unlabelled
-    mixed = data.dataset(("train", UNLABELLED)).take_all()
-    assert len(mixed) == data.rows("train") + data.rows(UNLABELLED)
-    # stored in files of data.batch_size rows, interleaved: each half of the list (a trainer's
-    # shard of two) holds about half of each split's files
-    order = [Path(f).parent.name for f in data.files(("train", UNLABELLED))]
-    labelled, total = order.count("train"), len(order)
-    assert labelled >= 3 and total - labelled >= 6
-    assert abs(order[: total // 2].count("train") - labelled / 2) <= 1
+    assert len(list(Path(data.split_dir(UNLABELLED)).glob("*.parquet"))) > 1  # files of data.batch_size rows
 
 
 def test_the_student_reads_unlabelled_texts_only_with_kd_and_the_control_gets_as_many_steps():
@@ -155,7 +148,7 @@ def test_the_student_reads_unlabelled_texts_only_with_kd_and_the_control_gets_as
     data = TextData(root="x", source="x", num_classes=3, max_length=16, rows_read=140,
                     class_counts={"train": {"0": 50, "1": 50}}, unlabelled={"source": "u", "rows": 300, "skipped": {}})
     cfg = text_cfg("x", "student.epochs=3", "student.batch_size=10", "student.alpha=0.5")
-    assert training_splits(cfg, data, "student") == ("train", UNLABELLED)
+    assert training_splits(cfg, data, "student") == (UNLABELLED, "train")
     assert training_splits(cfg, data, "teacher") == ("train",)
     assert plan_of(cfg, data, "student").total_steps == 3 * 40
     control = labels_only(cfg, data)
@@ -166,6 +159,24 @@ def test_the_student_reads_unlabelled_texts_only_with_kd_and_the_control_gets_as
     plain = TextData(root="x", source="x", num_classes=3, max_length=16, rows_read=100,
                      class_counts={"train": {"0": 50, "1": 50}})
     assert labels_only(cfg, plain).student.epochs == 3
+
+
+def test_each_epoch_reads_the_splits_in_turn_in_batches_of_their_own(local_ray):
+    import ray
+
+    from raydistill.text.train import batches
+    from raydistill.training import StepPlan
+
+    def split(label: int, n: int):
+        return ray.data.from_items([{"input_ids": [5, 6, 0], "attention_mask": [1, 1, 0], "token_type_ids": [0, 0, 0],
+                                     "label": label} for _ in range(n)])
+
+    unlabelled, labelled = split(-1, 40), split(1, 20)
+    out = list(batches([unlabelled, labelled], [4, 2], 8, StepPlan(epochs=2, steps_per_epoch=6), "cpu", seed=0))
+    assert [micro for micro, _ in out] == list(range(1, 13))
+    kinds = [set(b["label"].tolist()) for _, b in out]
+    assert kinds == [{-1}] * 4 + [{1}] * 2 + [{-1}] * 4 + [{1}] * 2
+    assert out[0][1]["input_ids"].shape == (8, 2)  # trimmed to the longest row
 
 
 def test_a_missing_unlabelled_source_or_column_is_named(local_ray, tmp_path):

@@ -301,24 +301,16 @@ class TextData:
         total = sum(counts.values())
         return max(counts.values()) / total if total else 0.0
 
-    def dataset(self, splits: str | tuple[str, ...], cpus_per_task: float = 0.25):
-        """The stored split(s) as a Ray Data dataset: their files read by tasks of `cpus_per_task`
+    def dataset(self, split: str, cpus_per_task: float = 0.25):
+        """The stored split as a Ray Data dataset: its files read by tasks of `cpus_per_task`
         CPUs (a fraction: they run beside the trainers; read_parquet's file listing would
-        claim a whole CPU, which the trainers hold). The files of several splits are
-        interleaved evenly, so that every trainer's shard and every shuffle buffer mixes them."""
+        claim a whole CPU, which the trainers hold)."""
         import ray.data
 
-        files = self.files((splits,) if isinstance(splits, str) else splits)
+        files = sorted(str(p) for p in Path(self.split_dir(split)).glob("*.parquet"))
         return ray.data.from_items([{"file": f} for f in files]).map_batches(
             _read_token_files, batch_size=1, num_cpus=cpus_per_task, batch_format="pyarrow",
             fn_kwargs={"columns": list(self.train_columns)})
-
-    def files(self, splits: tuple[str, ...]) -> list[str]:
-        """The splits' stored files, each split's spread evenly over the list (file i of n at
-        (i + 1/2) / n), whatever their names and counts."""
-        per_split = [sorted(str(p) for p in Path(self.split_dir(s)).glob("*.parquet")) for s in splits]
-        placed = [((i + 0.5) / len(files), k, f) for k, files in enumerate(per_split) for i, f in enumerate(files)]
-        return [f for *_, f in sorted(placed)]
 
     def arrays(self, split: str, columns=None) -> dict[str, np.ndarray]:
         """A whole split as arrays, read in the calling process (a worker's evaluation, export checks)."""
@@ -463,7 +455,7 @@ def prepare(cfg: Config, source: str, out: Path, teacher_tokenizer: str | None =
                          fn_kwargs={"folder": str(tok_dir), "max_length": dcfg.max_length,
                                     "has_pair": bool(dcfg.text_pair_column)}
                          ).write_parquet(str(out / split), min_rows_per_file=dcfg.batch_size,
-                                         max_rows_per_file=dcfg.batch_size)  # many files: shards and mixes split evenly
+                                         max_rows_per_file=dcfg.batch_size)  # many files: trainers' shards split evenly
     data = TextData(root=str(out), source=source, num_classes=num_classes, max_length=dcfg.max_length,
                     rows_read=rows_read, has_pair=bool(dcfg.text_pair_column), rows_skipped=dict(skipped),
                     class_names=names, class_counts=counts, unlabelled=unlabelled)

@@ -33,20 +33,31 @@ def distills(scfg) -> bool:
 
 
 def training_splits(cfg: Config, data, role: str) -> tuple[str, ...]:
-    """The stored splits a role trains on. A distilling student also reads the unlabelled texts
-    (data.unlabelled_source), where the teacher's soft labels are all it learns from."""
+    """The stored splits a role trains on, in the order each epoch reads them. A distilling
+    student also reads the unlabelled texts (data.unlabelled_source), where the teacher's soft
+    labels are all it learns from: first, so that each epoch ends on the task's own texts and
+    labels (TinyBERT's order: general distillation, then task distillation)."""
     from raydistill.text.data import UNLABELLED
 
     if role == "student" and distills(cfg.student) and getattr(data, "unlabelled", None):
-        return ("train", UNLABELLED)
+        return (UNLABELLED, "train")
     return ("train",)
 
 
-def plan_of(cfg: Config, data, role: str) -> StepPlan:
+def _split_plans(cfg: Config, data, role: str) -> list[StepPlan]:
     section = getattr(cfg, role)
-    rows = sum(data.rows(split) for split in training_splits(cfg, data, role))
-    return StepPlan.of(rows, section.num_workers, section.batch_size, section.epochs,
-                       getattr(section, "grad_accum_steps", 1))
+    return [StepPlan.of(data.rows(split), section.num_workers, section.batch_size, section.epochs,
+                        getattr(section, "grad_accum_steps", 1)) for split in training_splits(cfg, data, role)]
+
+
+def split_steps(cfg: Config, data, role: str) -> list[int]:
+    """Micro-batches each training split gives every worker per epoch."""
+    return [plan.steps_per_epoch * plan.accum for plan in _split_plans(cfg, data, role)]
+
+
+def plan_of(cfg: Config, data, role: str) -> StepPlan:
+    plans = _split_plans(cfg, data, role)
+    return StepPlan(plans[0].epochs, sum(plan.steps_per_epoch for plan in plans), plans[0].accum)
 
 
 def trim(batch: dict) -> dict:
@@ -82,31 +93,33 @@ def augment_tokens(batch: dict, ops: list[dict], special_ids: torch.Tensor, mask
     return {**batch, "input_ids": ids, "attention_mask": mask}
 
 
-def batches(shard, batch_size: int, plan: StepPlan, device, seed: int, skip: int = 0, augment=None, wait=None):
-    """(micro-batch number from 1, batch) over plan.epochs passes of the shard, each pass
-    shuffled anew (seeded) and cut at the plan's micro-batches per epoch."""
+def batches(shards: list, steps: list[int], batch_size: int, plan: StepPlan, device, seed: int, skip: int = 0,
+            augment=None, wait=None):
+    """(micro-batch number from 1, batch) over plan.epochs passes of the shards, one after the
+    other (steps[i] micro-batches of shards[i] per epoch), each pass shuffled anew (seeded).
+    A batch never mixes two shards: a student's labelled and unlabelled texts come in batches
+    of their own (batches mixing them trained the text demo's student worse)."""
     per_epoch = plan.steps_per_epoch * plan.accum
     micro = 0
     for epoch in range(plan.epochs):
         if micro + per_epoch <= skip:  # a resumed run does not re-read finished epochs
             micro += per_epoch
             continue
-        # A buffer of several stored files (data.batch_size rows each), so that a batch mixes
-        # them: the labelled and unlabelled texts above all.
-        stream = shard.iter_torch_batches(batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=16 * batch_size,
-                                          local_shuffle_seed=seed + epoch)
-        if wait is not None:
-            stream = wait.wrap(stream)
-        for index, batch in enumerate(stream):
-            if index >= per_epoch:  # drained, not left: a split stream starts the next epoch only
-                continue            # once every worker has read this one to its end
-            micro += 1
-            if micro <= skip:
-                continue
-            batch = trim({k: v.long() for k, v in batch.items()})
-            if augment is not None:
-                batch = augment(batch, micro)
-            yield micro, {k: v.to(device) for k, v in batch.items()}
+        for shard, take in zip(shards, steps):
+            stream = shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                              local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed + epoch)
+            if wait is not None:
+                stream = wait.wrap(stream)
+            for index, batch in enumerate(stream):
+                if index >= take:  # drained, not left: a split stream starts the next epoch only
+                    continue       # once every worker has read this one to its end
+                micro += 1
+                if micro <= skip:
+                    continue
+                batch = trim({k: v.long() for k, v in batch.items()})
+                if augment is not None:
+                    batch = augment(batch, micro)
+                yield micro, {k: v.to(device) for k, v in batch.items()}
 
 
 def logits_of(forward, arrays: dict, rows: slice) -> torch.Tensor:
@@ -361,7 +374,10 @@ def text_worker(loop_config: dict) -> None:
     start_step = _restore(engine, log, counters, attempt, rank, world) if role == "teacher" else 0
     log.start_step = start_step
     wait = DataWait()
-    stream = batches(ray.train.get_dataset_shard("train"), section.batch_size, plan, device, seed,
+    splits = loop_config.get("splits", ("train",))
+    shards = [ray.train.get_dataset_shard(split) for split in splits]
+    stream = batches(shards, loop_config.get("split_steps", [plan.steps_per_epoch * plan.accum]), section.batch_size,
+                     plan, device, seed,
                      skip=start_step * plan.accum, augment=_token_ops(cfg, tok, seed, rank, world), wait=wait)
     shown, curve = {}, []
     every = getattr(section, "checkpoint_every_steps", 0)
@@ -523,7 +539,9 @@ def train_text(role: str, cfg: Config, data, out_dir: Path, extra: dict | None =
     fit_id = uuid.uuid4().hex
     ray_dir = (out_dir / "ray").resolve()
     ray_dir.mkdir(parents=True, exist_ok=True)
-    loop_config = {"cfg": worker_config(cfg), "role": role, "data": data, "plan": plan.__dict__,
+    splits = training_splits(cfg, data, role)
+    loop_config = {"cfg": worker_config(cfg), "role": role, "data": data, "plan": plan.__dict__, "splits": splits,
+                   "split_steps": split_steps(cfg, data, role),
                    "fit_id": fit_id, "attempts_file": str(ray_dir / f"attempts-{fit_id}.log"),
                    "tb_dir": str((out_dir / "tensorboard").resolve()), **(extra or {})}
     run_config = RunConfig(
@@ -532,8 +550,8 @@ def train_text(role: str, cfg: Config, data, out_dir: Path, extra: dict | None =
         failure_config=FailureConfig(max_failures=getattr(section, "max_failures", 0)),
         checkpoint_config=CheckpointConfig(num_to_keep=getattr(section, "keep_checkpoints", 1)),
     )
-    rows = data.dataset(training_splits(cfg, data, role), cfg.data.cpus_per_task)
-    trainer = torch_trainer(text_worker, loop_config, section, {"train": rows}, run_config)
+    datasets = {split: data.dataset(split, cfg.data.cpus_per_task) for split in splits}
+    trainer = torch_trainer(text_worker, loop_config, section, datasets, run_config)
     start = time.perf_counter()
     result = fit_trainer(trainer, role)
     elapsed = time.perf_counter() - start
