@@ -120,6 +120,17 @@ def _as_label(value) -> int | None:
     return None
 
 
+def text_problem(t, p, text: str, pair: str | None) -> str:
+    """Why a row's text (and pair) cannot be read, '' when it can."""
+    if not isinstance(t, str):
+        return f"{text} is not a string"
+    if not t.strip():
+        return f"empty {text}"
+    if pair and not (isinstance(p, str) and p.strip()):
+        return f"empty or non-string {pair}"
+    return ""
+
+
 def check_rows(batch: dict, *, text: str, pair: str | None, label: str, num_classes: int, seed: int,
                val_fraction: float, test_fraction: float) -> dict:
     """Each row's text(s), label and split, and why it is bad ('' for a good row)."""
@@ -127,18 +138,11 @@ def check_rows(batch: dict, *, text: str, pair: str | None, label: str, num_clas
     pair_values = batch[pair] if pair else [None] * len(batch[text])
     for t, p, y in zip(batch[text], pair_values, batch[label]):
         y = _as_label(y)
-        if not isinstance(t, str):
-            reason = f"{text} is not a string"
-        elif not t.strip():
-            reason = f"empty {text}"
-        elif pair and not (isinstance(p, str) and p.strip()):
-            reason = f"empty or non-string {pair}"
-        elif y is None:
+        reason = text_problem(t, p, text, pair)
+        if not reason and y is None:
             reason = f"{label} is not an integer"
-        elif not 0 <= y < num_classes:
+        elif not reason and not 0 <= y < num_classes:
             reason = f"{label} out of range 0..{num_classes - 1}"
-        else:
-            reason = ""
         good = not reason
         texts.append(t if good else "")
         pairs.append((p if good else "") if pair else "")
@@ -168,16 +172,7 @@ def check_unlabelled(batch: dict, *, text: str, pair: str | None, held_out: froz
     texts, pairs, reasons = [], [], []
     pair_values = batch[pair] if pair else [None] * len(batch[text])
     for t, p in zip(batch[text], pair_values):
-        if not isinstance(t, str):
-            reason = f"{text} is not a string"
-        elif not t.strip():
-            reason = f"empty {text}"
-        elif pair and not (isinstance(p, str) and p.strip()):
-            reason = f"empty or non-string {pair}"
-        elif pair_key(t, p) in held_out:
-            reason = HELD_OUT
-        else:
-            reason = ""
+        reason = text_problem(t, p, text, pair) or (HELD_OUT if pair_key(t, p) in held_out else "")
         texts.append("" if reason else t)
         pairs.append("" if reason or not pair else p)
         reasons.append(reason)
