@@ -4,7 +4,6 @@ DistilBERT initialisation, ONNX export and int8, and the OIP BYTES codec."""
 
 import json
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,8 +123,7 @@ def test_unlabelled_texts_are_checked_and_stored_without_the_val_and_test_texts(
     with pytest.raises(DataError, match=r"data.unlabelled_source .*more.jsonl: 1 bad rows of 151 \(empty text\)"):
         prepare(cfg, source, tmp_path / "fail")
 
-    cfg = text_cfg(source, "data.num_classes=3", f"data.unlabelled_source={unlabelled}", "data.on_bad_rows=skip",
-                   "data.batch_size=16")
+    cfg = text_cfg(source, "data.num_classes=3", f"data.unlabelled_source={unlabelled}", "data.on_bad_rows=skip")
     data = prepare(cfg, source, tmp_path / "ok")
     held_out = data.rows("val") + data.rows("test")
     assert held_out > 0
@@ -137,7 +135,6 @@ def test_unlabelled_texts_are_checked_and_stored_without_the_val_and_test_texts(
     test_ids = {tuple(r) for r in data.arrays("test")["input_ids"]}
     assert not test_ids & {tuple(r) for r in stored["input_ids"]}
     assert TextData.load(tmp_path / "ok").unlabelled == data.unlabelled
-    assert len(list(Path(data.split_dir(UNLABELLED)).glob("*.parquet"))) > 1  # files of data.batch_size rows
 
 
 def test_the_student_reads_unlabelled_texts_only_with_kd_and_the_control_gets_as_many_steps():

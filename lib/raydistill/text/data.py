@@ -449,8 +449,7 @@ def prepare(cfg: Config, source: str, out: Path, teacher_tokenizer: str | None =
         part.map_batches(tokenize_rows, batch_format="numpy", zero_copy_batch=False, num_cpus=dcfg.cpus_per_task,
                          fn_kwargs={"folder": str(tok_dir), "max_length": dcfg.max_length,
                                     "has_pair": bool(dcfg.text_pair_column)}
-                         ).write_parquet(str(out / split), min_rows_per_file=dcfg.batch_size,
-                                         max_rows_per_file=dcfg.batch_size)  # many files: trainers' shards split evenly
+                         ).write_parquet(str(out / split), min_rows_per_file=dcfg.batch_size)
     data = TextData(root=str(out), source=source, num_classes=num_classes, max_length=dcfg.max_length,
                     rows_read=rows_read, has_pair=bool(dcfg.text_pair_column), rows_skipped=dict(skipped),
                     class_names=names, class_counts=counts, unlabelled=unlabelled)
