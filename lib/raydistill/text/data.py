@@ -442,9 +442,10 @@ def prepare(cfg: Config, source: str, out: Path, teacher_tokenizer: str | None =
     unlabelled = {}
     if unlabelled_source:
         parts[UNLABELLED], unlabelled = _unlabelled_rows(cfg, unlabelled_source, good)
-    texts = [parts[s].select_columns(["text", "text_pair"]) for s in ("train", UNLABELLED) if s in parts]
-    tok_dir = fresh_output(out, dcfg.tokenizer or teacher_tokenizer, texts[0].union(*texts[1:]) if len(texts) > 1 else texts[0],
-                           dcfg.vocab_size, ("text", "text_pair"))
+    # The tokenizer learns from the training split alone: the teacher trains exactly as it would
+    # without the unlabelled texts, which only the student reads.
+    tok_dir = fresh_output(out, dcfg.tokenizer or teacher_tokenizer, parts["train"], dcfg.vocab_size,
+                           ("text", "text_pair"))
     for split, part in parts.items():
         part.map_batches(tokenize_rows, batch_format="numpy", zero_copy_batch=False, num_cpus=dcfg.cpus_per_task,
                          fn_kwargs={"folder": str(tok_dir), "max_length": dcfg.max_length,
