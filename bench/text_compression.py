@@ -9,6 +9,9 @@ paragraph comes from), through the pipeline's own stages on a local Ray:
                alpha), exported to ONNX and int8 (dynamic quantization);
   - no KD:     the same student, same seed, init, batches and steps, on the labels alone
                (student.kd_control: alpha=1).
+With --set data.unlabelled_source=docstrings the KD student also distils on 5,522 unlabelled
+docstring paragraphs (each epoch: those, then the labelled texts), and the no-KD control trains
+as many steps on the labelled texts alone.
 The student is trained with --seeds N student seeds (student.seed; the splits and the teacher
 stay fixed). Met when: retention (the seed-0 int8 student's test accuracy / the teacher's) >=
 0.97; params ratio >= 7.5; the teacher's ONNX batch-1 latency >= 9x the fp32 student's, one
